@@ -1,0 +1,3 @@
+"""edgeproxy: the proxy master and its workers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,530 @@
+"""Node configuration: TOML in, immutable validated records out.
+
+Owns the schema, its defaults and every validation rule. Errors name the file
+and the key (`edgeproxy.toml: app[1].hard_limit: must be >= soft_limit (20)`).
+It must not open sockets or touch any running state: loading is pure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+STRATEGIES = ("closest", "leastload")
+STORES = ("none", "etcd", "consul")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names file and key."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{os.path.basename(path) or path}: {key}: {problem}")
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    id: str
+    region: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    http: tuple[Address, ...]
+    backhaul: Address | None
+    admin: Address | None
+    control: str  # unix socket of the master (status, reload, takeover)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    count: int
+    drain_timeout: float
+    quiet_period: float  # idle keep-alive closed after this long during a drain
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect: float  # upstream (local instance) connect
+    backhaul_connect: float
+    upstream_response: float  # until the upstream's response headers
+    client_header: float  # until a request's whole head arrived (slowloris)
+    client_idle: float  # keep-alive idle between requests
+    request: float  # a whole request, first byte to last response byte
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_header_bytes: int
+    max_headers: int
+    replay_body_bytes: int  # request bodies kept for a retry
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_idle: int  # idle keep-alive connections per instance per worker
+    idle_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PingerConfig:
+    listen: Address
+    advertise: Address
+    interval: float
+    down_after: int
+    up_after: int
+    load_publish_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    store: str
+    endpoints: tuple[str, ...]
+    ttl: float
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class TableConfig:
+    name: str  # posix shared memory name (without the layout version suffix)
+    max_nodes: int
+    max_apps: int
+    max_instances: int
+    stale_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str
+    hosts: tuple[str, ...]
+    strategy: str
+    soft_limit: int
+    hard_limit: int
+    sample_k: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    app: str
+    id: str
+    address: Address
+    node: str  # the node that runs it; this node's id when local
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    id: str
+    region: str
+    backhaul: Address
+    ping: Address
+    rtt_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    node: NodeConfig
+    listen: ListenConfig
+    workers: WorkersConfig
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    pool: PoolConfig
+    pinger: PingerConfig
+    cluster: ClusterConfig
+    table: TableConfig
+    apps: tuple[AppConfig, ...]
+    instances: tuple[InstanceConfig, ...]
+    peers: tuple[PeerConfig, ...]
+    hosts: Mapping[str, str] = field(default_factory=dict)  # lower-case host -> app
+
+    def app(self, name: str) -> AppConfig:
+        for a in self.apps:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def local_instances(self) -> tuple[InstanceConfig, ...]:
+        return tuple(i for i in self.instances if i.node == self.node.id)
+
+
+class _Reader:
+    """Typed access to one TOML table, remembering the key path for errors."""
+
+    def __init__(self, path: str, prefix: str, data: Mapping[str, Any]) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.data = data
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), problem)
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for k in self.data:
+            if k not in allowed:
+                raise self.fail(k, f"unknown key (expected one of: {', '.join(allowed)})")
+
+    def get(self, name: str, kind: type[T], default: T | None = None) -> T:
+        if name not in self.data:
+            if default is None:
+                raise self.fail(name, "required")
+            return default
+        value = self.data[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(name, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, not {value!r}")
+        return value
+
+    def positive(self, name: str, kind: type[T], default: T | None = None) -> T:
+        value = self.get(name, kind, default)
+        if value <= 0:  # type: ignore[operator]  # T is int or float here
+            raise self.fail(name, f"must be > 0, not {value!r}")
+        return value
+
+    def text(self, name: str, default: str | None = None) -> str:
+        value = self.get(name, str, default)
+        if not value:
+            raise self.fail(name, "must not be empty")
+        return value
+
+    def name(self, name: str, default: str | None = None) -> str:
+        value = self.text(name, default)
+        if not _NAME_RE.match(value):
+            raise self.fail(name, f"{value!r} is not a valid name (letters, digits, _ . -)")
+        return value
+
+    def address(self, name: str, default: str | None = None) -> Address:
+        raw = self.text(name, default)
+        try:
+            return parse_address(raw)
+        except ValueError as e:
+            raise self.fail(name, str(e)) from None
+
+    def addresses(self, name: str, default: list[str] | None = None) -> tuple[Address, ...]:
+        raw = self.get(name, list, default)
+        out = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, str):
+                raise self.fail(f"{name}[{i}]", f"must be a string, not {item!r}")
+            try:
+                out.append(parse_address(item))
+            except ValueError as e:
+                raise self.fail(f"{name}[{i}]", str(e)) from None
+        return tuple(out)
+
+    def table(self, name: str) -> _Reader:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table")
+        return _Reader(self.path, self.key(name), value)
+
+    def tables(self, name: str) -> list[_Reader]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list):
+            raise self.fail(name, "must be an array of tables ([[" + name + "]])")
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ConfigError(self.path, f"{self.key(name)}[{i}]", "must be a table")
+            out.append(_Reader(self.path, f"{self.key(name)}[{i}]", item))
+        return out
+
+
+_KIND_NAMES: dict[type, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "an array",
+}
+
+
+def parse_address(raw: str) -> Address:
+    """`host:port` or `[v6]:port` -> Address; ValueError says what is wrong."""
+    if raw.startswith("["):
+        host, sep, port = raw[1:].partition("]:")
+    else:
+        host, sep, port = raw.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{raw!r} is not host:port")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{raw!r}: port must be 0..65535")
+    return Address(host, int(port))
+
+
+def _default_control(node_id: str) -> str:
+    base = os.environ.get("RUNTIME_DIRECTORY") or "/tmp"
+    return os.path.join(base.split(":")[0], f"edgeproxy-{node_id}.sock")
+
+
+def load(path: str) -> Config:
+    """Read and validate the file at `path`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, "(file)", e.strerror or str(e)) from None
+    return loads(raw.decode("utf-8", "replace"), path)
+
+
+def loads(text: str, path: str = "edgeproxy.toml") -> Config:
+    """Validate TOML text; `path` is only used to name the file in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "(syntax)", str(e)) from None
+    top = _Reader(path, "", data)
+    top.check_keys(
+        (
+            "node",
+            "listen",
+            "workers",
+            "timeouts",
+            "limits",
+            "pool",
+            "pinger",
+            "cluster",
+            "table",
+            "app",
+            "instance",
+            "peer",
+        )
+    )
+    node_r = top.table("node")
+    node_r.check_keys(("id", "region"))
+    node = NodeConfig(id=node_r.name("id", "local"), region=node_r.name("region", "local"))
+
+    listen_r = top.table("listen")
+    listen_r.check_keys(("http", "backhaul", "admin", "control"))
+    http = listen_r.addresses("http", ["127.0.0.1:8080"])
+    if not http:
+        raise listen_r.fail("http", "needs at least one address")
+    if len(set(http)) != len(http):
+        raise listen_r.fail("http", "lists an address twice")
+    backhaul = listen_r.address("backhaul") if "backhaul" in listen_r.data else None
+    admin = listen_r.address("admin") if "admin" in listen_r.data else None
+    listen = ListenConfig(
+        http=http,
+        backhaul=backhaul,
+        admin=admin,
+        control=listen_r.text("control", _default_control(node.id)),
+    )
+
+    w = top.table("workers")
+    w.check_keys(("count", "drain_timeout", "quiet_period"))
+    workers = WorkersConfig(
+        count=w.positive("count", int, os.cpu_count() or 1),
+        drain_timeout=w.positive("drain_timeout", float, 300.0),
+        quiet_period=w.positive("quiet_period", float, 5.0),
+    )
+    if workers.count > 256:
+        raise w.fail("count", f"must be <= 256, not {workers.count}")
+
+    t = top.table("timeouts")
+    names = TimeoutsConfig.__slots__
+    t.check_keys(names)
+    defaults = {
+        "connect": 5.0,
+        "backhaul_connect": 2.0,
+        "upstream_response": 60.0,
+        "client_header": 10.0,
+        "client_idle": 60.0,
+        "request": 300.0,
+    }
+    timeouts = TimeoutsConfig(**{n: t.positive(n, float, defaults[n]) for n in names})
+
+    lim = top.table("limits")
+    lim.check_keys(LimitsConfig.__slots__)
+    limits = LimitsConfig(
+        max_header_bytes=lim.positive("max_header_bytes", int, 65536),
+        max_headers=lim.positive("max_headers", int, 100),
+        replay_body_bytes=lim.positive("replay_body_bytes", int, 1 << 20),
+    )
+
+    p = top.table("pool")
+    p.check_keys(PoolConfig.__slots__)
+    pool = PoolConfig(
+        max_idle=p.get("max_idle", int, 64),
+        idle_timeout=p.positive("idle_timeout", float, 30.0),
+    )
+    if pool.max_idle < 0:
+        raise p.fail("max_idle", "must be >= 0")
+
+    pg = top.table("pinger")
+    pg.check_keys(PingerConfig.__slots__)
+    ping_listen = pg.address("listen", "127.0.0.1:4281")
+    pinger = PingerConfig(
+        listen=ping_listen,
+        advertise=pg.address("advertise", str(ping_listen)),
+        interval=pg.positive("interval", float, 1.0),
+        down_after=pg.positive("down_after", int, 3),
+        up_after=pg.positive("up_after", int, 2),
+        load_publish_ms=pg.positive("load_publish_ms", int, 100),
+    )
+
+    c = top.table("cluster")
+    c.check_keys(ClusterConfig.__slots__)
+    store = c.text("store", "none")
+    if store not in STORES:
+        raise c.fail("store", f"must be one of {', '.join(STORES)}, not {store!r}")
+    endpoints = tuple(c.get("endpoints", list, ["http://127.0.0.1:2379"]))
+    for i, url in enumerate(endpoints):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise c.fail(f"endpoints[{i}]", f"must be an http(s) URL, not {url!r}")
+    cluster = ClusterConfig(
+        store=store,
+        endpoints=endpoints,
+        ttl=c.positive("ttl", float, 10.0),
+        prefix=c.text("prefix", "/edgeproxy/"),
+    )
+
+    tb = top.table("table")
+    tb.check_keys(TableConfig.__slots__)
+    table = TableConfig(
+        name=tb.name("name", f"edgeproxy-{node.id}"),
+        max_nodes=tb.positive("max_nodes", int, 1024),
+        max_apps=tb.positive("max_apps", int, 1024),
+        max_instances=tb.positive("max_instances", int, 16384),
+        stale_after=tb.positive("stale_after", float, 5.0),
+    )
+
+    apps = _apps(top)
+    peers = _peers(top, node)
+    instances = _instances(top, node, apps, peers)
+    if len(apps) > table.max_apps:
+        raise tb.fail("max_apps", f"{len(apps)} apps configured, more than {table.max_apps}")
+    if len(instances) > table.max_instances:
+        raise tb.fail("max_instances", f"{len(instances)} instances, more than the table holds")
+    hosts = {h: a.name for a in apps for h in a.hosts}
+    return Config(
+        path=path,
+        node=node,
+        listen=listen,
+        workers=workers,
+        timeouts=timeouts,
+        limits=limits,
+        pool=pool,
+        pinger=pinger,
+        cluster=cluster,
+        table=table,
+        apps=apps,
+        instances=instances,
+        peers=peers,
+        hosts=hosts,
+    )
+
+
+def _unique(items: list[T], key: Callable[[T], str], what: str, path: str, prefix: str) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        k = key(item)
+        if k in seen:
+            problem = f"{what} {k!r} already used by {prefix}[{seen[k]}]"
+            raise ConfigError(path, f"{prefix}[{i}]", problem)
+        seen[k] = i
+
+
+def _apps(top: _Reader) -> tuple[AppConfig, ...]:
+    apps: list[AppConfig] = []
+    owner: dict[str, str] = {}
+    for r in top.tables("app"):
+        r.check_keys(AppConfig.__slots__)
+        name = r.name("name")
+        hosts = []
+        for j, raw in enumerate(r.get("hosts", list)):
+            if not isinstance(raw, str) or not _HOST_RE.match(raw.lower()):
+                raise r.fail(f"hosts[{j}]", f"{raw!r} is not a valid host name")
+            h = raw.lower()
+            if h in owner:
+                raise r.fail(f"hosts[{j}]", f"{h!r} already belongs to app {owner[h]!r}")
+            owner[h] = name
+            hosts.append(h)
+        if not hosts:
+            raise r.fail("hosts", "needs at least one host name")
+        strategy = r.text("strategy", "closest")
+        if strategy not in STRATEGIES:
+            raise r.fail("strategy", f"must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        soft = r.positive("soft_limit", int, 20)
+        hard = r.positive("hard_limit", int, max(soft, 25))
+        if hard < soft:
+            raise r.fail("hard_limit", f"must be >= soft_limit ({soft})")
+        apps.append(
+            AppConfig(
+                name=name,
+                hosts=tuple(hosts),
+                strategy=strategy,
+                soft_limit=soft,
+                hard_limit=hard,
+                sample_k=r.positive("sample_k", int, 2),
+            )
+        )
+    _unique(apps, lambda a: a.name, "name", top.path, "app")
+    return tuple(apps)
+
+
+def _peers(top: _Reader, node: NodeConfig) -> tuple[PeerConfig, ...]:
+    peers: list[PeerConfig] = []
+    for r in top.tables("peer"):
+        r.check_keys(PeerConfig.__slots__)
+        pid = r.name("id")
+        if pid == node.id:
+            raise r.fail("id", f"{pid!r} is this node's own id")
+        rtt = r.get("rtt_ms", float) if "rtt_ms" in r.data else None
+        if rtt is not None and rtt < 0:
+            raise r.fail("rtt_ms", "must be >= 0")
+        peers.append(
+            PeerConfig(
+                id=pid,
+                region=r.name("region", "unknown"),
+                backhaul=r.address("backhaul"),
+                ping=r.address("ping"),
+                rtt_ms=rtt,
+            )
+        )
+    _unique(peers, lambda p: p.id, "id", top.path, "peer")
+    return tuple(peers)
+
+
+def _instances(
+    top: _Reader, node: NodeConfig, apps: tuple[AppConfig, ...], peers: tuple[PeerConfig, ...]
+) -> tuple[InstanceConfig, ...]:
+    app_names = {a.name for a in apps}
+    nodes = {node.id} | {p.id for p in peers}
+    out: list[InstanceConfig] = []
+    for r in top.tables("instance"):
+        r.check_keys(("app", "id", "address", "node"))
+        app = r.name("app")
+        if app not in app_names:
+            raise r.fail("app", f"no [[app]] is named {app!r}")
+        where = r.name("node", node.id)
+        if where not in nodes:
+            raise r.fail("node", f"{where!r} is neither this node nor a [[peer]]")
+        iid = r.name("id")
+        out.append(InstanceConfig(app=app, id=iid, address=r.address("address"), node=where))
+    _unique(out, lambda i: i.id, "id", top.path, "instance")
+    return tuple(out)
