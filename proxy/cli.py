@@ -1,0 +1,114 @@
+"""The `edgeproxy` command: one program, a subcommand per job.
+
+Owns argument parsing and how results are printed and which exit status they
+give. It must not hold logic of its own: each subcommand calls its module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from proxy import __version__
+from proxy.config import ConfigError, load
+
+DEFAULT_CONFIG = os.environ.get("EDGEPROXY_CONFIG", "/etc/edgeproxy/edgeproxy.toml")
+
+
+def _control_path(config_path: str) -> str:
+    return load(config_path).listen.control
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.master import run
+
+    return run(args.config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from proxy.control import call
+
+    try:
+        out = call(_control_path(args.config), "status", timeout=10)
+    except OSError as e:
+        print(f"edgeproxy: no master answers for {args.config}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    m = out["master"]
+    print(f"master pid {m['pid']}  generation {m['generation']}  version {m['version']}")
+    print(f"{'pid':>8} {'slot':>4} {'gen':>4} {'state':<9} {'conns':>6} {'inflight':>8} {'requests':>9}")
+    for w in out["workers"]:
+        print(
+            f"{w['pid']:>8} {w['slot']:>4} {w['generation']:>4} {w['state']:<9} "
+            f"{w.get('open_connections', '-'):>6} {w.get('inflight', '-'):>8} "
+            f"{w.get('requests', '-'):>9}"
+        )
+    for lst in out["listeners"]:
+        print(f"listener {lst['kind']} {lst['address']} slot {lst['slot']}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from proxy.control import call
+
+    try:
+        load(args.config)
+    except ConfigError as e:
+        print(f"edgeproxy: reload refused: {e}", file=sys.stderr)
+        return 2
+    try:
+        out: dict[str, Any] = call(_control_path(args.config), "reload", timeout=args.timeout)
+    except OSError as e:
+        print(f"edgeproxy: no master answers for {args.config}: {e}", file=sys.stderr)
+        return 1
+    if out.get("ok"):
+        print(f"reloaded: generation {out['generation']} serves")
+        return 0
+    print(f"edgeproxy: reload refused: {out.get('error')}", file=sys.stderr)
+    return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeproxy",
+        description="A global edge HTTP proxy: the closest, least loaded instance, no queues.",
+    )
+    p.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+        return sp
+
+    add("run", "run the master and its workers in the foreground").set_defaults(func=cmd_run)
+    sp = add("status", "show the master, its workers and listeners")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_status)
+    sp = add("reload", "reload the running master; waits for the new generation")
+    sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    sp.set_defaults(func=cmd_reload)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

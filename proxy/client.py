@@ -1,0 +1,555 @@
+"""The client side of the request path: one asyncio.Protocol per accepted connection.
+
+Owns parsing client requests (httptools), answering them in order, framing
+bodies both ways, backpressure, tunnels and client-side timeouts. It asks the
+worker's router for a target and the pool for a connection; it must not know
+how targets are chosen or how the table is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+
+import httptools
+
+from proxy.headers import (
+    CHUNK_END,
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
+    UNTIL_CLOSE,
+    HeadError,
+    RequestHead,
+    chunk,
+    simple_response,
+)
+from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, UpstreamConnection
+
+if TYPE_CHECKING:
+    from proxy.routing import Target
+    from proxy.worker import WorkerContext
+
+# Deadline kinds of a client connection.
+D_NONE: Final = 0
+D_IDLE: Final = 1  # keep-alive, between requests: close quietly
+D_HEAD: Final = 2  # reading a request head: 408
+D_REQUEST: Final = 3  # a whole request: 504 (or cut)
+D_LINGER: Final = 4  # half-closed after an early response: close
+
+# Reasons to stop reading from the client (a bit each).
+P_QUEUE: Final = 1  # a pipelined request waits for its turn
+P_UPSTREAM: Final = 2  # the upstream's write buffer is full
+P_BUFFER: Final = 4  # body buffered while the upstream connects
+
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_MAX_BUFFER: Final = 256 * 1024
+
+
+class Request(RequestHead):
+    """One parsed request and the state of its exchange."""
+
+    __slots__ = (
+        "app",
+        "body",
+        "body_size",
+        "complete",
+        "framing",
+        "head_bytes",
+        "http10",
+        "keep_alive",
+        "method",
+        "replayable",
+        "responded",
+        "sent",
+        "started",
+        "status",
+        "target",
+        "tries",
+        "tunnel",
+    )
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        RequestHead.__init__(self, max_count, max_bytes)
+        self.method = b""
+        self.keep_alive = True
+        self.http10 = False
+        self.framing = NO_BODY
+        self.body: list[bytes] = []  # framed bytes not yet written upstream
+        self.body_size = 0
+        self.complete = False
+        self.tunnel = False
+        self.head_bytes = b""
+        self.sent = False  # head written to an upstream
+        self.responded = False  # a response head went to the client
+        self.replayable = True
+        self.started = 0.0
+        self.status = 0
+        self.tries = 0
+        self.app = -1
+        self.target: Target | None = None
+
+
+class ClientConnection(asyncio.Protocol):
+    """HTTP/1.1 towards one client; at most one exchange in flight, others queued."""
+
+    __slots__ = (
+        "ctx",
+        "deadline",
+        "dkind",
+        "head_raw",
+        "ip",
+        "parser",
+        "paused",
+        "queue",
+        "req",
+        "resp_framing",
+        "resp_keep",
+        "transport",
+        "tunnel",
+        "up",
+        "write_paused",
+    )
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Request] = deque()
+        self.req: Request | None = None  # the request being parsed
+        self.up: UpstreamConnection | None = None
+        self.ip = b""
+        self.deadline = 0.0
+        self.dkind = D_NONE
+        self.head_raw = 0
+        self.paused = 0
+        self.write_paused = False
+        self.resp_framing = NO_BODY
+        self.resp_keep = True
+        self.tunnel = False
+
+    # asyncio.Protocol -----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)
+        peer = self.transport.get_extra_info("peername")
+        self.ip = str(peer[0]).encode() if peer else b"unknown"
+        ctx = self.ctx
+        ctx.clients.add(self)
+        self.deadline = ctx.loop.time() + ctx.timeouts.client_header
+        self.dkind = D_HEAD
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.clients.discard(self)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+        for r in self.queue:
+            self.ctx.done(r, 499 if not r.responded else 200)
+        self.queue.clear()
+        self.transport = None
+
+    def eof_received(self) -> bool:
+        if self.tunnel and self.up is not None and self.up.transport is not None:
+            if self.up.transport.can_write_eof():
+                self.up.transport.write_eof()
+            return True
+        if self.queue:
+            return True  # finish answering what was asked, then close
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.up is not None:
+            self.up.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.up is not None:
+            self.up.pause_reading(False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.dkind == D_LINGER:
+            return
+        if self.tunnel:
+            up = self.up
+            if up is not None:
+                up.write(data)
+            elif self.queue:
+                self.queue[0].body.append(data)
+            return
+        if self.dkind == D_HEAD:
+            # httptools buffers a header until it is whole: bound what it may hold.
+            self.head_raw += len(data)
+            if self.head_raw > self.ctx.limits.max_header_bytes + 8192:
+                self.refuse(431, "request head too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            r = self.queue[-1] if self.queue else None
+            if r is not None:
+                rest = data[e.args[0] :]
+                if rest:
+                    r.body.append(rest)
+            self.tunnel = True  # everything after the head belongs to the tunnel
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, HeadError):
+                self.refuse(cause.status, cause.reason)
+            else:
+                raise
+        except httptools.HttpParserError as e:
+            self.refuse(400, f"malformed request: {e.args[0] if e.args else 'bad syntax'}")
+
+    # httptools callbacks --------------------------------------------------
+    def on_message_begin(self) -> None:
+        lim = self.ctx.limits
+        self.req = Request(lim.max_headers, lim.max_header_bytes)
+        if not self.queue:
+            self.deadline = self.ctx.loop.time() + self.ctx.timeouts.client_header
+            self.dkind = D_HEAD
+
+    def on_url(self, url: bytes) -> None:
+        assert self.req is not None
+        self.req.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.req is not None
+        self.req.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        r = self.req
+        assert r is not None
+        self.head_raw = 0
+        p = self.parser
+        r.method = p.get_method()
+        r.keep_alive = p.should_keep_alive()
+        r.http10 = p.get_http_version() == "1.0"
+        if p.should_upgrade():
+            r.tunnel = True
+            r.keep_alive = False
+        if r.chunked:
+            r.framing = CHUNKED
+        elif r.content_length > 0:
+            r.framing = LENGTH
+        else:
+            r.framing = NO_BODY
+            r.complete = not r.tunnel
+        if not r.host and not r.http10:
+            raise HeadError(400, "missing Host header")
+        if r.tunnel and r.method == b"CONNECT":
+            raise HeadError(400, "CONNECT is not supported")
+        self.queue.append(r)
+        if len(self.queue) == 1:
+            self.start(r)
+        else:
+            self.pause(P_QUEUE)
+
+    def on_body(self, body: bytes) -> None:
+        r = self.req
+        assert r is not None
+        data = chunk(body) if r.framing == CHUNKED else body
+        r.body_size += len(body)
+        up = self.up
+        if up is not None and r.sent and self.queue[0] is r:
+            up.write(data)
+            if r.replayable:
+                r.body.append(data)
+                if r.body_size > self.ctx.limits.replay_body_bytes:
+                    r.replayable = False
+                    r.body.clear()
+        else:
+            r.body.append(data)
+            if r.body_size > _MAX_BUFFER:
+                self.pause(P_BUFFER)
+
+    def on_message_complete(self) -> None:
+        r = self.req
+        assert r is not None
+        if r.tunnel:
+            return
+        r.complete = True
+        if r.framing == CHUNKED:
+            if self.up is not None and r.sent and self.queue and self.queue[0] is r:
+                self.up.write(CHUNK_END)
+                if r.replayable:
+                    r.body.append(CHUNK_END)
+            else:
+                r.body.append(CHUNK_END)
+
+    # flow control -----------------------------------------------------------
+    def pause(self, why: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # the exchange ---------------------------------------------------------------
+    def start(self, r: Request) -> None:
+        """Route the request at the head of the queue and send it on its way."""
+        ctx = self.ctx
+        now = ctx.loop.time()
+        r.started = now
+        self.deadline = now + ctx.timeouts.request
+        self.dkind = D_REQUEST
+        app = ctx.hosts.get(r.hostname())
+        if app is None:
+            self.local_response(r, 404, f"edgeproxy: no app serves host {r.hostname()!r}\n")
+            return
+        r.app = app
+        target, status, why = ctx.router.pick(app, r)
+        if target is None:
+            self.local_response(r, status, why, b"Retry-After: 1\r\n" if status == 503 else b"")
+            return
+        r.target = target
+        framing = r.framing
+        r.head_bytes = r.build(r.method, self.ip, framing, r.tunnel)
+        up = None if r.tunnel else ctx.pool.get(target.key)
+        if up is not None:
+            self.attach(r, up)
+        else:
+            ctx.connect(self, r, target)
+
+    def attach(self, r: Request, up: UpstreamConnection) -> None:
+        """An upstream connection is ready for request `r`: send what we have."""
+        if self.transport is None or not self.queue or self.queue[0] is not r:
+            up.release(True)
+            return
+        self.up = up
+        r.sent = True
+        r.tries += 1
+        ctx = self.ctx
+        up.send(self, r.head_bytes, r.method == b"HEAD", ctx.loop.time() + ctx.timeouts.upstream_response)
+        if self.write_paused:
+            up.pause_reading(True)
+        if r.expect_continue and not r.http10 and not r.complete:
+            assert self.transport is not None
+            self.transport.write(_CONTINUE)
+            r.expect_continue = False
+        if r.body:
+            for data in r.body:
+                up.write(data)
+            if r.tunnel or not r.replayable or r.body_size > ctx.limits.replay_body_bytes:
+                r.replayable = False
+                r.body.clear()
+            self.resume(P_BUFFER)
+
+    def connect_failed(self, r: Request, why: str) -> None:
+        """The connection to r.target could not be made (nothing was sent)."""
+        if self.transport is None or not self.queue or self.queue[0] is not r:
+            return
+        status = 504 if why == "connect_timeout" else 502
+        r.tries += 1
+        self.ctx.router.failed(r, why)
+        target, _, _ = self.ctx.router.retry(r, why)
+        if target is not None:
+            r.target = target
+            self.ctx.stats_retry(why)
+            self.ctx.connect(self, r, target)
+            return
+        self.local_response(r, status, f"edgeproxy: upstream {why.replace('_', ' ')}\n")
+
+    # upstream events (proxy.upstream.Exchange) ---------------------------------------
+    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
+        r = self.queue[0]
+        r.responded = True
+        keep = r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
+        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10)
+        self.resp_framing = framing
+        self.resp_keep = keep
+        r.status = status
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def upstream_interim(self, head: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(head)
+
+    def upstream_body(self, data: bytes) -> None:
+        t = self.transport
+        if t is None:
+            return
+        if self.resp_framing == CHUNKED:
+            t.write(chunk(data))
+        else:
+            t.write(data)
+
+    def upstream_end(self, up: UpstreamConnection) -> None:
+        r = self.queue[0]
+        self.up = None
+        t = self.transport
+        if self.resp_framing == CHUNKED and t is not None:
+            t.write(CHUNK_END)
+        up.release(r.complete)
+        self.finish(r, r.status)
+
+    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
+        r = self.queue[0]
+        self.deadline = 0.0
+        self.dkind = D_NONE
+        if early and self.transport is not None:
+            self.transport.write(early)
+        if not r.tunnel:  # upstream switched protocols we did not ask for
+            self.abort()
+
+    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
+        self.up = None
+        if not self.queue:
+            return
+        r = self.queue[0]
+        if self.tunnel and r.tunnel and r.responded:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if r.responded:
+            # Part of the response is out: the client must see a cut, not a lie.
+            self.ctx.done(r, 502)
+            self.abort()
+            return
+        if why == LOST_BEFORE_RESPONSE and up.reused and self.can_replay(r):
+            self.ctx.stats_retry("reset_before_response")
+            r.sent = False
+            self.ctx.connect(self, r, r.target)  # type: ignore[arg-type]
+            return
+        if why == BAD_RESPONSE:
+            self.local_response(r, 502, "edgeproxy: the upstream sent an invalid response\n")
+        else:
+            self.local_response(r, 502, "edgeproxy: the upstream closed the connection\n")
+
+    def upstream_pause(self, paused: bool) -> None:
+        if paused:
+            self.pause(P_UPSTREAM)
+        else:
+            self.resume(P_UPSTREAM)
+
+    def can_replay(self, r: Request) -> bool:
+        return r.method in _IDEMPOTENT and r.replayable and r.complete and r.tries < 2
+
+    # ending an exchange -------------------------------------------------------
+    def local_response(self, r: Request, status: int, text: str, extra: bytes = b"") -> None:
+        """Answer `r` from the proxy itself."""
+        if self.transport is None:
+            return
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+        keep = r.keep_alive and r.complete and not self.ctx.draining and status < 500
+        self.resp_keep = keep
+        if status == 502 or status == 504:
+            self.ctx.upstream_error(status)
+        self.transport.write(
+            simple_response(status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD")
+        )
+        r.responded = True
+        self.finish(r, status)
+
+    def finish(self, r: Request, status: int) -> None:
+        self.ctx.done(r, status)
+        if self.queue and self.queue[0] is r:
+            self.queue.popleft()
+        t = self.transport
+        if t is None:
+            return
+        if not self.resp_keep:
+            self.queue.clear()
+            if not r.complete:
+                self.linger()
+            else:
+                t.close()
+            return
+        if self.queue:
+            nxt = self.queue[0]
+            if len(self.queue) == 1:
+                self.resume(P_QUEUE)
+            self.start(nxt)
+            return
+        self.resume(P_QUEUE)
+        ctx = self.ctx
+        if ctx.draining:
+            self.deadline = ctx.loop.time() + ctx.quiet_period
+        else:
+            self.deadline = ctx.loop.time() + ctx.timeouts.client_idle
+        self.dkind = D_IDLE
+
+    def linger(self) -> None:
+        """Half-close after an early final response and discard what the client still sends."""
+        t = self.transport
+        assert t is not None
+        self.tunnel = False
+        if t.can_write_eof():
+            t.write_eof()
+        self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM)
+        self.deadline = self.ctx.loop.time() + 2.0
+        self.dkind = D_LINGER
+
+    def refuse(self, status: int, reason: str) -> None:
+        """A bad request: answer it (if nothing was answered yet) and close."""
+        t = self.transport
+        if t is None:
+            return
+        r = self.req
+        if r is not None and r.responded:
+            self.abort()
+            return
+        if r is not None and r.sent:
+            # The head already went upstream: the exchange cannot be saved.
+            self.abort()
+            return
+        self.ctx.bad_request(status)
+        self.queue.clear()
+        t.write(simple_response(status, f"edgeproxy: {reason}\n"))
+        self.linger()
+
+    def abort(self) -> None:
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def on_deadline(self, now: float) -> None:
+        """The sweeper found this connection past its deadline."""
+        kind = self.dkind
+        self.deadline = 0.0
+        t = self.transport
+        if t is None:
+            return
+        if kind == D_IDLE or kind == D_LINGER:
+            t.close()
+        elif kind == D_HEAD:
+            self.ctx.bad_request(408)
+            t.write(simple_response(408, "edgeproxy: request head not received in time\n"))
+            t.close()
+        elif kind == D_REQUEST:
+            r = self.queue[0] if self.queue else None
+            if r is not None and not r.responded:
+                self.resp_keep = False
+                self.local_response(r, 504, "edgeproxy: request took too long\n")
+            else:
+                self.abort()
+
+    def upstream_timed_out(self) -> None:
+        """The upstream sent no response head in time."""
+        r = self.queue[0] if self.queue else None
+        if r is None or r.responded:
+            self.abort()
+            return
+        self.local_response(r, 504, "edgeproxy: the upstream did not answer in time\n")
+
+    def drain(self, now: float) -> None:
+        """The worker is draining: idle connections close after the quiet period."""
+        if self.dkind == D_IDLE:
+            self.deadline = min(self.deadline, now + self.ctx.quiet_period)
+
+
+__all__ = ["ClientConnection", "Request", "UNTIL_CLOSE"]

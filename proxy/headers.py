@@ -1,0 +1,343 @@
+"""Header work of the request path: httptools header callbacks in, head bytes out.
+
+Owns the hop-by-hop rules, X-Forwarded-* and Via, framing decisions and the
+internal headers that clients may neither send nor see. Sans-io: no sockets,
+no clock. It must stay allocation-lean: header fields are forwarded as the
+bytes they arrived as, joined once.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Headers that never cross the proxy (RFC 9110 7.6.1) plus what we re-frame.
+_REQ_DROP: Final = frozenset(
+    {
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+    }
+)
+_RESP_DROP: Final = frozenset(
+    {
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Internal headers (node to node). Stripped from what clients send and see.
+INTERNAL_PREFIX: Final = b"x-edgeproxy-"
+FORCE_INSTANCE: Final = b"x-edgeproxy-force-instance"  # documented, client may send
+PREFER_INSTANCE: Final = b"x-edgeproxy-prefer-instance"  # documented, client may send
+
+# Framing of a message body.
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
+
+VIA: Final = b"1.1 edgeproxy"
+CRLF: Final = b"\r\n"
+CHUNK_END: Final = b"0\r\n\r\n"
+
+
+class HeadError(Exception):
+    """A request head that must be refused with `status` before anything is forwarded."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+class RequestHead:
+    """One request's header fields, filtered as they arrive.
+
+    `on_header` is httptools' callback; `build` makes the head for the upstream.
+    """
+
+    __slots__ = (
+        "chunked",
+        "conn_tokens",
+        "content_length",
+        "count",
+        "expect_continue",
+        "force",
+        "host",
+        "max_bytes",
+        "max_count",
+        "parts",
+        "prefer",
+        "size",
+        "upgrade",
+        "url",
+        "via",
+        "xff",
+        "xfh",
+        "xfp",
+    )
+
+    def __init__(self, max_count: int = 100, max_bytes: int = 65536) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts: list[bytes] = []
+        self.url = b""
+        self.host = b""
+        self.xff = b""
+        self.xfp = b""
+        self.xfh = b""
+        self.via = b""
+        self.upgrade = b""
+        self.conn_tokens: list[bytes] | None = None
+        self.expect_continue = False
+        self.chunked = False
+        self.content_length = -1
+        self.force = b""
+        self.prefer = b""
+        self.count = 0
+        self.size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.size += len(url)
+        if self.size > self.max_bytes:
+            raise HeadError(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        self.size += len(name) + len(value) + 4
+        if self.count > self.max_count:
+            raise HeadError(431, "too many header fields")
+        if self.size > self.max_bytes:
+            raise HeadError(431, "request head too large")
+        lname = name.lower()
+        if lname == b"host":
+            if self.host:
+                raise HeadError(400, "more than one Host header")
+            self.host = value
+            self.parts += (name, b": ", value, CRLF)
+        elif lname in _REQ_DROP or lname.startswith(b"proxy-"):
+            pass
+        elif lname == b"connection":
+            toks = _connection_tokens(value)
+            self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
+        elif lname == b"x-forwarded-for":
+            self.xff = value if not self.xff else self.xff + b", " + value
+        elif lname == b"x-forwarded-proto":
+            self.xfp = value
+        elif lname == b"x-forwarded-host":
+            self.xfh = value
+        elif lname == b"via":
+            self.via = value if not self.via else self.via + b", " + value
+        elif lname == b"upgrade":
+            self.upgrade = value
+        elif lname == b"expect":
+            if value.lower() != b"100-continue":
+                raise HeadError(417, "only Expect: 100-continue is supported")
+            self.expect_continue = True
+        elif lname == b"content-length":
+            self.content_length = int(value)
+            self.parts += (name, b": ", value, CRLF)
+        elif lname == b"transfer-encoding":
+            self.chunked = True  # re-framed by the proxy; llhttp validated it
+        elif lname.startswith(INTERNAL_PREFIX):
+            if lname == FORCE_INSTANCE:
+                self.force = value.strip()
+            elif lname == PREFER_INSTANCE:
+                self.prefer = value.strip()
+        else:
+            self.parts += (name, b": ", value, CRLF)
+
+    def hostname(self) -> str:
+        """The Host without port, lower-cased (what apps are keyed by)."""
+        h = self.host
+        if h.startswith(b"["):
+            end = h.find(b"]")
+            h = h[: end + 1] if end > 0 else h
+        else:
+            colon = h.rfind(b":")
+            if colon >= 0:
+                h = h[:colon]
+        return h.decode("latin-1").lower()
+
+    def build(
+        self,
+        method: bytes,
+        client_ip: bytes,
+        framing: int,
+        tunnel: bool,
+        proto: bytes = b"http",
+        extra: bytes = b"",
+    ) -> bytes:
+        """The head to send upstream (HTTP/1.1)."""
+        parts = self.parts
+        toks = self.conn_tokens
+        if toks:
+            named = {t for t in toks if t not in (b"close", b"keep-alive", b"upgrade")}
+            if named:
+                parts = _drop_named(parts, named)
+        xff = self.xff + b", " + client_ip if self.xff else client_ip
+        via = self.via + b", " + VIA if self.via else VIA
+        out = [method, b" ", self.url or b"/", b" HTTP/1.1\r\n", *parts]
+        out += (
+            b"X-Forwarded-For: ",
+            xff,
+            b"\r\nX-Forwarded-Proto: ",
+            self.xfp or proto,
+            b"\r\nX-Forwarded-Host: ",
+            self.xfh or self.host,
+            b"\r\nVia: ",
+            via,
+            CRLF,
+        )
+        if tunnel:
+            out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, CRLF)
+        if framing == CHUNKED:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        elif framing == LENGTH:
+            pass  # Content-Length travelled with the other fields
+        if extra:
+            out.append(extra)
+        out.append(CRLF)
+        return b"".join(out)
+
+
+def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:
+    """Drop the fields that a Connection header named (rare path)."""
+    out: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i].lower() not in named:
+            out += parts[i : i + 4]
+    return out
+
+
+class ResponseHead:
+    """One upstream response's header fields, filtered as they arrive."""
+
+    __slots__ = ("chunked", "conn_tokens", "content_length", "parts", "reason", "upgrade")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts: list[bytes] = []
+        self.reason = b""
+        self.content_length = -1
+        self.chunked = False
+        self.conn_tokens: list[bytes] | None = None
+        self.upgrade = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"content-length":
+            self.content_length = int(value)
+            self.parts += (name, b": ", value, CRLF)
+        elif lname == b"connection":
+            toks = _connection_tokens(value)
+            self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
+        elif lname in _RESP_DROP:
+            if lname == b"transfer-encoding":
+                self.chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lname == b"upgrade":
+                self.upgrade = value
+        elif lname.startswith(INTERNAL_PREFIX) or lname.startswith(b"proxy-"):
+            pass
+        else:
+            self.parts += (name, b": ", value, CRLF)
+
+    def build(
+        self,
+        status: int,
+        no_body: bool,
+        client_keep_alive: bool,
+        client_http10: bool,
+        extra: bytes = b"",
+    ) -> tuple[bytes, int, bool]:
+        """(head for the client, body framing towards the client, keep-alive)."""
+        parts = self.parts
+        toks = self.conn_tokens
+        if toks:
+            named = {t for t in toks if t not in (b"close", b"keep-alive", b"upgrade")}
+            if named:
+                parts = _drop_named(parts, named)
+        out = [b"HTTP/1.1 ", str(status).encode(), b" ", self.reason, CRLF, *parts]
+        keep = client_keep_alive
+        if status == 101:
+            out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, CRLF)
+            if extra:
+                out.append(extra)
+            out.append(CRLF)
+            return b"".join(out), UNTIL_CLOSE, False
+        if no_body or status < 200 or status in (204, 304):
+            framing = NO_BODY
+        elif self.chunked or self.content_length < 0:
+            if client_http10:
+                framing = UNTIL_CLOSE
+                keep = False
+            else:
+                framing = CHUNKED
+                out.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            framing = LENGTH
+        if not keep:
+            out.append(b"Connection: close\r\n")
+        elif client_http10:
+            out.append(b"Connection: keep-alive\r\n")
+        if extra:
+            out.append(extra)
+        out.append(CRLF)
+        return b"".join(out), framing, keep
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+_REASONS: Final = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def simple_response(
+    status: int, body: str, close: bool = True, extra: bytes = b"", head_only: bool = False
+) -> bytes:
+    """A complete text/plain response made by the proxy itself."""
+    data = body.encode()
+    reason = _REASONS.get(status, b"Error")
+    head = b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % (
+        status,
+        reason,
+        len(data),
+    )
+    if close:
+        head += b"Connection: close\r\n"
+    return head + extra + CRLF + (b"" if head_only else data)

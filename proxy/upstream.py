@@ -1,0 +1,264 @@
+"""Connections to app instances (local or a peer's backhaul) and their pool.
+
+Owns the upstream side of one exchange: writing the request, parsing the
+response with httptools, relaying it to the client connection, and keeping
+healthy keep-alive connections per target. It must not route or decide
+retries: it reports what happened and the client connection decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from proxy.headers import ResponseHead
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class Exchange(Protocol):
+    """What an upstream connection reports to (the client side of an exchange)."""
+
+    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None: ...
+    def upstream_interim(self, head: bytes) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_end(self, up: UpstreamConnection) -> None: ...
+    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None: ...
+    def upstream_lost(self, up: UpstreamConnection, why: str) -> None: ...
+    def upstream_pause(self, paused: bool) -> None: ...
+
+
+# Why an upstream connection failed (the client side maps these to a status).
+LOST_BEFORE_RESPONSE = "reset_before_response"
+LOST_MID_RESPONSE = "lost_mid_response"
+BAD_RESPONSE = "bad_response"
+
+
+class UpstreamConnection(asyncio.Protocol, ResponseHead):
+    """One TCP connection to a target; at most one exchange at a time."""
+
+    __slots__ = (
+        "deadline",
+        "exchange",
+        "got_bytes",
+        "head_only",
+        "keep_alive",
+        "key",
+        "parser",
+        "pool",
+        "reused",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, pool: Pool, key: str) -> None:
+        ResponseHead.__init__(self)
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.deadline = 0.0
+        self.got_bytes = False
+        self.head_only = False
+        self.keep_alive = False
+        self.reused = False
+        self.tunnel = False
+
+    # asyncio.Protocol -----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)
+        self.pool.open.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.open.discard(self)
+        self.pool.forget(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_lost(self, LOST_MID_RESPONSE if self.got_bytes else LOST_BEFORE_RESPONSE)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_pause(False)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes on an idle connection: it can no longer be trusted.
+            self.close()
+            return
+        if self.tunnel:
+            ex.upstream_body(data)
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.tunnel:
+                ex.upstream_tunnel(self, data[e.args[0] :])
+        except httptools.HttpParserError:
+            self.exchange = None
+            self.close()
+            ex.upstream_lost(self, BAD_RESPONSE)
+
+    # the exchange ----------------------------------------------------------
+    def send(self, exchange: Exchange, head: bytes, head_only: bool, deadline: float) -> None:
+        """Start an exchange: write the request head; the body follows via write()."""
+        self.exchange = exchange
+        self.head_only = head_only
+        self.got_bytes = False
+        self.deadline = deadline
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (the exchange is already accounted for)."""
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self, paused: bool) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if paused:
+                t.pause_reading()
+            else:
+                t.resume_reading()
+
+    # httptools callbacks ----------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.reset()
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        status = p.get_status_code()
+        ex = self.exchange
+        assert ex is not None
+        if status < 200 and status != 101:
+            if status != 100:  # 100 Continue is the proxy's own business
+                head, _, _ = self.build(status, True, True, False)
+                ex.upstream_interim(head)
+            return
+        self.keep_alive = p.should_keep_alive()
+        self.deadline = 0.0
+        if status == 101:
+            self.tunnel = True
+        ex.upstream_head(self, status, self.keep_alive)
+        if self.head_only and status >= 200:
+            # httptools cannot be told that a HEAD response has no body.
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.exchange is None or self.parser.get_status_code() < 200:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        ex = self.exchange
+        self.exchange = None
+        if ex is not None:
+            ex.upstream_end(self)
+
+    def release(self, reusable: bool) -> None:
+        """Called by the client side once the exchange is over."""
+        if reusable and self.keep_alive and not self.tunnel:
+            self.pool.put(self)
+        else:
+            self.close()
+
+
+class Pool:
+    """Keep-alive connections per target key, bounded and aged (one per worker)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_idle: int,
+        idle_timeout: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.loop = loop
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.idle: dict[str, list[UpstreamConnection]] = {}
+        self.open: set[UpstreamConnection] = set()
+        self.idle_count = 0
+
+    def get(self, key: str) -> UpstreamConnection | None:
+        conns = self.idle.get(key)
+        while conns:
+            up = conns.pop()
+            self.idle_count -= 1
+            t = up.transport
+            if t is not None and not t.is_closing():
+                up.reused = True
+                return up
+        return None
+
+    def put(self, up: UpstreamConnection) -> None:
+        conns = self.idle.get(up.key)
+        if conns is None:
+            conns = self.idle[up.key] = []
+        if len(conns) >= self.max_idle:
+            up.close()
+            return
+        up.deadline = self.clock() + self.idle_timeout
+        conns.append(up)
+        self.idle_count += 1
+
+    def forget(self, up: UpstreamConnection) -> None:
+        conns = self.idle.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+            self.idle_count -= 1
+
+    async def connect(self, key: str, host: str, port: int, timeout: float) -> UpstreamConnection:
+        """A fresh connection; raises OSError or TimeoutError."""
+        async with asyncio.timeout(timeout):
+            _, proto = await self.loop.create_connection(
+                lambda: UpstreamConnection(self, key), host, port
+            )
+        return proto
+
+    def sweep(self, now: float) -> list[UpstreamConnection]:
+        """Close idle connections past their age; return busy ones past their deadline."""
+        late: list[UpstreamConnection] = []
+        for up in list(self.open):
+            d = up.deadline
+            if d and now >= d:
+                if up.exchange is None:
+                    up.close()
+                else:
+                    late.append(up)
+        return late
+
+    def close_all(self) -> None:
+        for up in list(self.open):
+            up.close()

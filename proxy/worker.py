@@ -1,0 +1,223 @@
+"""A worker process: uvloop, the inherited listeners, the request path, drain.
+
+Owns one event loop: the listening sockets handed over by the master, the
+client connections, the upstream pool, the deadline sweeper and the stats it
+publishes. It must not bind a listener or fork: the master does that.
+Run as `python -m proxy.worker` with a JSON bootstrap on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from proxy.client import ClientConnection
+from proxy.config import Config, loads
+from proxy.metrics import (
+    BAD_REQUEST_STATUSES,
+    DRAINING,
+    RETRY_REASONS,
+    SERVING,
+    UPSTREAM_ERROR_STATUSES,
+    WorkerStats,
+)
+from proxy.routing import Router
+from proxy.statsblock import StatsBlock
+from proxy.upstream import Pool
+
+if TYPE_CHECKING:
+    from proxy.client import Request
+    from proxy.routing import Target
+
+TICK = 0.1  # deadline sweep period, seconds
+PUBLISH = 1.0  # stats publish period, seconds
+
+
+class WorkerContext:
+    """Everything a connection needs from its worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config, stats: WorkerStats) -> None:
+        self.loop = loop
+        self.config = config
+        self.timeouts = config.timeouts
+        self.limits = config.limits
+        self.quiet_period = config.workers.quiet_period
+        self.hosts = {h: i for i, a in enumerate(config.apps) for h in a.hosts}
+        self.router = Router(config)
+        self.pool = Pool(loop, config.pool.max_idle, config.pool.idle_timeout, loop.time)
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.stats = stats
+        self.inflight = 0
+
+    # accounting ------------------------------------------------------------
+    def done(self, r: Request, status: int) -> None:
+        s = self.stats
+        app = r.app if r.app >= 0 else len(self.config.apps)
+        cls = status // 100
+        if 1 <= cls <= 5:
+            s.requests[app * 5 + cls - 1] += 1
+        if r.started:
+            s.observe_response(self.loop.time() - r.started)
+
+    def bad_request(self, status: int) -> None:
+        if status in BAD_REQUEST_STATUSES:
+            self.stats.bad_requests[BAD_REQUEST_STATUSES.index(status)] += 1
+
+    def upstream_error(self, status: int) -> None:
+        self.stats.upstream_errors[UPSTREAM_ERROR_STATUSES.index(status)] += 1
+
+    def stats_retry(self, why: str) -> None:
+        self.stats.retries[RETRY_REASONS.index(why)] += 1
+
+    # upstream connections -----------------------------------------------------
+    def connect(self, client: ClientConnection, r: Request, target: Target) -> None:
+        task = self.loop.create_task(self._connect(client, r, target))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, client: ClientConnection, r: Request, target: Target) -> None:
+        t0 = self.loop.time()
+        try:
+            up = await self.pool.connect(target.key, target.host, target.port, target.connect_timeout)
+        except TimeoutError:
+            client.connect_failed(r, "connect_timeout")
+        except OSError:
+            client.connect_failed(r, "connect_refused")
+        else:
+            self.stats.observe_connect(self.loop.time() - t0)
+            client.attach(r, up)
+
+    # housekeeping ----------------------------------------------------------------
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for c in list(self.clients):
+            d = c.deadline
+            if d and now >= d:
+                c.on_deadline(now)
+        for up in self.pool.sweep(now):
+            ex = up.exchange
+            up.abort()
+            if isinstance(ex, ClientConnection):
+                ex.upstream_timed_out()
+
+    def drain(self) -> None:
+        self.draining = True
+        now = self.loop.time()
+        for c in list(self.clients):
+            c.drain(now)
+
+
+class Worker:
+    """The process shell around a WorkerContext."""
+
+    def __init__(self, boot: dict[str, Any]) -> None:
+        self.boot = boot
+        self.config = loads(boot["config_text"], boot["config_path"])
+        self.slot: int = boot["slot"]
+        self.generation: int = boot["generation"]
+        self.master_pid: int = boot["master_pid"]
+        self.loop = asyncio.new_event_loop()
+        app_names = [a.name for a in self.config.apps]
+        self.stats = WorkerStats(app_names, self.slot, self.generation, os.getpid())
+        self.block = StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
+        self.ctx = WorkerContext(self.loop, self.config, self.stats)
+        self.servers: list[asyncio.Server] = []
+        self.stop_event = asyncio.Event()
+        self.fast = False
+        self.drain_deadline = 0.0
+
+    async def serve(self) -> None:
+        loop = self.loop
+        for lst in self.boot["listeners"]:
+            sock = socket.socket(fileno=lst["fd"])
+            sock.setblocking(False)
+            srv = await loop.create_server(
+                lambda: ClientConnection(self.ctx), sock=sock, backlog=4096, start_serving=True
+            )
+            self.servers.append(srv)
+        loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGQUIT, self.on_signal, signal.SIGQUIT)
+        loop.add_signal_handler(signal.SIGINT, self.on_signal, signal.SIGINT)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.stats.state = SERVING
+        self.publish()
+        os.write(self.boot["notify_fd"], b"READY %d\n" % os.getpid())
+        os.close(self.boot["notify_fd"])
+        loop.call_later(TICK, self.tick)
+        loop.call_later(PUBLISH, self.publish_tick)
+        await self.stop_event.wait()
+        for srv in self.servers:
+            srv.close()
+        self.ctx.pool.close_all()
+        for c in list(self.ctx.clients):
+            if c.transport is not None:
+                c.transport.abort()
+        self.publish()
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM and not self.ctx.draining:
+            self.start_drain()
+        else:
+            self.fast = True
+            self.stop_event.set()
+
+    def start_drain(self) -> None:
+        for srv in self.servers:
+            srv.close()  # stop accepting: closes this process's copy of the fd only
+        self.ctx.drain()
+        self.stats.state = DRAINING
+        self.drain_deadline = self.loop.time() + self.config.workers.drain_timeout
+        self.publish()
+
+    def tick(self) -> None:
+        ctx = self.ctx
+        ctx.sweep()
+        if os.getppid() != self.master_pid and not ctx.draining:
+            self.start_drain()  # the master is gone: finish what we have, then leave
+        if ctx.draining and (not ctx.clients or self.loop.time() >= self.drain_deadline):
+            self.stop_event.set()
+            return
+        self.loop.call_later(TICK, self.tick)
+
+    def publish_tick(self) -> None:
+        self.publish()
+        self.loop.call_later(PUBLISH, self.publish_tick)
+
+    def publish(self) -> None:
+        s = self.stats
+        s.open_connections = len(self.ctx.clients)
+        s.inflight = sum(len(c.queue) for c in self.ctx.clients)
+        s.upstream_idle = self.ctx.pool.idle_count
+        if self.block is not None:
+            self.block.publish(s.snapshot())
+
+    def run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.serve())
+        finally:
+            self.loop.close()
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        pass
+    boot = orjson.loads(sys.stdin.buffer.read())
+    worker = Worker(boot)
+    asyncio.set_event_loop(worker.loop)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
