@@ -43,7 +43,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     m = out["master"]
     print(f"master pid {m['pid']}  generation {m['generation']}  version {m['version']}")
-    print(f"{'pid':>8} {'slot':>4} {'gen':>4} {'state':<9} {'conns':>6} {'inflight':>8} {'requests':>9}")
+    cols = ("pid", "slot", "gen", "state", "conns", "inflight", "requests")
+    print("{:>8} {:>4} {:>4} {:<9} {:>6} {:>8} {:>9}".format(*cols))
     for w in out["workers"]:
         print(
             f"{w['pid']:>8} {w['slot']:>4} {w['generation']:>4} {w['state']:<9} "

@@ -101,6 +101,7 @@ class ClientConnection(asyncio.Protocol):
         "dkind",
         "head_raw",
         "ip",
+        "out",
         "parser",
         "paused",
         "queue",
@@ -124,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.dkind = D_NONE
         self.head_raw = 0
+        self.out: list[bytes] = []
         self.paused = 0
         self.write_paused = False
         self.resp_framing = NO_BODY
@@ -156,9 +158,8 @@ class ClientConnection(asyncio.Protocol):
             if self.up.transport.can_write_eof():
                 self.up.transport.write_eof()
             return True
-        if self.queue:
-            return True  # finish answering what was asked, then close
-        return False
+        self.resp_keep = False  # the client is done asking: close after the answers
+        return bool(self.queue)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -327,7 +328,12 @@ class ClientConnection(asyncio.Protocol):
         r.sent = True
         r.tries += 1
         ctx = self.ctx
-        up.send(self, r.head_bytes, r.method == b"HEAD", ctx.loop.time() + ctx.timeouts.upstream_response)
+        up.send(
+            self,
+            r.head_bytes,
+            r.method == b"HEAD",
+            ctx.loop.time() + ctx.timeouts.upstream_response,
+        )
         if self.write_paused:
             up.pause_reading(True)
         if r.expect_continue and not r.http10 and not r.complete:
@@ -361,33 +367,46 @@ class ClientConnection(asyncio.Protocol):
     def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
         r = self.queue[0]
         r.responded = True
-        keep = r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
+        keep = (
+            self.resp_keep and r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
+        )
         head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10)
         self.resp_framing = framing
         self.resp_keep = keep
         r.status = status
-        assert self.transport is not None
-        self.transport.write(head)
+        self.out.append(head)  # goes out with the first body bytes: one write
 
     def upstream_interim(self, head: bytes) -> None:
         if self.transport is not None:
             self.transport.write(head)
 
     def upstream_body(self, data: bytes) -> None:
-        t = self.transport
-        if t is None:
-            return
         if self.resp_framing == CHUNKED:
-            t.write(chunk(data))
+            self.out.append(chunk(data))
         else:
-            t.write(data)
+            self.out.append(data)
+
+    def upstream_flush(self) -> None:
+        """Write what one upstream read produced, in one call."""
+        out = self.out
+        if not out:
+            return
+        t = self.transport
+        if t is not None:
+            if len(out) == 1:
+                t.write(out[0])
+            elif len(out) == 2 and len(out[1]) < 16384:
+                t.write(out[0] + out[1])
+            else:
+                t.writelines(out)
+        out.clear()
 
     def upstream_end(self, up: UpstreamConnection) -> None:
         r = self.queue[0]
         self.up = None
-        t = self.transport
-        if self.resp_framing == CHUNKED and t is not None:
-            t.write(CHUNK_END)
+        if self.resp_framing == CHUNKED:
+            self.out.append(CHUNK_END)
+        self.upstream_flush()
         up.release(r.complete)
         self.finish(r, r.status)
 
@@ -395,6 +414,7 @@ class ClientConnection(asyncio.Protocol):
         r = self.queue[0]
         self.deadline = 0.0
         self.dkind = D_NONE
+        self.upstream_flush()
         if early and self.transport is not None:
             self.transport.write(early)
         if not r.tunnel:  # upstream switched protocols we did not ask for
@@ -406,9 +426,11 @@ class ClientConnection(asyncio.Protocol):
             return
         r = self.queue[0]
         if self.tunnel and r.tunnel and r.responded:
+            self.upstream_flush()
             if self.transport is not None:
                 self.transport.close()
             return
+        self.out.clear()
         if r.responded:
             # Part of the response is out: the client must see a cut, not a lie.
             self.ctx.done(r, 502)
@@ -442,12 +464,15 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             self.up = None
             up.abort()
-        keep = r.keep_alive and r.complete and not self.ctx.draining and status < 500
+        keep = self.resp_keep and r.keep_alive and r.complete and not self.ctx.draining
+        keep = keep and status < 500
         self.resp_keep = keep
-        if status == 502 or status == 504:
+        if status in (502, 504):
             self.ctx.upstream_error(status)
         self.transport.write(
-            simple_response(status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD")
+            simple_response(
+                status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD"
+            )
         )
         r.responded = True
         self.finish(r, status)
@@ -524,7 +549,7 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        if kind == D_IDLE or kind == D_LINGER:
+        if kind in (D_IDLE, D_LINGER):
             t.close()
         elif kind == D_HEAD:
             self.ctx.bad_request(408)
@@ -552,4 +577,4 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = min(self.deadline, now + self.ctx.quiet_period)
 
 
-__all__ = ["ClientConnection", "Request", "UNTIL_CLOSE"]
+__all__ = ["UNTIL_CLOSE", "ClientConnection", "Request"]

@@ -464,17 +464,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m proxy.demo_app", description=__doc__)
     ap.add_argument("--id", required=True, help="instance id, echoed in every answer")
     ap.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any)")
+    ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="event loop (auto: uvloop when installed)")  # fmt: skip
     args = ap.parse_args(argv)
     host, sep, port = str(args.listen).rpartition(":")
     if not sep or not port.isdigit():
         ap.error(f"--listen {args.listen!r} is not host:port")
     host = host.strip("[]")
-    try:
-        import uvloop  # noqa: PLC0415  # optional: the stdlib loop works too
+    factory = None
+    if args.loop != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415  # optional: the stdlib loop works too
 
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
+            factory = uvloop.new_event_loop
+        except ImportError:
+            if args.loop == "uvloop":
+                raise
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_run(str(args.id), host, int(port)))
     return 0

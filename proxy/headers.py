@@ -333,10 +333,13 @@ def simple_response(
     """A complete text/plain response made by the proxy itself."""
     data = body.encode()
     reason = _REASONS.get(status, b"Error")
-    head = b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % (
-        status,
-        reason,
-        len(data),
+    head = (
+        b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        % (
+            status,
+            reason,
+            len(data),
+        )
     )
     if close:
         head += b"Connection: close\r\n"

@@ -67,7 +67,9 @@ class ListenerSet:
         sock.setblocking(False)
         self.socks[key] = sock
 
-    def fds_for_slot(self, kinds: dict[str, tuple[Address, ...]], slot: int) -> list[tuple[ListenKey, int]]:
+    def fds_for_slot(
+        self, kinds: dict[str, tuple[Address, ...]], slot: int
+    ) -> list[tuple[ListenKey, int]]:
         out = []
         for kind, addrs in kinds.items():
             for a in addrs:
@@ -95,4 +97,9 @@ class ListenerSet:
 
 
 def wanted_keys(kinds: dict[str, tuple[Address, ...]], count: int) -> list[ListenKey]:
-    return [ListenKey(kind, a, slot) for kind, addrs in kinds.items() for a in addrs for slot in range(count)]
+    return [
+        ListenKey(kind, a, slot)
+        for kind, addrs in kinds.items()
+        for a in addrs
+        for slot in range(count)
+    ]

@@ -9,6 +9,7 @@ serve client traffic itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from proxy import __version__
 from proxy.admin import start_admin
 from proxy.config import Config, ConfigError, load
 from proxy.control import serve_control
-from proxy.listeners import ListenerSet, ListenKey, wanted_keys
+from proxy.listeners import ListenerSet, wanted_keys
 from proxy.metrics import Aggregator, Snapshot, SnapshotError
 from proxy.notify import sd_notify
 from proxy.statsblock import StatsBlock
@@ -43,7 +44,9 @@ class WorkerProc:
     block: StatsBlock
     started: float
     state: str = "starting"  # starting | serving | draining
-    ready: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ready: asyncio.Future[bool] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
     @property
     def pid(self) -> int:
@@ -142,10 +145,8 @@ class Master:
         return new
 
     def signal_worker(self, w: WorkerProc, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, sig)
-        except ProcessLookupError:
-            pass
 
     # the loop ------------------------------------------------------------------
     async def run(self) -> int:
@@ -163,24 +164,21 @@ class Master:
             a = self.config.listen.admin
             self.servers.append(await start_admin(a.host, a.port, self.metrics_text, self.health))
         print(
-            f"READY pid={os.getpid()} generation={self.generation} "
-            f"workers={len(self.current())}",
+            f"READY pid={os.getpid()} generation={self.generation} workers={len(self.current())}",
             flush=True,
         )
         sd_notify(b"READY=1\nMAINPID=%d" % os.getpid())
         while True:
-            sig = await self.queue.get()
-            name = signal.Signals(sig).name[3:].lower()
+            signum = await self.queue.get()
+            name = signal.Signals(signum).name[3:].lower()
             await getattr(self, f"handle_{name}")()
             if self.stopping and not self.workers:
                 break
         for srv in self.servers:
             srv.close()
         self.listeners.close_all()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.config.listen.control)
-        except OSError:
-            pass
         return 0
 
     async def handle_chld(self) -> None:

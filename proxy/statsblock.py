@@ -113,9 +113,10 @@ class StatsBlock:
         if n > self.capacity:
             raise ValueError(f"snapshot of {n} bytes exceeds the block's {self.capacity}")
         mm = self._mm
+        crc = zlib.crc32(data)
         seq = self._seq + 1 | 1  # odd: a write is in progress
         _SEQ.pack_into(mm, _SEQ_OFFSET, seq)
-        _META.pack_into(mm, _META_OFFSET, n, zlib.crc32(data))
+        _META.pack_into(mm, _META_OFFSET, n, crc)
         mm[PAYLOAD_OFFSET : PAYLOAD_OFFSET + n] = data
         self._seq = seq + 1
         _SEQ.pack_into(mm, _SEQ_OFFSET, self._seq)

@@ -25,6 +25,7 @@ class Exchange(Protocol):
     def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None: ...
     def upstream_interim(self, head: bytes) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
+    def upstream_flush(self) -> None: ...
     def upstream_end(self, up: UpstreamConnection) -> None: ...
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None: ...
     def upstream_lost(self, up: UpstreamConnection, why: str) -> None: ...
@@ -100,6 +101,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             return
         if self.tunnel:
             ex.upstream_body(data)
+            ex.upstream_flush()
             return
         self.got_bytes = True
         try:
@@ -111,6 +113,8 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             self.exchange = None
             self.close()
             ex.upstream_lost(self, BAD_RESPONSE)
+        else:
+            ex.upstream_flush()
 
     # the exchange ----------------------------------------------------------
     def send(self, exchange: Exchange, head: bytes, head_only: bool, deadline: float) -> None:

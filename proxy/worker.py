@@ -86,7 +86,9 @@ class WorkerContext:
     async def _connect(self, client: ClientConnection, r: Request, target: Target) -> None:
         t0 = self.loop.time()
         try:
-            up = await self.pool.connect(target.key, target.host, target.port, target.connect_timeout)
+            up = await self.pool.connect(
+                target.key, target.host, target.port, target.connect_timeout
+            )
         except TimeoutError:
             client.connect_failed(r, "connect_timeout")
         except OSError:
@@ -127,7 +129,9 @@ class Worker:
         self.loop = asyncio.new_event_loop()
         app_names = [a.name for a in self.config.apps]
         self.stats = WorkerStats(app_names, self.slot, self.generation, os.getpid())
-        self.block = StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
+        self.block = (
+            StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
+        )
         self.ctx = WorkerContext(self.loop, self.config, self.stats)
         self.servers: list[asyncio.Server] = []
         self.stop_event = asyncio.Event()
