@@ -160,6 +160,7 @@ class Master:
             self.shutdown_now()
             return 1
         self.servers.append(await serve_control(self.config.listen.control, self))
+        control_ino = os.stat(self.config.listen.control).st_ino
         if self.config.listen.admin is not None:
             a = self.config.listen.admin
             self.servers.append(await start_admin(a.host, a.port, self.metrics_text, self.health))
@@ -178,7 +179,9 @@ class Master:
             srv.close()
         self.listeners.close_all()
         with contextlib.suppress(OSError):
-            os.unlink(self.config.listen.control)
+            # A successor may already listen there: remove only our own socket file.
+            if os.stat(self.config.listen.control).st_ino == control_ino:
+                os.unlink(self.config.listen.control)
         return 0
 
     async def handle_chld(self) -> None:
