@@ -76,6 +76,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(args.port, args.admin_port, args.instances, args.workers)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeproxy",
@@ -96,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
     sp = add("reload", "reload the running master; waits for the new generation")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     sp.set_defaults(func=cmd_reload)
+    sp = sub.add_parser("demo", help="a working single-node setup: proxy + demo instances")
+    sp.add_argument("--port", type=int, default=8080, help="proxy port on 127.0.0.1")
+    sp.add_argument("--admin-port", type=int, default=9901, help="admin port on 127.0.0.1")
+    sp.add_argument("--instances", type=int, default=3, help="demo instances to start")
+    sp.add_argument("--workers", type=int, default=None, help="workers (default: cores)")
+    sp.set_defaults(func=cmd_demo)
     return p
 
 
