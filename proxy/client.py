@@ -100,6 +100,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "dkind",
         "head_raw",
+        "in_head",
         "ip",
         "out",
         "parser",
@@ -125,6 +126,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.dkind = D_NONE
         self.head_raw = 0
+        self.in_head = False
         self.out: list[bytes] = []
         self.paused = 0
         self.write_paused = False
@@ -181,12 +183,6 @@ class ClientConnection(asyncio.Protocol):
             elif self.queue:
                 self.queue[0].body.append(data)
             return
-        if self.dkind == D_HEAD:
-            # httptools buffers a header until it is whole: bound what it may hold.
-            self.head_raw += len(data)
-            if self.head_raw > self.ctx.limits.max_header_bytes + 8192:
-                self.refuse(431, "request head too large")
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -204,11 +200,19 @@ class ClientConnection(asyncio.Protocol):
                 raise
         except httptools.HttpParserError as e:
             self.refuse(400, f"malformed request: {e.args[0] if e.args else 'bad syntax'}")
+        else:
+            if self.in_head:
+                # httptools holds an unfinished header line until it ends: bound it.
+                nl = data.rfind(b"\n")
+                self.head_raw = len(data) - nl - 1 if nl >= 0 else self.head_raw + len(data)
+                if self.head_raw > self.ctx.limits.max_header_bytes:
+                    self.refuse(431, "request head too large")
 
     # httptools callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
         lim = self.ctx.limits
         self.req = Request(lim.max_headers, lim.max_header_bytes)
+        self.in_head = True
         if not self.queue:
             self.deadline = self.ctx.loop.time() + self.ctx.timeouts.client_header
             self.dkind = D_HEAD
@@ -224,6 +228,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         r = self.req
         assert r is not None
+        self.in_head = False
         self.head_raw = 0
         p = self.parser
         r.method = p.get_method()
@@ -525,10 +530,11 @@ class ClientConnection(asyncio.Protocol):
         if r is not None and r.responded:
             self.abort()
             return
-        if r is not None and r.sent:
-            # The head already went upstream: the exchange cannot be saved.
-            self.abort()
-            return
+        up = self.up
+        if up is not None:
+            # The head may have gone upstream: that exchange cannot be finished.
+            self.up = None
+            up.abort()
         self.ctx.bad_request(status)
         self.queue.clear()
         t.write(simple_response(status, f"edgeproxy: {reason}\n"))

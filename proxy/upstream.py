@@ -45,6 +45,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         "deadline",
         "exchange",
         "got_bytes",
+        "head_done",
         "head_only",
         "keep_alive",
         "key",
@@ -64,6 +65,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.exchange: Exchange | None = None
         self.deadline = 0.0
         self.got_bytes = False
+        self.head_done = False
         self.head_only = False
         self.keep_alive = False
         self.reused = False
@@ -80,6 +82,10 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         ex = self.exchange
         if ex is not None:
             self.exchange = None
+            if self.head_done and self.content_length < 0 and not self.chunked:
+                self.keep_alive = False
+                ex.upstream_end(self)  # a body delimited by the close: complete now
+                return
             ex.upstream_lost(self, LOST_MID_RESPONSE if self.got_bytes else LOST_BEFORE_RESPONSE)
 
     def eof_received(self) -> bool:
@@ -122,6 +128,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.exchange = exchange
         self.head_only = head_only
         self.got_bytes = False
+        self.head_done = False
         self.deadline = deadline
         assert self.transport is not None
         self.transport.write(head)
@@ -165,6 +172,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             return
         self.keep_alive = p.should_keep_alive()
         self.deadline = 0.0
+        self.head_done = status != 101
         if status == 101:
             self.tunnel = True
         ex.upstream_head(self, status, self.keep_alive)
