@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
+LINGER = 2.0  # seconds an errored connection drains input before closing
 _REASONS = {
     200: b"OK",
     400: b"Bad Request",
@@ -172,10 +173,21 @@ class _AdminProtocol(asyncio.Protocol):
             self._transport.write(body)
 
     def _fail(self, status: int) -> None:
-        """A client error: answer `status` with Connection: close, then close."""
+        """A client error: answer `status` with Connection: close, then linger and close.
+
+        Closing with unread input would reset the connection and could destroy the
+        answer in flight, so half-close and discard input until EOF or a short linger.
+        """
         self._keep_alive = False
         self._respond(status, b"%d %s\n" % (status, _REASONS[status].lower()), head=False)
-        self._close_after_write()
+        t = self._transport
+        if t is None or not t.can_write_eof():
+            self._close_after_write()
+            return
+        self._closing = True
+        t.write_eof()
+        self._cancel_timer()
+        self._timer = self._loop.call_later(min(LINGER, self._header_timeout), t.close)
 
     def _close_after_write(self) -> None:
         self._closing = True

@@ -76,6 +76,58 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    import time
+
+    from proxy.static_table import inflight_name
+    from shm.dump import table_dump
+    from shm.errors import ShmError
+    from shm.inflight import InflightSegment
+    from shm.reader import TableReader
+
+    config = load(args.config)
+    try:
+        reader = TableReader.attach(config.table)
+    except (ShmError, OSError) as e:
+        print(f"edgeproxy: table {config.table.name!r}: {e}", file=sys.stderr)
+        return 1
+    try:
+        inflight: InflightSegment | None = InflightSegment.attach(inflight_name(config))
+    except (ShmError, OSError):
+        inflight = None
+    reader.local_node = config.node.id
+    try:
+        out = table_dump(reader, time.time(), config.table.stale_after, inflight)
+    finally:
+        reader.close()
+        if inflight is not None:
+            inflight.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    w = out["writer"]
+    state = "STALE" if out["stale"] else "fresh"
+    print(
+        f"table {out['segment']}  generation {out['generation']}  writer pid {w['pid']} "
+        f"epoch {w['boot_epoch']}  {state} (heartbeat age {out['heartbeat_age']} s)"
+    )
+    print("nodes:")
+    for n in out["nodes"]:
+        print(
+            f"  {n['id']:<16} {n['region']:<8} {'up' if n['up'] else 'DOWN':<4} "
+            f"rtt {n['rtt_ms']} ms  jitter {n['jitter_ms']} ms  loss {n['loss']:.1%}  "
+            f"age {n['age']} s"
+        )
+    print("instances:")
+    for i in out["instances"]:
+        inflight_s = f"  inflight {i['inflight']}" if "inflight" in i else ""
+        print(
+            f"  {i['app']:<12} {i['id']:<16} node {i['node']:<10} "
+            f"load {i['load']}/{i['soft_limit']}/{i['hard_limit']}  age {i['age']} s{inflight_s}"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -102,6 +154,9 @@ def parser() -> argparse.ArgumentParser:
     sp = add("reload", "reload the running master; waits for the new generation")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     sp.set_defaults(func=cmd_reload)
+    sp = add("table", "the shared-memory table as the workers see it")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_table)
     sp = sub.add_parser("demo", help="a working single-node setup: proxy + demo instances")
     sp.add_argument("--port", type=int, default=8080, help="proxy port on 127.0.0.1")
     sp.add_argument("--admin-port", type=int, default=9901, help="admin port on 127.0.0.1")

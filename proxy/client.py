@@ -9,6 +9,7 @@ how targets are chosen or how the table is read.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
@@ -53,6 +54,8 @@ class Request(RequestHead):
 
     __slots__ = (
         "app",
+        "app_name",
+        "base_head",
         "body",
         "body_size",
         "complete",
@@ -64,9 +67,11 @@ class Request(RequestHead):
         "replayable",
         "responded",
         "sent",
+        "slot",
         "started",
         "status",
         "target",
+        "tried",
         "tries",
         "tunnel",
     )
@@ -89,6 +94,10 @@ class Request(RequestHead):
         self.status = 0
         self.tries = 0
         self.app = -1
+        self.app_name = ""
+        self.base_head = b""
+        self.slot = -1  # in-flight counter slot held on a local instance
+        self.tried: set[str] | None = None
         self.target: Target | None = None
 
 
@@ -306,18 +315,26 @@ class ClientConnection(asyncio.Protocol):
         r.started = now
         self.deadline = now + ctx.timeouts.request
         self.dkind = D_REQUEST
-        app = ctx.hosts.get(r.hostname())
+        routing = ctx.routing
+        app = routing.app_for_host(r.hostname())
         if app is None:
             self.local_response(r, 404, f"edgeproxy: no app serves host {r.hostname()!r}\n")
             return
-        r.app = app
-        target, status, why = ctx.router.pick(app, r)
+        r.app_name = app
+        r.app = ctx.app_index.get(app, ctx.no_app)
+        target, status, why = routing.pick(app, r, time.time())
         if target is None:
             self.local_response(r, status, why, b"Retry-After: 1\r\n" if status == 503 else b"")
             return
+        r.base_head = r.build(r.method, self.ip, r.framing, r.tunnel)
+        self.dispatch(r, target)
+
+    def dispatch(self, r: Request, target: Target) -> None:
+        """Send `r` to `target` on a pooled connection, or connect one."""
         r.target = target
-        framing = r.framing
-        r.head_bytes = r.build(r.method, self.ip, framing, r.tunnel)
+        extra = target.extra
+        r.head_bytes = r.base_head[:-2] + extra + b"\r\n" if extra else r.base_head
+        ctx = self.ctx
         up = None if r.tunnel else ctx.pool.get(target.key)
         if up is not None:
             self.attach(r, up)
@@ -359,12 +376,11 @@ class ClientConnection(asyncio.Protocol):
             return
         status = 504 if why == "connect_timeout" else 502
         r.tries += 1
-        self.ctx.router.failed(r, why)
-        target, _, _ = self.ctx.router.retry(r, why)
+        ctx = self.ctx
+        target, _, _ = ctx.routing.retry(r, r.app_name, time.time())
         if target is not None:
-            r.target = target
-            self.ctx.stats_retry(why)
-            self.ctx.connect(self, r, target)
+            ctx.stats_retry(why)
+            self.dispatch(r, target)
             return
         self.local_response(r, status, f"edgeproxy: upstream {why.replace('_', ' ')}\n")
 

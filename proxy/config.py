@@ -113,6 +113,9 @@ class TableConfig:
     max_apps: int
     max_instances: int
     stale_after: float
+    writer: str = "master"  # who fills the table: "master" (static, from this file) | "pinger"
+    max_workers: int = 64  # in-flight counter columns (live workers of all generations)
+    max_local_instances: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +414,16 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         max_apps=tb.positive("max_apps", int, 1024),
         max_instances=tb.positive("max_instances", int, 16384),
         stale_after=tb.positive("stale_after", float, 5.0),
+        writer=tb.text("writer", "master"),
+        max_workers=tb.positive("max_workers", int, 64),
+        max_local_instances=tb.positive("max_local_instances", int, 256),
     )
+    if table.writer not in ("master", "pinger"):
+        raise tb.fail("writer", f"must be master or pinger, not {table.writer!r}")
+    if table.max_workers < 2 * workers.count:
+        raise tb.fail(
+            "max_workers", f"must be >= 2 x workers.count ({2 * workers.count}): reloads overlap"
+        )
 
     apps = _apps(top)
     peers = _peers(top, node)
@@ -420,6 +432,11 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         raise tb.fail("max_apps", f"{len(apps)} apps configured, more than {table.max_apps}")
     if len(instances) > table.max_instances:
         raise tb.fail("max_instances", f"{len(instances)} instances, more than the table holds")
+    local = sum(1 for i in instances if i.node == node.id)
+    if local > table.max_local_instances:
+        raise tb.fail(
+            "max_local_instances", f"{local} local instances, more than {table.max_local_instances}"
+        )
     hosts = {h: a.name for a in apps for h in a.hosts}
     return Config(
         path=path,

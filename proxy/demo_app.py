@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     factory = None
     if args.loop != "asyncio":
         try:
-            import uvloop  # noqa: PLC0415  # optional: the stdlib loop works too
+            import uvloop  # optional: the stdlib loop works too
 
             factory = uvloop.new_event_loop
         except ImportError:

@@ -28,7 +28,9 @@ from proxy.control import serve_control
 from proxy.listeners import ListenerSet, wanted_keys
 from proxy.metrics import Aggregator, Snapshot, SnapshotError
 from proxy.notify import sd_notify
+from proxy.static_table import SharedState, inflight_name
 from proxy.statsblock import StatsBlock
+from shm.errors import ShmError
 
 log = logging.getLogger("edgeproxy.master")
 
@@ -42,6 +44,7 @@ class WorkerProc:
     generation: int
     proc: subprocess.Popen[bytes]
     block: StatsBlock
+    cell: int
     started: float
     state: str = "starting"  # starting | serving | draining
     ready: asyncio.Future[bool] = field(
@@ -69,6 +72,7 @@ class Master:
         self.reload_lock = asyncio.Lock()
         self.servers: list[asyncio.AbstractServer] = []
         self.started = time.time()
+        self.shared: SharedState | None = None
 
     # bookkeeping ---------------------------------------------------------------
     def kinds(self, config: Config) -> dict[str, tuple[Any, ...]]:
@@ -84,6 +88,8 @@ class Master:
     def spawn(self, slot: int, generation: int, config: Config, text: str) -> WorkerProc:
         loop = asyncio.get_running_loop()
         fds = self.listeners.fds_for_slot(self.kinds(config), slot)
+        assert self.shared is not None
+        cell = self.shared.take_cell()
         block = StatsBlock.create()
         r, w = os.pipe()
         boot = {
@@ -95,6 +101,8 @@ class Master:
             "listeners": [{"kind": k.kind, "address": str(k.address), "fd": fd} for k, fd in fds],
             "notify_fd": w,
             "stats_fd": block.fd,
+            "cell": cell,
+            "inflight": inflight_name(config),
         }
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
@@ -109,7 +117,7 @@ class Master:
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(boot))
         proc.stdin.close()
-        wp = WorkerProc(slot, generation, proc, block, loop.time())
+        wp = WorkerProc(slot, generation, proc, block, cell, loop.time())
         self.workers[proc.pid] = wp
 
         def on_ready() -> None:
@@ -154,11 +162,18 @@ class Master:
         for sig in SIGNALS:
             loop.add_signal_handler(sig, self.queue.put_nowait, sig)
         try:
+            self.shared = SharedState(self.config)
+        except ShmError as e:
+            log.error("edgeproxy: shared memory: %s", e)
+            return 1
+        try:
             await self.start_generation(self.config, self.config_text)
         except (OSError, RuntimeError) as e:
             log.error("edgeproxy: %s", e)
             self.shutdown_now()
+            self.shared.close(unlink=True)
             return 1
+        self.publish_tick()
         self.servers.append(await serve_control(self.config.listen.control, self))
         control_ino = os.stat(self.config.listen.control).st_ino
         if self.config.listen.admin is not None:
@@ -178,6 +193,7 @@ class Master:
         for srv in self.servers:
             srv.close()
         self.listeners.close_all()
+        self.shared.close(unlink=True)
         with contextlib.suppress(OSError):
             # A successor may already listen there: remove only our own socket file.
             if os.stat(self.config.listen.control).st_ino == control_ino:
@@ -197,6 +213,8 @@ class Master:
                 continue
             self.aggregator.retire(pid, w.block.read())
             w.block.close()
+            assert self.shared is not None
+            self.shared.give_cell(w.cell)
             if not w.ready.done():
                 w.ready.set_result(False)
             if self.stopping:
@@ -239,10 +257,13 @@ class Master:
                 sd_notify(b"READY=1")
                 return {"ok": False, "error": str(e)}
             old = [w for w in self.workers.values() if w.state != "draining"]
+            assert self.shared is not None
+            self.shared.apply(config)  # slots of staying instances never move
             try:
                 await self.start_generation(config, text)
             except (OSError, RuntimeError) as e:
                 log.error("reload failed, keeping the running generation: %s", e)
+                self.shared.apply(self.config)
                 sd_notify(b"READY=1")
                 return {"ok": False, "error": str(e)}
             self.config, self.config_text = config, text
@@ -284,6 +305,13 @@ class Master:
 
     async def handle_quit(self) -> None:
         await self.handle_int()
+
+    def publish_tick(self) -> None:
+        """Heartbeat and local load into the table (when the master writes it)."""
+        if self.shared is not None and not self.stopping:
+            self.shared.tick(time.time())
+        period = self.config.pinger.load_publish_ms / 1000
+        asyncio.get_running_loop().call_later(period, self.publish_tick)
 
     def kill_all(self) -> None:
         for w in list(self.workers.values()):

@@ -215,13 +215,11 @@ def pick_closest(
     fb_load = fb_rtt = _NOT_YET
     n_fb = 0
     for c in cands:
-        if excl is not None and c.id in excl:
-            continue
         rtt = 0 if c.local else c.rtt_us
-        if rtt > best_rtt:
-            continue
         if rtt < 0:
             rtt = UNKNOWN_RTT_US
+        if rtt > best_rtt or (excl is not None and c.id in excl):
+            continue
         load = c.load
         if full_get is not None and now < full_get(c.id, now):
             continue  # marked full: as if at its hard limit
@@ -318,12 +316,13 @@ def _leastload_scan(
     (the sample's order is not random here).
     """
     rand = rng.random
+    marked = bool(full or loads)
     sample: list[C] = []
     m = 0
     for c in cands:
         if excl is not None and c.id in excl:
             continue
-        if _effective_load(c, now, full, loads) >= c.hard_limit:
+        if (_effective_load(c, now, full, loads) if marked else c.load) >= c.hard_limit:
             continue
         m += 1
         if m <= k:
@@ -338,7 +337,7 @@ def _leastload_scan(
     best_load = best_rtt = _NOT_YET
     n_best = 0
     for c in sample:
-        load = _effective_load(c, now, full, loads)
+        load = _effective_load(c, now, full, loads) if marked else c.load
         rtt = 0 if c.local else c.rtt_us
         if rtt < 0:
             rtt = UNKNOWN_RTT_US

@@ -1,88 +1,256 @@
-"""Where a request goes: app -> target instance, and the next one on a retry.
+"""A worker's routing: Host -> app -> instance, admission of local instances, retries.
 
-Owns the worker's view of targets (from the config until the table serves)
-and the bookkeeping of tries per request. It must not do I/O: it answers
-`pick`/`retry` from data it was given.
+Owns where candidates come from (the shared-memory table, or the config while
+there is none), local in-flight accounting (inc on dispatch, dec on the end),
+"full" marks and the tried set of a request. The choice itself is the router
+core's (proxy.router). It must not do network I/O.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from proxy.router import Candidate, FullMarks, NoPick, pick
+from shm.errors import ShmError
+from shm.reader import TableReader
 
 if TYPE_CHECKING:
     from proxy.config import Config
+    from shm.inflight import InflightCells
+
+FULL_HOLD = 0.5  # seconds an instance that said "full" is avoided by this worker
+MAX_TRIES = 3
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Target:
     """One instance as a place to send a request."""
 
     key: str  # pool key: one keep-alive pool per key
     instance: str
     app: str
+    node: str
     host: str
     port: int
     local: bool
+    slot: int  # in-flight counter slot of a local instance, else -1
     connect_timeout: float
+    extra: bytes  # request header lines added for this target (backhaul: which instance)
 
 
-class Tried(Protocol):
-    """What the router needs to know of a request."""
+class Routed(Protocol):
+    """What routing reads and writes on a request."""
 
     target: Target | None
     tries: int
     force: bytes
+    prefer: bytes
+    tried: set[str] | None
+    slot: int
 
 
-class Router:
-    """Round-robin over an app's instances (the static view of the config)."""
+@dataclass(frozen=True, slots=True)
+class _AppInfo:
+    strategy: str
+    k: int
 
-    def __init__(self, config: Config) -> None:
-        self.apps = [a.name for a in config.apps]
-        self.targets: list[list[Target]] = [[] for _ in config.apps]
-        index = {a.name: i for i, a in enumerate(config.apps)}
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Routing:
+    def __init__(self, config: Config, cells: InflightCells | None, rng: random.Random) -> None:
+        self.config = config
+        self.cells = cells
+        self.rng = rng
+        self.marks = FullMarks()
+        self.reader: TableReader | None = None
+        self.gen = -1
+        self.targets: dict[str, Target] = {}
+        self.apps: dict[str, _AppInfo] = {}
+        self.rejects = 0
+        self.node = config.node.id
+        # The config's view: used while no table can be read.
+        self.static: dict[str, list[Candidate]] = {}
+        self.static_apps = {a.name: _AppInfo(a.strategy, a.sample_k) for a in config.apps}
+        self.static_hosts = dict(config.hosts)
+        peers = {p.id: p for p in config.peers}
+        for a in config.apps:
+            self.static[a.name] = []
         for inst in config.instances:
-            local = inst.node == config.node.id
-            if not local:
-                continue  # remote instances need the backhaul (routing across nodes)
-            self.targets[index[inst.app]].append(
-                Target(
-                    key=f"{inst.address.host}:{inst.address.port}",
-                    instance=inst.id,
-                    app=inst.app,
-                    host=inst.address.host,
-                    port=inst.address.port,
-                    local=local,
-                    connect_timeout=config.timeouts.connect,
-                )
+            app = config.app(inst.app)
+            local = inst.node == self.node
+            peer = peers.get(inst.node)
+            rtt = 0 if local else int((peer.rtt_ms or 0) * 1000) if peer else -1
+            self.static[inst.app].append(
+                Candidate(inst.id, inst.node, local, 0, app.soft_limit, app.hard_limit, rtt)
             )
-        self.next = [0] * len(self.targets)
+            self.targets[inst.id] = self._target(
+                inst.id, inst.app, inst.node, str(inst.address), str(peer.backhaul) if peer else ""
+            )
 
-    def pick(self, app: int, r: Tried) -> tuple[Target | None, int, str]:
+    # the table ---------------------------------------------------------------------------
+    def attach(self) -> bool:
+        """Try to read the table (again); False while it is not there."""
+        if self.reader is not None:
+            return True
+        try:
+            self.reader = TableReader.attach(self.config.table)
+        except (ShmError, OSError):
+            return False
+        self.reader.local_node = self.node
+        self.gen = -1
+        return True
+
+    def _target(self, iid: str, app: str, node: str, address: str, backhaul: str) -> Target:
+        local = node == self.node
+        slot = -1
+        if local and self.cells is not None:
+            s = self.cells.slot_of(iid)
+            slot = -1 if s is None else s
+        if local:
+            host, port = _split(address)
+            return Target(
+                address, iid, app, node, host, port, True, slot, self.config.timeouts.connect, b""
+            )
+        host, port = _split(backhaul) if backhaul else ("", 0)
+        extra = b"X-Edgeproxy-Instance: " + iid.encode() + b"\r\n"
+        return Target(
+            "bh:" + backhaul, iid, app, node, host, port, False, -1,
+            self.config.timeouts.backhaul_connect, extra,
+        )  # fmt: skip
+
+    def _refresh(self, reader: TableReader) -> None:
+        """The topology moved: rebuild targets and app info from the table."""
+        self.gen = reader.generation
+        targets: dict[str, Target] = {}
+        for c in reader.instances():
+            node = reader.node(c.node)
+            backhaul = node.backhaul if node is not None else ""
+            old = self.targets.get(c.id)
+            t = self._target(c.id, c.app, c.node, c.address, backhaul)
+            targets[c.id] = old if old is not None and old == t else t
+        self.targets = targets
+        self.apps = {}
+        for a in reader.apps():
+            self.apps[a.name] = _AppInfo(a.strategy, a.sample_k)
+
+    def app_for_host(self, host: str) -> str | None:
+        reader = self.reader
+        if reader is not None:
+            app = reader.app_for_host(host)
+            if reader.generation != self.gen:
+                self._refresh(reader)
+            return app
+        return self.static_hosts.get(host)
+
+    def _candidates(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
+        reader = self.reader
+        if reader is not None:
+            cands = reader.candidates(app)
+            if reader.generation != self.gen:
+                self._refresh(reader)
+            return cands, self.apps.get(app)
+        return self.static.get(app, ()), self.static_apps.get(app)
+
+    # choosing ----------------------------------------------------------------------------
+    def pick(self, app: str, r: Routed, now: float) -> tuple[Target | None, int, str]:
         """(target, status, reason): status and reason explain a None target."""
-        ts = self.targets[app]
+        cands, info = self._candidates(app)
+        if info is None:
+            return None, 404, f"edgeproxy: app {app!r} is not in the routing table\n"
+        cells = self.cells
+        targets = self.targets
+        if cells is not None:
+            for c in cands:
+                if c.local:
+                    t = targets.get(c.id)
+                    if t is not None and t.slot >= 0:
+                        c.load = cells.total(t.slot)
         if r.force:
             name = r.force.decode("latin-1")
-            for t in ts:
-                if t.instance == name:
+            for c in cands:
+                if c.id == name:
+                    t = targets.get(name)
+                    if t is None or (not t.local and not t.port):
+                        break
+                    if not self.admit(t, r, c.hard_limit, now):
+                        return None, 503, f"edgeproxy: instance {name!r} is at capacity\n"
                     return t, 0, ""
-            return None, 404, f"edgeproxy: app {self.apps[app]!r} has no instance {name!r}\n"
-        if not ts:
-            return None, 503, f"edgeproxy: app {self.apps[app]!r} has no instance\n"
-        i = self.next[app]
-        self.next[app] = (i + 1) % len(ts)
-        return ts[i % len(ts)], 0, ""
+            return None, 404, f"edgeproxy: app {app!r} has no instance {name!r}\n"
+        if r.prefer and r.tries == 0:
+            name = r.prefer.decode("latin-1")
+            for c in cands:
+                if c.id == name and c.load < c.hard_limit and not self.marks.is_full(name, now):
+                    t = targets.get(name)
+                    if (
+                        t is not None
+                        and (t.local or t.port)
+                        and self.admit(t, r, c.hard_limit, now)
+                    ):
+                        return t, 0, ""
+        for _ in range(len(cands) + 1):
+            tried = r.tried
+            got = pick(cands, info.strategy, self.rng, now, tried or (), self.marks, info.k)
+            if isinstance(got, NoPick):
+                if got is NoPick.ALL_FULL or r.tries or tried:
+                    return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
+                return None, 503, f"edgeproxy: app {app!r} has no instance\n"
+            t = targets.get(got.id)
+            if t is not None and (t.local or t.port) and self.admit(t, r, got.hard_limit, now):
+                return t, 0, ""
+            self.exclude(r, got.id)
+        return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
 
-    def retry(self, r: Tried, why: str) -> tuple[Target | None, int, str]:
-        """The next target after a failure that reached no app, or None."""
-        if r.force or r.target is None or r.tries >= 3:
-            return None, 502, ""
-        app = self.apps.index(r.target.app)
-        ts = [t for t in self.targets[app] if t is not r.target]
-        if not ts:
-            return None, 502, ""
-        return ts[r.tries % len(ts)], 0, ""
+    def admit(self, t: Target, r: Routed, hard: int, now: float) -> bool:
+        """Count the request on a local instance if it is under its hard limit."""
+        if not t.local or t.slot < 0 or self.cells is None:
+            return True
+        cells = self.cells
+        cells.inc(t.slot)
+        if cells.total(t.slot) > hard:  # counted first, so two workers never both pass
+            cells.dec(t.slot)
+            self.rejects += 1
+            self.marks.mark_full(t.instance, now, FULL_HOLD)
+            return False
+        r.slot = t.slot
+        return True
 
-    def failed(self, r: Tried, why: str) -> None:
-        """A target failed before the request reached it."""
+    def exclude(self, r: Routed, iid: str) -> None:
+        if r.tried is None:
+            r.tried = {iid}
+        else:
+            r.tried.add(iid)
+
+    def release(self, r: Routed) -> None:
+        """The request no longer occupies its local instance."""
+        if r.slot >= 0 and self.cells is not None:
+            self.cells.dec(r.slot)
+            r.slot = -1
+
+    def retry(self, r: Routed, app: str, now: float) -> tuple[Target | None, int, str]:
+        """The next target after r.target failed before the request reached it."""
+        self.release(r)
+        t = r.target
+        if r.force or t is None or r.tries >= MAX_TRIES:
+            return None, 502, ""
+        self.exclude(r, t.instance)
+        return self.pick(app, r, now)
+
+    def rejected(self, r: Routed, now: float) -> None:
+        """r.target answered "full, come back later"."""
+        if r.target is not None:
+            self.marks.mark_full(r.target.instance, now, FULL_HOLD)
+
+    def feedback(self, iid: str, load: int, now: float) -> None:
+        self.marks.feedback(iid, load, now)
+
+    def stale(self, now: float) -> bool:
+        if self.reader is None:
+            return True
+        return self.reader.stale(now, self.config.table.stale_after)[0]

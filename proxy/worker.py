@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import sys
@@ -27,9 +28,11 @@ from proxy.metrics import (
     UPSTREAM_ERROR_STATUSES,
     WorkerStats,
 )
-from proxy.routing import Router
+from proxy.routing import Routing
 from proxy.statsblock import StatsBlock
 from proxy.upstream import Pool
+from shm.errors import ShmError
+from shm.inflight import InflightCells, InflightSegment
 
 if TYPE_CHECKING:
     from proxy.client import Request
@@ -42,14 +45,22 @@ PUBLISH = 1.0  # stats publish period, seconds
 class WorkerContext:
     """Everything a connection needs from its worker."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config, stats: WorkerStats) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        stats: WorkerStats,
+        cells: InflightCells | None,
+    ) -> None:
         self.loop = loop
         self.config = config
         self.timeouts = config.timeouts
         self.limits = config.limits
         self.quiet_period = config.workers.quiet_period
-        self.hosts = {h: i for i, a in enumerate(config.apps) for h in a.hosts}
-        self.router = Router(config)
+        self.app_index = {a.name: i for i, a in enumerate(config.apps)}
+        self.no_app = len(config.apps)
+        self.routing = Routing(config, cells, random.Random())
+        self.routing.attach()
         self.pool = Pool(loop, config.pool.max_idle, config.pool.idle_timeout, loop.time)
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -59,6 +70,8 @@ class WorkerContext:
 
     # accounting ------------------------------------------------------------
     def done(self, r: Request, status: int) -> None:
+        if r.slot >= 0:
+            self.routing.release(r)
         s = self.stats
         app = r.app if r.app >= 0 else len(self.config.apps)
         cls = status // 100
@@ -132,11 +145,22 @@ class Worker:
         self.block = (
             StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
         )
-        self.ctx = WorkerContext(self.loop, self.config, self.stats)
+        self.cells = self.attach_cells(boot)
+        self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
         self.servers: list[asyncio.Server] = []
         self.stop_event = asyncio.Event()
         self.fast = False
         self.drain_deadline = 0.0
+
+    @staticmethod
+    def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
+        """This worker's in-flight cells (None: limits are not enforced across workers)."""
+        try:
+            seg = InflightSegment.attach(boot["inflight"])
+        except (KeyError, ShmError, OSError) as e:
+            print(f"edgeproxy worker: no in-flight counters: {e}", file=sys.stderr)
+            return None
+        return InflightCells(seg, boot["cell"])
 
     async def serve(self) -> None:
         loop = self.loop
@@ -184,6 +208,8 @@ class Worker:
     def tick(self) -> None:
         ctx = self.ctx
         ctx.sweep()
+        if ctx.routing.reader is None:
+            ctx.routing.attach()
         if os.getppid() != self.master_pid and not ctx.draining:
             self.start_drain()  # the master is gone: finish what we have, then leave
         if ctx.draining and (not ctx.clients or self.loop.time() >= self.drain_deadline):

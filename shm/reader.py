@@ -1,0 +1,376 @@
+"""Lock-free reader of a table segment, used by every proxy worker on every request.
+
+Owns the decoded-topology cache (re-read only when the header generation moves),
+the hot-path `candidates()` that reads load and RTT fresh under their seqlock
+checks, retry/fallback counting, host -> app lookup and writer liveness. It
+must never write to the segment, take a lock, or block on the writer.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Sequence
+from typing import Final, TypeVar
+
+from proxy.config import TableConfig
+from shm import codec
+from shm.errors import LayoutMismatchError, SegmentMissingError
+from shm.layout import Layout, table_segment_name
+from shm.segment import Segment, fence
+
+MAX_RETRIES: Final = 16  # hot path: tries of one block before serving its last good value
+# Slow paths (topology reload, new candidates, status) then also yield the CPU this many
+# times, so a writer preempted in the middle of a row can finish it. Never a lock or a wait.
+PATIENT_YIELDS: Final = 200
+_GEN_AT: Final = codec.GEN_AT
+_M64: Final = 0xFFFFFFFFFFFFFFFF
+_SEQ = struct.Struct("<Q")
+R = TypeVar("R")
+_Offset = Callable[[int], int]
+_Decode = Callable[[bytes], tuple[int, R | None] | None]
+
+
+class Candidate:
+    """One instance of an app as the router sees it; hot fields refreshed per call.
+
+    Objects are owned and reused by the reader: valid until the next call for the
+    same app. `rtt_us` is -1 and `node_up` False when the instance's node has no row.
+    """
+
+    __slots__ = (
+        "_load_at",
+        "_node_at",
+        "_slot",
+        "address",
+        "app",
+        "hard_limit",
+        "id",
+        "jitter_us",
+        "last_heard_us",
+        "load",
+        "load_time_us",
+        "local",
+        "loss_permille",
+        "node",
+        "node_up",
+        "publisher_epoch",
+        "rtt_us",
+        "soft_limit",
+    )
+
+    def __init__(self, row: codec.InstanceRow, slot: int, load_at: int, node_at: int) -> None:
+        self.id = row.id
+        self.app = row.app
+        self.node = row.node
+        self.address = row.address
+        self.soft_limit = row.soft_limit
+        self.hard_limit = row.hard_limit
+        self.load = 0
+        self.local = False  # on the reader's own node (set by the reader, see local_node)
+        self.load_time_us = 0
+        self.publisher_epoch = 0
+        self.rtt_us = -1
+        self.jitter_us = 0
+        self.loss_permille = 0
+        self.node_up = False
+        self.last_heard_us = 0
+        self._slot = slot
+        self._load_at = load_at
+        self._node_at = node_at  # 0: no node row
+
+    def __repr__(self) -> str:
+        return (
+            f"Candidate({self.id!r}, app={self.app!r}, node={self.node!r}, load={self.load}, "
+            f"rtt_us={self.rtt_us}, up={self.node_up})"
+        )
+
+
+_EMPTY: Final[Sequence[Candidate]] = ()
+
+
+class TableReader:
+    """A worker's view of the table. Not thread-safe: one per thread (it caches)."""
+
+    def __init__(self, seg: Segment, layout: Layout) -> None:
+        self._seg = seg
+        self._mm = seg.mm
+        self._layout = layout
+        self._gen = -1
+        self.retries = 0  # blocks re-read because a write was in progress or torn
+        self.fallbacks = 0  # blocks served from their last good value after MAX_RETRIES
+        self._nodes: dict[int, tuple[int, codec.NodeRow]] = {}  # slot -> (seq, row)
+        self._apps: dict[int, tuple[int, codec.AppRow]] = {}
+        self._instances: dict[int, tuple[int, codec.InstanceRow]] = {}
+        self._cands: dict[str, Candidate] = {}  # instance id -> candidate
+        self._by_app: dict[str, list[Candidate]] = {}
+        self._app_rows: dict[str, codec.AppRow] = {}
+        self._node_rows: dict[str, tuple[codec.NodeRow, int]] = {}  # id -> (row, hot at)
+        self._hosts: dict[str, str] = {}
+        self._heartbeat_us = 0
+        self._writer = (0, 0)
+        self.local_node = ""  # candidates on this node get local = True (set before reading)
+
+    @classmethod
+    def attach(cls, cfg: TableConfig, name: str | None = None) -> TableReader:
+        """Map the segment read-only and check its header against `cfg`.
+
+        SegmentMissingError if it does not exist or is not initialised yet (retry later);
+        LayoutMismatchError, naming the first difference, if it is not the layout we expect.
+        """
+        layout = Layout(cfg.max_nodes, cfg.max_apps, cfg.max_instances)
+        seg_name = name or table_segment_name(cfg.name)
+        seg = Segment.attach(seg_name)
+        try:
+            found = codec.decode_static(seg.mm) if seg.size >= codec.STATIC.size else None
+            if found is None or found.magic == bytes(8):
+                raise SegmentMissingError(
+                    f"shared-memory segment {seg_name} is not initialised yet"
+                )
+            problem = codec.mismatch(found, layout.static())
+            if problem is None and seg.size != layout.total_size:
+                problem = f"segment is {seg.size} bytes, header says {layout.total_size}"
+            if problem is not None:
+                raise LayoutMismatchError(f"shared-memory segment {seg_name}: {problem}")
+        except BaseException:
+            seg.close()
+            raise
+        reader = cls(seg, layout)
+        reader.refresh()
+        return reader
+
+    def close(self) -> None:
+        """Drop the caches and unmap."""
+        self._cands.clear()
+        self._by_app.clear()
+        self._seg.close()
+
+    @property
+    def name(self) -> str:
+        """The segment name."""
+        return self._seg.name
+
+    @property
+    def generation(self) -> int:
+        """The generation the cached topology was read at."""
+        return self._gen
+
+    # --- the hot path ---------------------------------------------------------------------
+    def candidates(self, app: str) -> Sequence[Candidate]:
+        """The app's instances with load and node RTT read now (empty if none)."""
+        mm = self._mm
+        g, ng = codec.GEN.unpack_from(mm, _GEN_AT)
+        if g != self._gen or g ^ ng != _M64:
+            self.refresh()
+        cands = self._by_app.get(app)
+        if cands is None:
+            return _EMPTY
+        unpack = codec.HOT.unpack_from
+        for c in cands:
+            s, a, b, x, y, k = unpack(mm, c._load_at)
+            # codec.hot_check(), inlined: a call costs as much as the check itself
+            chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+            if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+                self._reread_load(c)
+            else:
+                c.load = a
+                c.load_time_us = b
+                c.publisher_epoch = x
+            at = c._node_at
+            if at:
+                s, a, b, x, y, k = unpack(mm, at)
+                chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+                if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+                    self._reread_node(c)
+                else:
+                    c.rtt_us = a
+                    c.jitter_us = b
+                    c.loss_permille = x & 0xFFFFFFFF
+                    c.node_up = x > 0xFFFFFFFF
+                    c.last_heard_us = y
+        return cands
+
+    def app_for_host(self, host: str) -> str | None:
+        """The app serving `host` (lower-case, port stripped by the caller), or None."""
+        g, ng = codec.GEN.unpack_from(self._mm, _GEN_AT)
+        if g != self._gen or g ^ ng != _M64:
+            self.refresh()
+        return self._hosts.get(host)
+
+    def node(self, node_id: str) -> codec.NodeRow | None:
+        """The node's row as of the cached topology (call after candidates())."""
+        got = self._node_rows.get(node_id)
+        return got[0] if got is not None else None
+
+    def app(self, name: str) -> codec.AppRow | None:
+        """The app's row (strategy, limits, sample_k), or None."""
+        g, ng = codec.GEN.unpack_from(self._mm, _GEN_AT)
+        if g != self._gen or g ^ ng != _M64:
+            self.refresh()
+        return self._app_rows.get(name)
+
+    # --- slow paths -------------------------------------------------------------------------
+    def _read_hot(self, at: int, patient: bool = False) -> tuple[int, int, int, int] | None:
+        for i in range(MAX_RETRIES + (PATIENT_YIELDS if patient else 0)):
+            got = codec.decode_hot(self._mm, at)
+            if got is not None:
+                return got[1:]
+            self.retries += 1
+            if i >= MAX_RETRIES:
+                os.sched_yield()
+        self.fallbacks += 1
+        return None
+
+    def _reread_load(self, c: Candidate, patient: bool = False) -> None:
+        got = self._read_hot(c._load_at, patient)
+        if got is not None:  # else: keep the last good values in `c`
+            c.load, c.load_time_us, c.publisher_epoch, _ = got
+
+    def _reread_node(self, c: Candidate, patient: bool = False) -> None:
+        got = self._read_hot(c._node_at, patient)
+        if got is not None:
+            state = codec.node_state_from(*got)
+            c.rtt_us, c.jitter_us = state.rtt_us, state.jitter_us
+            c.loss_permille, c.node_up = state.loss_permille, state.up
+            c.last_heard_us = state.last_heard_us
+
+    def refresh(self) -> None:
+        """Re-read the topology if the generation moved (called by the lookups)."""
+        mm = self._mm
+        gen: int | None = None
+        for _ in range(MAX_RETRIES):
+            gen = codec.decode_gen(mm)
+            if gen is not None:
+                break
+            self.retries += 1
+        if gen is None:
+            self.fallbacks += 1  # serve the cached topology; try again next call
+            return
+        fence()  # the rows below are at least as new as the generation
+        hwm = self._read_hot(codec.HWM_AT, patient=True)
+        if hwm is None:
+            return
+        lay = self._layout
+        self._nodes = self._read_table(
+            self._nodes, hwm[0], lay.node, codec.NODE_COLD, codec.decode_node
+        )
+        self._apps = self._read_table(self._apps, hwm[1], lay.app, codec.APP_COLD, codec.decode_app)
+        self._instances = self._read_table(
+            self._instances, hwm[2], lay.instance, codec.INSTANCE_COLD, codec.decode_instance
+        )
+        self._rebuild()
+        got = self._read_hot(codec.WRITER_AT, patient=True)
+        if got is not None:
+            self._writer = (got[0], got[1])
+        self._gen = gen
+
+    def _read_table(
+        self,
+        prev: dict[int, tuple[int, R]],
+        hwm: int,
+        offset: _Offset,
+        size: int,
+        decode: _Decode[R],
+    ) -> dict[int, tuple[int, R]]:
+        mm = self._mm
+        seq_of = _SEQ.unpack_from
+        out: dict[int, tuple[int, R]] = {}
+        for slot in range(hwm):
+            at = offset(slot)
+            old = prev.get(slot)
+            if old is not None and seq_of(mm, at)[0] == old[0]:
+                out[slot] = old  # unchanged since the last read
+                continue
+            for i in range(MAX_RETRIES + PATIENT_YIELDS):
+                got = decode(mm[at : at + size])
+                if got is not None:
+                    if got[1] is not None:
+                        out[slot] = (got[0], got[1])
+                    break
+                self.retries += 1
+                if i >= MAX_RETRIES:
+                    os.sched_yield()
+            else:
+                self.fallbacks += 1
+                if old is not None:
+                    out[slot] = old
+        return out
+
+    def _rebuild(self) -> None:
+        lay = self._layout
+        self._node_rows = {
+            row.id: (row, lay.node(slot) + codec.NODE_HOT_AT)
+            for slot, (_, row) in self._nodes.items()
+        }
+        self._app_rows = {row.name: row for _, row in self._apps.values()}
+        self._hosts = {h: row.name for row in self._app_rows.values() for h in row.hosts}
+        cands: dict[str, Candidate] = {}
+        by_app: dict[str, list[Candidate]] = {}
+        for slot, (_, row) in sorted(self._instances.items()):
+            node = self._node_rows.get(row.node)
+            node_at = node[1] if node else 0
+            load_at = lay.instance(slot) + codec.INSTANCE_HOT_AT
+            c = self._cands.get(row.id)
+            if (
+                c is None
+                or c._slot != slot
+                or c._node_at != node_at
+                or (c.app, c.node, c.address, c.soft_limit, c.hard_limit)
+                != (row.app, row.node, row.address, row.soft_limit, row.hard_limit)
+            ):
+                fresh = Candidate(row, slot, load_at, node_at)
+                if c is not None and c._slot == slot:  # last good values, if the read fails
+                    fresh.load, fresh.load_time_us = c.load, c.load_time_us
+                    fresh.publisher_epoch = c.publisher_epoch
+                if c is not None and c._node_at == node_at:
+                    fresh.rtt_us, fresh.jitter_us = c.rtt_us, c.jitter_us
+                    fresh.loss_permille, fresh.node_up = c.loss_permille, c.node_up
+                    fresh.last_heard_us = c.last_heard_us
+                c = fresh
+                self._reread_load(c, patient=True)
+                if node_at:
+                    self._reread_node(c, patient=True)
+            c.local = row.node == self.local_node
+            cands[row.id] = c
+            by_app.setdefault(row.app, []).append(c)
+        self._cands = cands
+        self._by_app = by_app
+
+    # --- liveness and views -----------------------------------------------------------------
+    def stale(self, now: float, max_age: float) -> tuple[bool, float]:
+        """(stale, heartbeat age in seconds): stale when the writer's heartbeat is older than
+        `max_age`, or was never written (age is then inf). Stale data is still served."""
+        got = self._read_hot(codec.HEARTBEAT_AT, patient=True)
+        if got is not None:
+            self._heartbeat_us = got[0]
+        if not self._heartbeat_us:
+            return True, float("inf")
+        age = now - self._heartbeat_us / 1e6
+        return age > max_age, age
+
+    def writer(self) -> tuple[int, int]:
+        """(pid, boot epoch) of the writer, as of the last topology read."""
+        return self._writer
+
+    def nodes(self) -> list[tuple[codec.NodeRow, codec.NodeState]]:
+        """Every node with its hot state read now (slow path: status and dumps)."""
+        self.app_for_host("")
+        out = []
+        for row, at in self._node_rows.values():
+            got = self._read_hot(at, patient=True)
+            state = codec.node_state_from(*got) if got else codec.NodeState(-1, 0, 0, False, 0)
+            out.append((row, state))
+        return out
+
+    def apps(self) -> list[codec.AppRow]:
+        """Every app row (slow path)."""
+        self.app_for_host("")
+        return list(self._app_rows.values())
+
+    def instances(self) -> list[Candidate]:
+        """Every instance with load and RTT read now (slow path: status and dumps)."""
+        self.app_for_host("")
+        out: list[Candidate] = []
+        for app in list(self._by_app):
+            out.extend(self.candidates(app))
+        return out

@@ -1,0 +1,397 @@
+"""The single writer of a table segment (the pinger, or the master without one).
+
+Owns slot allocation, the id -> slot indexes, seqlocked row writes, the
+generation bump after topology changes, the heartbeat and takeover after a dead
+writer. It must never block readers, and a failed write (TableFull, RowTooLargeError)
+must leave every row as it was.
+"""
+
+from __future__ import annotations
+
+import heapq
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Generic, TypeVar
+
+from proxy.config import TableConfig
+from shm import codec
+from shm.errors import LayoutMismatchError, TableFull
+from shm.layout import Layout, table_segment_name
+from shm.segment import Segment, fence
+
+R = TypeVar("R")
+_Encode = Callable[[int, R | None], bytes]
+_Decode = Callable[[bytes], tuple[int, R | None] | None]
+_Offset = Callable[[int], int]
+_Key = Callable[[R], str]
+_SEQ = struct.Struct("<Q")
+_HOT_TAIL = struct.Struct("<qqqqQ")  # a hot block after its seq word
+
+
+def _us(t: float) -> int:
+    return int(t * 1_000_000)
+
+
+def _holder_pid(mm: mmap.mmap) -> int:
+    got = codec.decode_hot(mm, codec.WRITER_AT) if len(mm) >= codec.HEADER_SIZE else None
+    return got[1] if got else 0
+
+
+class _Slots(Generic[R]):
+    """Slot bookkeeping of one row table (writer memory only)."""
+
+    def __init__(self, kind: str, capacity: int) -> None:
+        self.kind = kind
+        self.capacity = capacity
+        self.index: dict[str, int] = {}
+        self.rows: dict[str, R] = {}
+        self.free: list[int] = []  # min-heap of freed slots below hwm
+        self.hwm = 0  # slots [0, hwm) have been written at least once
+
+    def take(self) -> int:
+        if self.free:
+            return heapq.heappop(self.free)
+        if self.hwm >= self.capacity:
+            raise TableFull(self.kind, self.capacity)
+        self.hwm += 1
+        return self.hwm - 1
+
+    def give_back(self, slot: int) -> None:
+        heapq.heappush(self.free, slot)
+
+
+class TableWriter:
+    """Writes nodes, apps and instances into a segment; one per segment, lock-enforced."""
+
+    def __init__(self, seg: Segment, layout: Layout, fresh: bool) -> None:
+        self._seg = seg
+        self._mm = seg.mm
+        self._layout = layout
+        self._nodes: _Slots[codec.NodeRow] = _Slots("nodes", layout.max_nodes)
+        self._apps: _Slots[codec.AppRow] = _Slots("apps", layout.max_apps)
+        self._instances: _Slots[codec.InstanceRow] = _Slots("instances", layout.max_instances)
+        self._hosts: dict[str, str] = {}
+        self._defer = 0
+        self._dirty = False
+        if fresh:
+            self._gen = 0
+            self.boot_epoch = 1
+            self._init_fresh()
+        else:
+            self._gen = codec.decode_gen(self._mm) or 0
+            prev = codec.decode_hot(self._mm, codec.WRITER_AT)
+            self.boot_epoch = (prev[2] if prev else 0) + 1
+            self._adopt()
+        self._write_hot(codec.WRITER_AT, os.getpid(), self.boot_epoch, 0, 0)
+        self._bump()
+
+    @classmethod
+    def open(cls, cfg: TableConfig, name: str | None = None) -> TableWriter:
+        """Create the segment, or take over an existing one of the same layout.
+
+        WriterBusyError if a live writer holds it; LayoutMismatchError if it exists with another
+        layout or size. A taken-over segment keeps its rows (readers go on serving them);
+        the caller reconciles with put_*/remove_* and the boot epoch is bumped.
+        """
+        layout = Layout(cfg.max_nodes, cfg.max_apps, cfg.max_instances)
+        seg_name = name or table_segment_name(cfg.name)
+        seg, fresh = Segment.open_writer(seg_name, layout.total_size, _holder_pid)
+        try:
+            if not fresh:
+                problem = codec.mismatch(codec.decode_static(seg.mm), layout.static())
+                if problem is not None and codec.decode_static(seg.mm).magic != bytes(8):
+                    raise _mismatch(seg_name, problem)
+                fresh = problem is not None  # never initialised: the creator died first
+            return cls(seg, layout, fresh)
+        except BaseException:
+            seg.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        return self._seg.name
+
+    @property
+    def generation(self) -> int:
+        return self._gen
+
+    def close(self, *, unlink: bool = False) -> None:
+        """Release the writer lock; the segment stays for readers unless `unlink`."""
+        if unlink:
+            self._seg.unlink()
+        self._seg.close()
+
+    # --- topology (bumps the generation) ------------------------------------------------
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group topology changes under one generation bump (e.g. a full resync)."""
+        self._defer += 1
+        try:
+            yield
+        finally:
+            self._defer -= 1
+            if not self._defer and self._dirty:
+                self._bump()
+
+    def put_node(self, row: codec.NodeRow) -> None:
+        """Add or update a node (its RTT block is kept on update, zeroed on add)."""
+        self._put(
+            slots=self._nodes,
+            key=row.id,
+            row=row,
+            encode=codec.encode_node,
+            offset=self._layout.node,
+            hot_at=codec.NODE_HOT_AT,
+        )
+
+    def remove_node(self, node_id: str) -> None:
+        """Remove a node; KeyError if unknown."""
+        self._remove(self._nodes, node_id, codec.encode_node, self._layout.node)
+
+    def put_app(self, row: codec.AppRow) -> None:
+        """Add or update an app; ValueError if one of its hosts belongs to another app."""
+        for h in row.hosts:
+            owner = self._hosts.get(h)
+            if owner is not None and owner != row.name:
+                raise ValueError(f"host {h!r} already belongs to app {owner!r}")
+        self._put(
+            slots=self._apps,
+            key=row.name,
+            row=row,
+            encode=codec.encode_app,
+            offset=self._layout.app,
+            hot_at=None,
+        )
+        old = [h for h, a in self._hosts.items() if a == row.name]
+        for h in old:
+            del self._hosts[h]
+        self._hosts.update(dict.fromkeys(row.hosts, row.name))
+
+    def remove_app(self, name: str) -> None:
+        """Remove an app (its instances stay until removed); KeyError if unknown."""
+        self._remove(self._apps, name, codec.encode_app, self._layout.app)
+        for h in [h for h, a in self._hosts.items() if a == name]:
+            del self._hosts[h]
+
+    def put_instance(self, row: codec.InstanceRow) -> None:
+        """Add or update an instance (its load block is kept on update, zeroed on add)."""
+        self._put(
+            slots=self._instances,
+            key=row.id,
+            row=row,
+            encode=codec.encode_instance,
+            offset=self._layout.instance,
+            hot_at=codec.INSTANCE_HOT_AT,
+        )
+
+    def remove_instance(self, instance_id: str) -> None:
+        """Remove an instance; KeyError if unknown."""
+        self._remove(self._instances, instance_id, codec.encode_instance, self._layout.instance)
+
+    def clear(self) -> None:
+        """Remove every row (a new session: nothing from the last life is kept)."""
+        with self.batch():
+            for iid in list(self._instances.index):
+                self.remove_instance(iid)
+            for name in list(self._apps.index):
+                self.remove_app(name)
+            for nid in list(self._nodes.index):
+                self.remove_node(nid)
+
+    def nodes(self) -> dict[str, codec.NodeRow]:
+        """The nodes this writer holds (a copy, for reconciliation)."""
+        return dict(self._nodes.rows)
+
+    def apps(self) -> dict[str, codec.AppRow]:
+        """The apps this writer holds (a copy)."""
+        return dict(self._apps.rows)
+
+    def instances(self) -> dict[str, codec.InstanceRow]:
+        """The instances this writer holds (a copy)."""
+        return dict(self._instances.rows)
+
+    # --- hot data (in place, no generation bump) ----------------------------------------
+    def set_load(self, instance_id: str, load: int, load_time: float, publisher_epoch: int) -> None:
+        """Publish an instance's load; KeyError if the instance is unknown."""
+        at = self._layout.instance(self._instances.index[instance_id]) + codec.INSTANCE_HOT_AT
+        self._write_hot(at, load, _us(load_time), publisher_epoch, 0)
+
+    def set_rtt(
+        self,
+        node_id: str,
+        *,
+        rtt_us: int,
+        jitter_us: int,
+        loss_permille: int,
+        last_heard: float,
+        up: bool,
+    ) -> None:
+        """Publish a node's RTT, jitter, loss and up/down; KeyError if the node is unknown."""
+        at = self._layout.node(self._nodes.index[node_id]) + codec.NODE_HOT_AT
+        state = codec.NodeState(rtt_us, jitter_us, loss_permille, up, _us(last_heard))
+        self._write_hot(at, *codec.node_state_fields(state))
+
+    def heartbeat(self, now: float) -> None:
+        """Say the writer is alive at `now` (wall-clock seconds); call it periodically."""
+        self._write_hot(codec.HEARTBEAT_AT, _us(now), 0, 0, 0)
+
+    # --- internals ------------------------------------------------------------------------
+    def _write_hot(self, at: int, a: int, b: int, c: int, d: int) -> None:
+        mm = self._mm
+        seq = (_SEQ.unpack_from(mm, at)[0] | 1) + 1
+        tail = _HOT_TAIL.pack(a, b, c, d, codec.hot_check(seq, a, b, c, d))  # may raise first
+        _SEQ.pack_into(mm, at, seq - 1)
+        mm[at + 8 : at + codec.HOT_SIZE] = tail
+        _SEQ.pack_into(mm, at, seq)
+
+    def _write_cold(self, at: int, encoded: bytes) -> None:
+        mm = self._mm
+        seq = codec.cold_seq(encoded)
+        _SEQ.pack_into(mm, at, seq - 1)
+        mm[at + 8 : at + len(encoded)] = encoded[8:]
+        _SEQ.pack_into(mm, at, seq)
+
+    def _next_seq(self, at: int) -> int:
+        return int((codec.cold_seq(self._mm, at) | 1) + 1)
+
+    def _put(
+        self,
+        *,
+        slots: _Slots[R],
+        key: str,
+        row: R,
+        encode: _Encode[R],
+        offset: _Offset,
+        hot_at: int | None,
+    ) -> None:
+        slot = slots.index.get(key)
+        if slot is not None:
+            at = offset(slot)
+            self._write_cold(at, encode(self._next_seq(at), row))
+        else:
+            slot = slots.take()  # TableFull leaves everything as it was
+            at = offset(slot)
+            try:
+                encoded = encode(self._next_seq(at), row)
+            except BaseException:
+                slots.give_back(slot)
+                raise
+            if hot_at is not None:
+                self._write_hot(at + hot_at, 0, 0, 0, 0)
+            self._write_cold(at, encoded)
+            slots.index[key] = slot
+            self._write_hwm()
+        slots.rows[key] = row
+        self._changed()
+
+    def _remove(self, slots: _Slots[R], key: str, encode: _Encode[R], offset: _Offset) -> None:
+        slot = slots.index.pop(key)
+        del slots.rows[key]
+        at = offset(slot)
+        self._write_cold(at, encode(self._next_seq(at), None))
+        slots.give_back(slot)
+        self._changed()
+
+    def _write_hwm(self) -> None:
+        self._write_hot(codec.HWM_AT, self._nodes.hwm, self._apps.hwm, self._instances.hwm, 0)
+
+    def _changed(self) -> None:
+        if self._defer:
+            self._dirty = True
+        else:
+            self._bump()
+
+    def _bump(self) -> None:
+        fence()  # rows before the generation that announces them
+        self._gen += 1
+        self._mm[codec.GEN_AT : codec.GEN_AT + codec.GEN.size] = codec.encode_gen(self._gen)
+        self._dirty = False
+
+    def _init_fresh(self) -> None:
+        mm = self._mm
+        static = self._layout.static()
+        blank = codec.Static(bytes(8), *[getattr(static, n) for n in codec.Static.__slots__[1:]])
+        mm[0 : codec.STATIC.size] = codec.encode_static(blank)
+        mm[codec.GEN_AT : codec.GEN_AT + codec.GEN.size] = codec.encode_gen(0)
+        self._write_hwm()
+        self._write_hot(codec.HEARTBEAT_AT, 0, 0, 0, 0)
+        fence()
+        mm[0:8] = codec.MAGIC  # last: a reader never sees a half-initialised table
+
+    def _adopt(self) -> None:
+        """Take over rows left by a dead writer; repair the ones it died writing."""
+        mm = self._mm
+        lay = self._layout
+        hwm = codec.decode_hot(mm, codec.HWM_AT)
+        # Died writing the hwm block: scan every slot (free ones decode as free).
+        n_hwm, a_hwm, i_hwm = hwm[1:4] if hwm else (lay.max_nodes, lay.max_apps, lay.max_instances)
+        self._adopt_table(
+            slots=self._nodes,
+            hwm=n_hwm,
+            cold_size=codec.NODE_COLD,
+            decode=codec.decode_node,
+            encode=codec.encode_node,
+            offset=lay.node,
+            hot_at=codec.NODE_HOT_AT,
+            key=lambda r: r.id,
+        )
+        self._adopt_table(
+            slots=self._apps,
+            hwm=a_hwm,
+            cold_size=codec.APP_COLD,
+            decode=codec.decode_app,
+            encode=codec.encode_app,
+            offset=lay.app,
+            hot_at=None,
+            key=lambda r: r.name,
+        )
+        self._adopt_table(
+            slots=self._instances,
+            hwm=i_hwm,
+            cold_size=codec.INSTANCE_COLD,
+            decode=codec.decode_instance,
+            encode=codec.encode_instance,
+            offset=lay.instance,
+            hot_at=codec.INSTANCE_HOT_AT,
+            key=lambda r: r.id,
+        )
+        for app in self._apps.rows.values():
+            self._hosts.update(dict.fromkeys(app.hosts, app.name))
+        self._write_hwm()
+        if codec.decode_hot(mm, codec.HEARTBEAT_AT) is None:
+            self._write_hot(codec.HEARTBEAT_AT, 0, 0, 0, 0)
+
+    def _adopt_table(
+        self,
+        *,
+        slots: _Slots[R],
+        hwm: int,
+        cold_size: int,
+        decode: _Decode[R],
+        encode: _Encode[R],
+        offset: _Offset,
+        hot_at: int | None,
+        key: _Key[R],
+    ) -> None:
+        mm = self._mm
+        slots.hwm = min(hwm, slots.capacity)
+        for slot in range(slots.hwm):
+            at = offset(slot)
+            got = decode(mm[at : at + cold_size])
+            row = got[1] if got else None
+            if row is None or key(row) in slots.index:
+                if got is None:  # torn by the dead writer: make it a valid free row
+                    self._write_cold(at, encode(self._next_seq(at), None))
+                heapq.heappush(slots.free, slot)
+                continue
+            slots.index[key(row)] = slot
+            slots.rows[key(row)] = row
+            if hot_at is not None and codec.decode_hot(mm, at + hot_at) is None:
+                self._write_hot(at + hot_at, 0, 0, 0, 0)
+
+
+def _mismatch(name: str, problem: str) -> Exception:
+    return LayoutMismatchError(f"shared-memory segment {name}: {problem}")

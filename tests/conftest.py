@@ -1,0 +1,67 @@
+"""Fixtures for the end-to-end tests: an upstream subprocess and proxy processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from proxyctl import Proxy, ProxyConfig, Upstream
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    """One controllable upstream per test module (tests/upstream.py)."""
+    up = Upstream()
+    yield up
+    up.stop()
+
+
+def _start(cfg: ProxyConfig, workdir: Path, started: list[Proxy]) -> Proxy:
+    p = Proxy(cfg, workdir)
+    started.append(p)
+    return p
+
+
+def _teardown(started: list[Proxy]) -> None:
+    for p in started:
+        rc = p.stop()
+        err = p.stderr()
+        print(f"--- proxy {p.cfg.uid} exit {rc}; stderr ({len(err)} chars):")
+        print(err[-20000:])
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Proxy]]:
+    """Start a proxy with config overrides; stopped with SIGTERM at teardown."""
+    started: list[Proxy] = []
+
+    def make(**kw: Any) -> Proxy:
+        kw.setdefault("upstream", upstream.address)
+        return _start(ProxyConfig(**kw), tmp_path, started)
+
+    yield make
+    _teardown(started)
+
+
+@pytest.fixture(scope="module")
+def shared_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Proxy]:
+    """One 2-worker proxy with default limits, shared by a module's tests."""
+    started: list[Proxy] = []
+    workdir = tmp_path_factory.mktemp("proxy")
+    p = _start(ProxyConfig(upstream=upstream.address), workdir, started)
+    yield p
+    _teardown(started)
+
+
+@pytest.fixture
+def proxy(shared_proxy: Proxy) -> Iterator[Proxy]:
+    """The shared proxy, checked after the test: same workers, no leaked client sockets."""
+    before = shared_proxy.serving_pids()
+    assert len(before) == 2, f"expected 2 serving workers, status says {before}"
+    yield shared_proxy
+    left = shared_proxy.wait_no_client_connections(timeout=5)
+    assert not left, f"proxy still holds client connections after the test: {left}"
+    after = shared_proxy.serving_pids()
+    assert after == before, f"worker pids changed during the test: {before} -> {after}"

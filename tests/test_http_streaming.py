@@ -1,0 +1,127 @@
+"""Streaming through the proxy with backpressure both ways, on real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import time
+
+import pytest
+from proxyctl import Client, Proxy, Upstream, request_bytes
+from upstream import pattern, pattern_sha256
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+# Kernel socket buffers on the proxy's two sockets can hold up to tcp_rmem max
+# (32 MiB here) + tcp_wmem max (4 MiB); anything beyond that is proxy memory.
+BUFFER_ALLOWANCE = 40 * MiB
+
+
+def slow(c: Client) -> None:
+    """Make `c` a slow reader: 16 KiB per recv, 1 ms before each."""
+    c.recv_size = 16 * 1024
+    c.read_delay = 0.001
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_10mib_download_to_slow_reader_is_intact(proxy: Proxy, chunked: bool) -> None:
+    """A 10 MiB streamed download read slowly by the client arrives byte for byte."""
+    n = 10 * MiB
+    with Client(proxy.port, timeout=20, rcvbuf=64 * 1024) as c:
+        c.send(request_bytes("GET", f"/big?bytes={n}&chunked={int(chunked)}"))
+        time.sleep(1.0)
+        slow(c)
+        r = c.response(timeout=15)
+    assert r.status == 200, r
+    assert len(r.body) == n
+    assert hashlib.sha256(r.body).hexdigest() == pattern_sha256(n)
+
+
+def test_download_backpressure_stops_the_upstream(proxy: Proxy, upstream: Upstream) -> None:
+    """When the client stops reading, the proxy stops reading the upstream (bounded buffer)."""
+    n = 96 * MiB
+    tag = f"dl{time.monotonic_ns()}"
+    with Client(proxy.port, timeout=20, rcvbuf=64 * 1024) as c:
+        c.send(request_bytes("GET", f"/big?bytes={n}&tag={tag}"))
+        status, _, _, _, raw = c.read_head(timeout=5)
+        assert status == 200, raw
+        time.sleep(2.5)
+        sent = upstream.stats()["tags"][tag]["sent"]
+        assert sent < BUFFER_ALLOWANCE, (
+            f"upstream pushed {sent / MiB:.1f} MiB while the client read nothing: "
+            "the proxy buffers instead of applying backpressure"
+        )
+        c.buf = raw + b"\r\n\r\n" + c.buf  # read it again through the framing reader
+        r = c.response(timeout=20)
+    assert r.status == 200, r
+    assert r.body[: 64 * 1024] == pattern(0, 64 * 1024)
+    assert hashlib.sha256(r.body).hexdigest() == pattern_sha256(n)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_big_upload_arrives_intact(proxy: Proxy, chunked: bool) -> None:
+    """A 20 MiB upload (Content-Length or chunked) reaches the upstream intact."""
+    n = 20 * MiB
+    headers = [("Transfer-Encoding", "chunked")] if chunked else [("Content-Length", str(n))]
+    with Client(proxy.port, timeout=20) as c:
+        c.send(request_bytes("POST", "/upload", headers=headers))
+        h = hashlib.sha256()
+        step = 256 * 1024
+        for off in range(0, n, step):
+            piece = pattern(off, min(step, n - off))
+            h.update(piece)
+            c.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            c.send(b"0\r\n\r\n")
+        r = c.response(timeout=20)
+    assert r.status == 200, r
+    assert r.json()["body_len"] == n
+    assert r.json()["body_sha256"] == h.hexdigest()
+
+
+def test_upload_to_slow_reader_applies_backpressure(proxy: Proxy, upstream: Upstream) -> None:
+    """While the upstream reads nothing, the client cannot push the whole upload into the proxy."""
+    n = 96 * MiB
+    tag = f"ul{time.monotonic_ns()}"
+    pause = 2.5
+    with Client(proxy.port, timeout=20, sndbuf=64 * 1024) as c:
+        c.send(
+            request_bytes(
+                "POST", f"/slowread?pause={pause}&tag={tag}", headers=[("Content-Length", str(n))]
+            )
+        )
+        c.sock.setblocking(False)
+        sent = 0
+        stop_at = time.monotonic() + pause - 0.5
+        h = hashlib.sha256()
+        while sent < n and time.monotonic() < stop_at:
+            r, w, _ = select.select([c.sock], [c.sock], [], 0.05)
+            if r:  # an answer before the upload is done: it can only be a refusal
+                c.sock.setblocking(True)
+                early = c.response(timeout=5)
+                raise AssertionError(f"proxy answered after {sent} upload bytes: {early}")
+            if not w:
+                continue
+            piece = pattern(sent, min(256 * 1024, n - sent))
+            try:
+                k = c.sock.send(piece)
+            except BlockingIOError:
+                continue
+            h.update(piece[:k])
+            sent += k
+        assert sent < BUFFER_ALLOWANCE, (
+            f"client pushed {sent / MiB:.1f} MiB while the upstream read nothing: "
+            "the proxy buffers the upload instead of pausing the client"
+        )
+        c.sock.setblocking(True)
+        c.sock.settimeout(20)
+        while sent < n:
+            piece = pattern(sent, min(256 * 1024, n - sent))
+            c.send(piece)
+            h.update(piece)
+            sent += len(piece)
+        r = c.response(timeout=20)
+    assert r.status == 200, r
+    assert r.json()["body_len"] == n
+    assert r.json()["body_sha256"] == h.hexdigest()

@@ -1,0 +1,190 @@
+"""The process side of the request path: two workers, a killed worker, signals, bad config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from proxyctl import REPO, Client, Proxy, env, free_port, request_bytes
+
+pytestmark = pytest.mark.timeout(60)
+
+Factory = Callable[..., Proxy]
+
+
+def test_status_lists_two_serving_workers(proxy_factory: Factory) -> None:
+    """status --json names the master and two distinct serving workers of one generation."""
+    p = proxy_factory()
+    st = p.status()
+    assert st["master"]["pid"] == p.proc.pid, st
+    ws = st["workers"]
+    assert len(ws) == 2, st
+    assert len({w["pid"] for w in ws}) == 2, st
+    assert {w["state"] for w in ws} == {"serving"}, st
+    assert {w["generation"] for w in ws} == {st["master"]["generation"]}, st
+    assert sorted(w["slot"] for w in ws) == [0, 1], st
+    assert st["listeners"], st
+
+
+def test_both_workers_serve(proxy_factory: Factory) -> None:
+    """Over many fresh connections both workers answer (per-worker "requests" in status)."""
+    p = proxy_factory()
+    for i in range(200):
+        r = p.get(f"/spread/{i}")
+        assert r.status == 200, r
+    counts: dict[int, int] = {}
+    deadline = time.monotonic() + 5  # workers publish their counters about once a second
+    while time.monotonic() < deadline:
+        ws = p.workers()
+        assert all("requests" in w for w in ws), f"status has no per-worker requests: {ws}"
+        counts = {w["pid"]: w["requests"] for w in ws}
+        if sum(counts.values()) >= 200 and all(counts.values()):
+            break
+        time.sleep(0.2)
+    assert len(counts) == 2 and all(n > 0 for n in counts.values()), counts
+    assert sum(counts.values()) >= 200, counts
+
+
+def test_killed_worker_is_replaced_within_a_second(proxy_factory: Factory) -> None:
+    """kill -9 of a worker: a new worker serves in its slot within 1 s; the other is untouched."""
+    p = proxy_factory()
+    # The cost of asking (a fresh interpreter per status call) is not the master's delay.
+    t0 = time.monotonic()
+    before = p.workers()
+    ask_cost = time.monotonic() - t0
+    victim, other = before[0], before[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    replaced_after = None
+    seen: list = []
+    for _ in range(50):
+        ws = p.workers()
+        seen = ws
+        serving = [w for w in ws if w["state"] == "serving"]
+        pids = {w["pid"] for w in serving}
+        if len(serving) == 2 and victim["pid"] not in pids:
+            replaced_after = time.monotonic() - killed_at
+            break
+        if time.monotonic() - killed_at > 5:
+            break
+    assert replaced_after is not None, f"no replacement serving within 5s: {seen}"
+    assert replaced_after <= 1.0 + ask_cost, (
+        f"replacement serving only after {replaced_after:.2f}s (ask cost {ask_cost:.2f}s)"
+    )
+    assert other["pid"] in {w["pid"] for w in seen}, "the other worker was restarted too"
+    new = next(w for w in seen if w["pid"] not in (victim["pid"], other["pid"]))
+    assert new["slot"] == victim["slot"], (victim, new)
+    for i in range(40):
+        assert p.get(f"/after-kill/{i}").status == 200
+
+
+def test_sigterm_finishes_in_flight_request_then_exits_0(proxy_factory: Factory) -> None:
+    """SIGTERM is a graceful stop: an in-flight request completes, then the master exits 0."""
+    p = proxy_factory()
+    with Client(p.port, timeout=10) as c:
+        c.send(request_bytes("GET", "/inflight?delay=1.5"))
+        time.sleep(0.5)
+        os.kill(p.proc.pid, signal.SIGTERM)
+        r = c.response(timeout=8)
+        assert r.status == 200, r
+        assert r.json()["path"] == "/inflight"
+    rc = p.proc.wait(timeout=10)
+    assert rc == 0, f"exit status {rc} after SIGTERM"
+
+
+def test_sigterm_stops_accepting(proxy_factory: Factory) -> None:
+    """After a graceful stop the listening port refuses new connections."""
+    p = proxy_factory()
+    assert p.get("/").status == 200
+    os.kill(p.proc.pid, signal.SIGTERM)
+    assert p.proc.wait(timeout=10) == 0
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.settimeout(2)
+        s.connect(("127.0.0.1", p.port))
+
+
+def test_sigint_is_a_fast_stop(proxy_factory: Factory) -> None:
+    """SIGINT stops the master and its workers promptly even with a request hanging."""
+    p = proxy_factory(timeouts={"upstream_response": 30})
+    pids = [w["pid"] for w in p.workers()]
+    with Client(p.port, timeout=10) as c:
+        c.send(request_bytes("GET", "/hang?hold=20"))
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(p.proc.pid, signal.SIGINT)
+        p.proc.wait(timeout=5)
+        took = time.monotonic() - t0
+        assert took < 3, f"SIGINT took {took:.2f}s"
+    deadline = time.monotonic() + 3
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        time.sleep(0.05)
+    assert not alive, f"workers outlived the master: {alive}"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+BAD_CONFIGS = {
+    "hard-below-soft": (
+        '[[app]]\nname = "hello"\nhosts = ["hello.test"]\nsoft_limit = 20\nhard_limit = 5\n',
+        "app[0].hard_limit: must be >= soft_limit (20)",
+    ),
+    "syntax": ("[node\nid = 1\n", "(syntax): "),
+    "unknown-key": ("[workers]\ncount = 2\nbogus = 1\n", "workers.bogus: unknown key"),
+    "bad-address": ('[listen]\nhttp = ["127.0.0.1"]\n', "listen.http[0]: "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_invalid_config_exits_2_with_file_key_problem(tmp_path: Path, name: str) -> None:
+    """`run -c bad.toml` exits 2 with `bad.toml: key: problem` on stderr and binds nothing."""
+    text, expected = BAD_CONFIGS[name]
+    port = free_port()
+    base = '[node]\nid = "bad"\n'
+    if name not in ("syntax", "bad-address"):
+        base += f'[listen]\nhttp = ["127.0.0.1:{port}"]\ncontrol = "{tmp_path}/bad.sock"\n'
+    path = tmp_path / "bad.toml"
+    path.write_text(text if name == "syntax" else base + text)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "-c", str(path)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert f"bad.toml: {expected}" in r.stderr, r.stderr
+    assert "READY" not in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    with socket.socket() as s:  # nothing was bound
+        s.bind(("127.0.0.1", port))
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    """`run -c` of a file that does not exist exits 2 naming the file."""
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "-c", str(tmp_path / "nope.toml")],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "nope.toml: (file): " in r.stderr, r.stderr
