@@ -61,9 +61,11 @@ class Request(RequestHead):
         "complete",
         "framing",
         "head_bytes",
+        "hold",
         "http10",
         "keep_alive",
         "method",
+        "rejected",
         "replayable",
         "responded",
         "sent",
@@ -88,6 +90,8 @@ class Request(RequestHead):
         self.tunnel = False
         self.head_bytes = b""
         self.sent = False  # head written to an upstream
+        self.hold = False  # body held until the upstream says 100 Continue (backhaul)
+        self.rejected = False  # the target answered "full, come back later"
         self.responded = False  # a response head went to the client
         self.replayable = True
         self.started = 0.0
@@ -105,6 +109,7 @@ class ClientConnection(asyncio.Protocol):
     """HTTP/1.1 towards one client; at most one exchange in flight, others queued."""
 
     __slots__ = (
+        "backhaul",
         "ctx",
         "deadline",
         "dkind",
@@ -124,8 +129,9 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, backhaul: bool = False) -> None:
         self.ctx = ctx
+        self.backhaul = backhaul  # a peer node's connection: requests name their instance
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Request] = deque()
@@ -169,8 +175,9 @@ class ClientConnection(asyncio.Protocol):
             if self.up.transport.can_write_eof():
                 self.up.transport.write_eof()
             return True
-        self.resp_keep = False  # the client is done asking: close after the answers
-        return bool(self.queue)
+        # A client that closes while waiting is gone (as nginx and Envoy see it): stop the
+        # upstream work now rather than hold the instance until a timeout.
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -269,7 +276,7 @@ class ClientConnection(asyncio.Protocol):
         data = chunk(body) if r.framing == CHUNKED else body
         r.body_size += len(body)
         up = self.up
-        if up is not None and r.sent and self.queue[0] is r:
+        if up is not None and r.sent and not r.hold and self.queue[0] is r:
             up.write(data)
             if r.replayable:
                 r.body.append(data)
@@ -288,7 +295,7 @@ class ClientConnection(asyncio.Protocol):
             return
         r.complete = True
         if r.framing == CHUNKED:
-            if self.up is not None and r.sent and self.queue and self.queue[0] is r:
+            if self.up is not None and r.sent and not r.hold and self.queue and self.queue[0] is r:
                 self.up.write(CHUNK_END)
                 if r.replayable:
                     r.body.append(CHUNK_END)
@@ -316,6 +323,9 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = now + ctx.timeouts.request
         self.dkind = D_REQUEST
         routing = ctx.routing
+        if self.backhaul:
+            self.start_backhauled(r)
+            return
         app = routing.app_for_host(r.hostname())
         if app is None:
             self.local_response(r, 404, f"edgeproxy: no app serves host {r.hostname()!r}\n")
@@ -329,10 +339,36 @@ class ClientConnection(asyncio.Protocol):
         r.base_head = r.build(r.method, self.ip, r.framing, r.tunnel)
         self.dispatch(r, target)
 
+    def start_backhauled(self, r: Request) -> None:
+        """A request a peer node sent for one of our instances: admit it or reject it."""
+        ctx = self.ctx
+        routing = ctx.routing
+        iid = r.instance.decode("latin-1")
+        target, hard = routing.local_target(iid)
+        r.app_name = target.app if target is not None else ""
+        r.app = ctx.app_index.get(r.app_name, ctx.no_app)
+        if target is None:
+            self.local_response(r, 404, f"edgeproxy: no instance {iid!r} on this node\n")
+            return
+        if not routing.admit(target, r, hard, time.time()):
+            load = routing.load_of(target)
+            extra = b"X-Edgeproxy-Reject: full\r\nX-Edgeproxy-Load: %d\r\nRetry-After: 1\r\n" % load
+            self.local_response(r, 503, f"edgeproxy: instance {iid!r} is full\n", extra)
+            return
+        r.base_head = r.build(r.method, self.ip, r.framing, r.tunnel)
+        self.dispatch(r, target)
+
     def dispatch(self, r: Request, target: Target) -> None:
         """Send `r` to `target` on a pooled connection, or connect one."""
         r.target = target
+        r.rejected = False
         extra = target.extra
+        if extra and r.framing != NO_BODY and not r.tunnel:
+            # Backhaul: no body byte leaves before the instance's node admitted the request.
+            extra += b"Expect: 100-continue\r\n"
+            r.hold = True
+        else:
+            r.hold = False
         r.head_bytes = r.base_head[:-2] + extra + b"\r\n" if extra else r.base_head
         ctx = self.ctx
         up = None if r.tunnel else ctx.pool.get(target.key)
@@ -358,6 +394,12 @@ class ClientConnection(asyncio.Protocol):
         )
         if self.write_paused:
             up.pause_reading(True)
+        if r.hold:
+            return  # the body waits for the peer's 100 Continue (upstream_continue)
+        self.send_body(r, up)
+
+    def send_body(self, r: Request, up: UpstreamConnection) -> None:
+        """Write what the client sent of the body so far; the rest follows as it comes."""
         if r.expect_continue and not r.http10 and not r.complete:
             assert self.transport is not None
             self.transport.write(_CONTINUE)
@@ -365,10 +407,16 @@ class ClientConnection(asyncio.Protocol):
         if r.body:
             for data in r.body:
                 up.write(data)
-            if r.tunnel or not r.replayable or r.body_size > ctx.limits.replay_body_bytes:
+            if r.tunnel or not r.replayable or r.body_size > self.ctx.limits.replay_body_bytes:
                 r.replayable = False
                 r.body.clear()
             self.resume(P_BUFFER)
+
+    def upstream_continue(self) -> None:
+        r = self.queue[0] if self.queue else None
+        if r is not None and r.hold and self.up is not None:
+            r.hold = False
+            self.send_body(r, self.up)
 
     def connect_failed(self, r: Request, why: str) -> None:
         """The connection to r.target could not be made (nothing was sent)."""
@@ -387,11 +435,21 @@ class ClientConnection(asyncio.Protocol):
     # upstream events (proxy.upstream.Exchange) ---------------------------------------
     def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
         r = self.queue[0]
+        t = r.target
+        if t is not None and not t.local:
+            if up.load >= 0:
+                self.ctx.routing.feedback(t.instance, up.load, time.time())
+            if up.reject and not r.force:
+                r.rejected = True  # swallow this answer; upstream_end retries elsewhere
+                return
         r.responded = True
         keep = (
             self.resp_keep and r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
         )
-        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10)
+        extra = b""
+        if self.backhaul and t is not None and t.slot >= 0:
+            extra = b"X-Edgeproxy-Load: %d\r\n" % self.ctx.routing.load_of(t)
+        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
         self.resp_framing = framing
         self.resp_keep = keep
         r.status = status
@@ -402,6 +460,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(head)
 
     def upstream_body(self, data: bytes) -> None:
+        if self.queue and self.queue[0].rejected:
+            return
         if self.resp_framing == CHUNKED:
             self.out.append(chunk(data))
         else:
@@ -425,11 +485,38 @@ class ClientConnection(asyncio.Protocol):
     def upstream_end(self, up: UpstreamConnection) -> None:
         r = self.queue[0]
         self.up = None
+        if r.rejected:
+            # "Full, come back later": nothing reached the app; the body never left.
+            up.release(r.framing == NO_BODY)
+            self.rejected_retry(r)
+            return
         if self.resp_framing == CHUNKED:
             self.out.append(CHUNK_END)
         self.upstream_flush()
         up.release(r.complete)
         self.finish(r, r.status)
+
+    def rejected_retry(self, r: Request) -> None:
+        ctx = self.ctx
+        now = time.time()
+        ctx.routing.rejected(r, now)
+        r.sent = False
+        if r.replayable or r.hold:
+            r.tries += 1
+            target, status, why = ctx.routing.retry(r, r.app_name, now)
+            if target is not None:
+                ctx.stats_retry("reject")
+                self.dispatch(r, target)
+                return
+            if status == 503:
+                self.local_response(r, 503, why, b"Retry-After: 1\r\n")
+                return
+        self.local_response(
+            r,
+            503,
+            f"edgeproxy: app {r.app_name!r} is at capacity, retry later\n",
+            b"Retry-After: 1\r\n",
+        )
 
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
         r = self.queue[0]

@@ -38,6 +38,9 @@ _RESP_DROP: Final = frozenset(
 INTERNAL_PREFIX: Final = b"x-edgeproxy-"
 FORCE_INSTANCE: Final = b"x-edgeproxy-force-instance"  # documented, client may send
 PREFER_INSTANCE: Final = b"x-edgeproxy-prefer-instance"  # documented, client may send
+TARGET_INSTANCE: Final = b"x-edgeproxy-instance"  # backhaul: the instance a request is for
+REJECT: Final = b"x-edgeproxy-reject"  # backhaul response: "full, come back later"
+LOAD: Final = b"x-edgeproxy-load"  # backhaul response: the instance's in-flight count
 
 # Framing of a message body.
 NO_BODY: Final = 0
@@ -77,6 +80,7 @@ class RequestHead:
         "expect_continue",
         "force",
         "host",
+        "instance",
         "max_bytes",
         "max_count",
         "parts",
@@ -110,6 +114,7 @@ class RequestHead:
         self.content_length = -1
         self.force = b""
         self.prefer = b""
+        self.instance = b""
         self.count = 0
         self.size = 0
 
@@ -161,6 +166,8 @@ class RequestHead:
                 self.force = value.strip()
             elif lname == PREFER_INSTANCE:
                 self.prefer = value.strip()
+            elif lname == TARGET_INSTANCE:
+                self.instance = value.strip()
         else:
             self.parts += (name, b": ", value, CRLF)
 
@@ -230,7 +237,16 @@ def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:
 class ResponseHead:
     """One upstream response's header fields, filtered as they arrive."""
 
-    __slots__ = ("chunked", "conn_tokens", "content_length", "parts", "reason", "upgrade")
+    __slots__ = (
+        "chunked",
+        "conn_tokens",
+        "content_length",
+        "load",
+        "parts",
+        "reason",
+        "reject",
+        "upgrade",
+    )
 
     def __init__(self) -> None:
         self.reset()
@@ -242,6 +258,8 @@ class ResponseHead:
         self.chunked = False
         self.conn_tokens: list[bytes] | None = None
         self.upgrade = b""
+        self.reject = False
+        self.load = -1
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -259,7 +277,12 @@ class ResponseHead:
                 self.chunked = value.lower().rstrip().endswith(b"chunked")
             elif lname == b"upgrade":
                 self.upgrade = value
-        elif lname.startswith(INTERNAL_PREFIX) or lname.startswith(b"proxy-"):
+        elif lname.startswith(INTERNAL_PREFIX):
+            if lname == REJECT:
+                self.reject = True
+            elif lname == LOAD and value.isdigit():
+                self.load = int(value)
+        elif lname.startswith(b"proxy-"):
             pass
         else:
             self.parts += (name, b": ", value, CRLF)

@@ -26,7 +26,7 @@ from proxy.admin import start_admin
 from proxy.config import Config, ConfigError, load
 from proxy.control import serve_control
 from proxy.listeners import ListenerSet, wanted_keys
-from proxy.metrics import Aggregator, Snapshot, SnapshotError
+from proxy.metrics import Aggregator, Snapshot, SnapshotError, block_size_for
 from proxy.notify import sd_notify
 from proxy.static_table import SharedState, inflight_name
 from proxy.statsblock import StatsBlock
@@ -90,7 +90,7 @@ class Master:
         fds = self.listeners.fds_for_slot(self.kinds(config), slot)
         assert self.shared is not None
         cell = self.shared.take_cell()
-        block = StatsBlock.create()
+        block = StatsBlock.create(block_size_for(len(config.apps)))
         r, w = os.pipe()
         boot = {
             "config_text": text,

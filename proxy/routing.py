@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy.metrics import RETRY_REJECT
 from proxy.router import Candidate, FullMarks, NoPick, pick
 from shm.errors import ShmError
 from shm.reader import TableReader
@@ -64,14 +65,22 @@ def _split(address: str) -> tuple[str, int]:
 
 
 class Routing:
-    def __init__(self, config: Config, cells: InflightCells | None, rng: random.Random) -> None:
+    def __init__(
+        self,
+        config: Config,
+        cells: InflightCells | None,
+        rng: random.Random,
+        reject_counter: list[int] | None = None,
+    ) -> None:
         self.config = config
+        self.reject_counter = reject_counter  # the worker's retries-by-reason counters
         self.cells = cells
         self.rng = rng
         self.marks = FullMarks()
         self.reader: TableReader | None = None
         self.gen = -1
         self.targets: dict[str, Target] = {}
+        self.hard: dict[str, int] = {}  # instance id -> hard limit
         self.apps: dict[str, _AppInfo] = {}
         self.rejects = 0
         self.node = config.node.id
@@ -90,6 +99,7 @@ class Routing:
             self.static[inst.app].append(
                 Candidate(inst.id, inst.node, local, 0, app.soft_limit, app.hard_limit, rtt)
             )
+            self.hard[inst.id] = app.hard_limit
             self.targets[inst.id] = self._target(
                 inst.id, inst.app, inst.node, str(inst.address), str(peer.backhaul) if peer else ""
             )
@@ -129,7 +139,9 @@ class Routing:
         """The topology moved: rebuild targets and app info from the table."""
         self.gen = reader.generation
         targets: dict[str, Target] = {}
+        self.hard = {}
         for c in reader.instances():
+            self.hard[c.id] = c.hard_limit
             node = reader.node(c.node)
             backhaul = node.backhaul if node is not None else ""
             old = self.targets.get(c.id)
@@ -216,10 +228,30 @@ class Routing:
         if cells.total(t.slot) > hard:  # counted first, so two workers never both pass
             cells.dec(t.slot)
             self.rejects += 1
+            if self.reject_counter is not None:
+                self.reject_counter[RETRY_REJECT] += 1
             self.marks.mark_full(t.instance, now, FULL_HOLD)
             return False
         r.slot = t.slot
         return True
+
+    def local_target(self, iid: str) -> tuple[Target | None, int]:
+        """(target, hard limit) of an instance on this node, for a backhauled request."""
+        reader = self.reader
+        if reader is not None:
+            reader.app_for_host("")  # refreshes the cached topology if it moved
+            if reader.generation != self.gen:
+                self._refresh(reader)
+        t = self.targets.get(iid)
+        if t is None or not t.local:
+            return None, 0
+        hard = self.hard.get(iid, 0)
+        return t, hard
+
+    def load_of(self, t: Target) -> int:
+        if t.slot < 0 or self.cells is None:
+            return 0
+        return self.cells.total(t.slot)
 
     def exclude(self, r: Routed, iid: str) -> None:
         if r.tried is None:

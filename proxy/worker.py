@@ -9,6 +9,7 @@ Run as `python -m proxy.worker` with a JSON bootstrap on stdin.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import signal
@@ -59,7 +60,7 @@ class WorkerContext:
         self.quiet_period = config.workers.quiet_period
         self.app_index = {a.name: i for i, a in enumerate(config.apps)}
         self.no_app = len(config.apps)
-        self.routing = Routing(config, cells, random.Random())
+        self.routing = Routing(config, cells, random.Random(), stats.retries)
         self.routing.attach()
         self.pool = Pool(loop, config.pool.max_idle, config.pool.idle_timeout, loop.time)
         self.clients: set[ClientConnection] = set()
@@ -167,8 +168,12 @@ class Worker:
         for lst in self.boot["listeners"]:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
+            backhaul = lst["kind"] == "backhaul"
             srv = await loop.create_server(
-                lambda: ClientConnection(self.ctx), sock=sock, backlog=4096, start_serving=True
+                functools.partial(ClientConnection, self.ctx, backhaul),
+                sock=sock,
+                backlog=4096,
+                start_serving=True,
             )
             self.servers.append(srv)
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
