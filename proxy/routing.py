@@ -230,8 +230,7 @@ class Routing:
             self.rejects += 1
             if self.reject_counter is not None:
                 self.reject_counter[RETRY_REJECT] += 1
-            self.marks.mark_full(t.instance, now, FULL_HOLD)
-            return False
+            return False  # no mark: the counters say exactly when a slot frees up
         r.slot = t.slot
         return True
 

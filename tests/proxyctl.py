@@ -172,6 +172,7 @@ class ProxyConfig:
     workers_extra: dict[str, Any] = field(default_factory=dict)
     extra_instances: list[dict[str, str]] = field(default_factory=list)
     extra_apps: list[dict[str, Any]] = field(default_factory=list)
+    table_extra: dict[str, Any] = field(default_factory=dict)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -196,7 +197,7 @@ class ProxyConfig:
         if self.pool:
             out += _section("pool", self.pool)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(socket.SOCK_DGRAM)}"})
-        out += _section("table", {"name": f"edgeproxy-test-{self.uid}"})
+        out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
         for app in apps + self.extra_apps:
             out += "[[app]]\n" + _section("", app).split("\n", 1)[1]
