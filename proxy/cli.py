@@ -27,7 +27,7 @@ def _control_path(config_path: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.master import run
 
-    return run(args.config)
+    return run(args.config, args.takeover)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -147,7 +147,13 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
         return sp
 
-    add("run", "run the master and its workers in the foreground").set_defaults(func=cmd_run)
+    sp = add("run", "run the master and its workers in the foreground")
+    sp.add_argument(
+        "--takeover",
+        metavar="SOCKET",
+        help="take the listening sockets over from the master at this control socket",
+    )
+    sp.set_defaults(func=cmd_run)
     sp = add("status", "show the master, its workers and listeners")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_status)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -20,14 +21,56 @@ MAX_LINE = 65536
 
 class Controlled(Protocol):
     def status(self) -> dict[str, Any]: ...
-    async def reload(self) -> dict[str, Any]: ...
+    async def reload(self, requester: int | None = None) -> dict[str, Any]: ...
+    async def give_away(self, sock: socket.socket) -> dict[str, Any]: ...
+    def retire(self) -> None: ...
+    def take_back(self) -> None: ...
 
 
-async def serve_control(path: str, master: Controlled) -> asyncio.AbstractServer:
-    """Listen on the unix socket `path` (mode 0600)."""
+RETIRE_WAIT = 120.0  # seconds a taking-over master may take to serve
+
+
+async def _takeover(
+    master: Controlled, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Hand the sockets over, then wait for "retire" (or take them back)."""
+    raw = writer.get_extra_info("socket")
+    with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+        sock.setblocking(True)
+        await master.give_away(sock)
+    try:
+        line = await asyncio.wait_for(reader.readline(), RETIRE_WAIT)
+    except TimeoutError:
+        line = b""
+    if b"retire" in line:
+        writer.write(b'{"ok": true}\n')
+        await writer.drain()
+        master.retire()
+    else:
+        master.take_back()
+
+
+async def serve_control(
+    path: str, master: Controlled, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """Listen on the unix socket `path` (mode 0600), or on `sock` inherited across exec."""
+    if sock is not None:
+        return await asyncio.start_unix_server(_handler(master), sock=sock, limit=MAX_LINE)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(_handler(master), path, limit=MAX_LINE)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
+
+
+def _handler(
+    master: Controlled,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10.0)
@@ -39,23 +82,20 @@ async def serve_control(path: str, master: Controlled) -> asyncio.AbstractServer
             if cmd == "status":
                 out: dict[str, Any] = master.status()
             elif cmd == "reload":
-                out = await master.reload()
+                out = await master.reload(writer.get_extra_info("socket").fileno())
+            elif cmd == "takeover":
+                await _takeover(master, reader, writer)
+                return
             else:
-                out = {"ok": False, "error": "unknown command (status | reload)"}
+                out = {"ok": False, "error": "unknown command (status | reload | takeover)"}
             writer.write(orjson.dumps(out) + b"\n")
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, OSError):
             pass
         finally:
             writer.close()
 
-    old = os.umask(0o177)
-    try:
-        server = await asyncio.start_unix_server(handle, path, limit=MAX_LINE)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    return server
+    return handle
 
 
 def call(path: str, cmd: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,9 +24,20 @@ import orjson
 
 from proxy import __version__
 from proxy.admin import start_admin
-from proxy.config import Config, ConfigError, load
+from proxy.config import Config, ConfigError, load, parse_address
 from proxy.control import serve_control
-from proxy.listeners import ListenerSet, wanted_keys
+from proxy.handover import (
+    Handover,
+    ListenerFd,
+    WorkerFd,
+    code_fingerprint,
+    exec_self,
+    from_env,
+    preflight,
+    receive,
+    send,
+)
+from proxy.listeners import ListenerSet, ListenKey, wanted_keys
 from proxy.metrics import Aggregator, Snapshot, SnapshotError, block_size_for
 from proxy.notify import sd_notify
 from proxy.static_table import SharedState, inflight_name
@@ -42,7 +54,7 @@ SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.
 class WorkerProc:
     slot: int
     generation: int
-    proc: subprocess.Popen[bytes]
+    pid: int
     block: StatsBlock
     cell: int
     started: float
@@ -51,13 +63,18 @@ class WorkerProc:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
 
 class Master:
-    def __init__(self, config: Config, config_path: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str,
+        handover: Handover | None = None,
+        takeover: socket.socket | None = None,
+    ) -> None:
+        self.handover = handover  # what a previous image (re-exec) or master (takeover) left
+        self.takeover_sock = takeover  # takeover: the old master, told to retire once we serve
+        self.fingerprint = code_fingerprint()
         self.config = config
         self.config_path = config_path
         self.config_text = open(config_path, encoding="utf-8").read()  # noqa: SIM115 - read once at start
@@ -73,6 +90,8 @@ class Master:
         self.servers: list[asyncio.AbstractServer] = []
         self.started = time.time()
         self.shared: SharedState | None = None
+        self.handed_over = False  # a takeover got our sockets: leave shared memory alone
+        self.control_server: asyncio.Server | None = None
 
     # bookkeeping ---------------------------------------------------------------
     def kinds(self, config: Config) -> dict[str, tuple[Any, ...]]:
@@ -117,7 +136,7 @@ class Master:
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(boot))
         proc.stdin.close()
-        wp = WorkerProc(slot, generation, proc, block, cell, loop.time())
+        wp = WorkerProc(slot, generation, proc.pid, block, cell, loop.time())
         self.workers[proc.pid] = wp
 
         def on_ready() -> None:
@@ -161,21 +180,43 @@ class Master:
         loop = asyncio.get_running_loop()
         for sig in SIGNALS:
             loop.add_signal_handler(sig, self.queue.put_nowait, sig)
+        h = self.handover
         try:
-            self.shared = SharedState(self.config)
+            self.shared = SharedState(self.config, [w.cell for w in h.workers] if h else [])
         except ShmError as e:
             log.error("edgeproxy: shared memory: %s", e)
             return 1
+        old = self.adopt(h) if h is not None else []
         try:
             await self.start_generation(self.config, self.config_text)
         except (OSError, RuntimeError) as e:
             log.error("edgeproxy: %s", e)
+            if old:  # the previous generation keeps serving; it has nobody else
+                self.reply(h, {"ok": False, "error": str(e)})
+                return await self.serve_on(None)
             self.shutdown_now()
             self.shared.close(unlink=True)
             return 1
+        for w in old:
+            w.state = "draining"
+            self.signal_worker(w, signal.SIGTERM)
+        self.reply(h, {"ok": True, "generation": self.generation})
+        return await self.serve_on(h)
+
+    async def serve_on(self, h: Handover | None) -> int:
+        """Serve control and admin, dispatch signals until stopped."""
+        assert self.shared is not None
         self.publish_tick()
-        self.servers.append(await serve_control(self.config.listen.control, self))
+        if h is not None and h.control_fd >= 0:
+            sock = socket.socket(fileno=h.control_fd)
+            self.control_server = await serve_control(self.config.listen.control, self, sock)
+        else:
+            self.control_server = await serve_control(self.config.listen.control, self)
+        self.servers.append(self.control_server)
         control_ino = os.stat(self.config.listen.control).st_ino
+        if self.takeover_sock is not None:
+            retire_old(self.takeover_sock)
+            self.takeover_sock = None
         if self.config.listen.admin is not None:
             a = self.config.listen.admin
             self.servers.append(await start_admin(a.host, a.port, self.metrics_text, self.health))
@@ -193,7 +234,7 @@ class Master:
         for srv in self.servers:
             srv.close()
         self.listeners.close_all()
-        self.shared.close(unlink=True)
+        self.shared.close(unlink=not self.handed_over)
         with contextlib.suppress(OSError):
             # A successor may already listen there: remove only our own socket file.
             if os.stat(self.config.listen.control).st_ino == control_ino:
@@ -214,7 +255,8 @@ class Master:
             self.aggregator.retire(pid, w.block.read())
             w.block.close()
             assert self.shared is not None
-            self.shared.give_cell(w.cell)
+            if not self.handed_over:
+                self.shared.give_cell(w.cell)
             if not w.ready.done():
                 w.ready.set_result(False)
             if self.stopping:
@@ -243,8 +285,13 @@ class Master:
     async def handle_hup(self) -> None:
         await self.reload()
 
-    async def reload(self) -> dict[str, Any]:
-        """Validate, start the new generation, drain the old. Returns the outcome."""
+    async def reload(self, requester: int | None = None) -> dict[str, Any]:
+        """Validate, start the new generation, drain the old. Returns the outcome.
+
+        When the code on disk changed (a package upgrade), the master re-executes
+        itself in place instead (same PID, same sockets), after checking that the
+        new code imports; `requester` then gets its answer from the new image.
+        """
         async with self.reload_lock:
             if self.stopping:
                 return {"ok": False, "error": "the master is stopping"}
@@ -256,6 +303,14 @@ class Master:
                 log.error("reload refused, keeping the running config: %s", e)
                 sd_notify(b"READY=1")
                 return {"ok": False, "error": str(e)}
+            if code_fingerprint() != self.fingerprint:
+                problem = await preflight()
+                if problem is not None:
+                    log.error("reload refused, keeping the running code: %s", problem)
+                    sd_notify(b"READY=1")
+                    return {"ok": False, "error": problem}
+                self.reexec(requester)  # returns only if exec failed
+                return {"ok": False, "error": "re-exec failed"}
             old = [w for w in self.workers.values() if w.state != "draining"]
             assert self.shared is not None
             self.shared.apply(config)  # slots of staying instances never move
@@ -320,8 +375,99 @@ class Master:
     def shutdown_now(self) -> None:
         for w in list(self.workers.values()):
             self.signal_worker(w, signal.SIGKILL)
-            w.proc.wait()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(w.pid, 0)
         self.listeners.close_all()
+
+    # handing over ------------------------------------------------------------------
+    def state(self, with_blocks: bool) -> Handover:
+        """This master's sockets and workers, for a re-exec or a takeover."""
+        listeners = [
+            ListenerFd(k.kind, str(k.address), k.slot, sock.fileno())
+            for k, sock in self.listeners.socks.items()
+        ]
+        workers = [
+            WorkerFd(
+                w.pid, w.slot, w.generation, w.cell, w.block.fd if with_blocks else -1, w.state
+            )
+            for w in self.workers.values()
+        ]
+        return Handover(self.generation, listeners, workers, started=self.started)
+
+    def adopt(self, h: Handover) -> list[WorkerProc]:
+        """Take the listeners (and, after a re-exec, the workers) a handover brought."""
+        self.generation = h.generation
+        if h.started:
+            self.started = h.started
+        for lst in h.listeners:
+            self.listeners.adopt(ListenKey(lst.kind, parse_address(lst.address), lst.slot), lst.fd)
+        out = []
+        loop = asyncio.get_running_loop()
+        for w in h.workers:
+            if w.stats_fd < 0:
+                continue  # takeover: the old master's children stay the old master's
+            wp = WorkerProc(w.slot, w.generation, w.pid, StatsBlock.attach(w.stats_fd), w.cell, 0.0)
+            wp.state = w.state if w.state == "draining" else "serving"
+            wp.ready.set_result(True)
+            self.workers[w.pid] = wp
+            if w.state != "draining":
+                out.append(wp)
+        loop.call_soon(self.queue.put_nowait, signal.SIGCHLD)  # reap what died during exec
+        return out
+
+    def reply(self, h: Handover | None, outcome: dict[str, Any]) -> None:
+        """Answer the `edgeproxy reload` that asked for the re-exec."""
+        if h is None or h.reply_fd < 0:
+            return
+        with contextlib.suppress(OSError), socket.socket(fileno=h.reply_fd) as s:
+            s.setblocking(True)
+            s.settimeout(5)
+            s.sendall(orjson.dumps(outcome) + b"\n")
+        h.reply_fd = -1
+
+    def reexec(self, requester: int | None) -> None:
+        """Become the code on disk: same PID, same sockets, same workers (then reload)."""
+        assert self.shared is not None
+        state = self.state(with_blocks=True)
+        control = self.control_server
+        if control is not None and control.sockets:
+            state.control_fd = os.dup(control.sockets[0].fileno())
+        if requester is not None:
+            state.reply_fd = os.dup(requester)
+        self.shared.close(unlink=False)
+        log.info("re-executing the master for new code (pid %d stays)", os.getpid())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            exec_self(state, ["-m", "proxy.cli", "run", "-c", self.config_path])
+        except OSError as e:
+            log.error("re-exec failed, keeping the running code: %s", e)
+            self.shared = SharedState(self.config, [w.cell for w in self.workers.values()])
+
+    async def give_away(self, sock: socket.socket) -> dict[str, Any]:
+        """Takeover, old side: hand our sockets over; drain once the new master serves."""
+        assert self.shared is not None
+        state = self.state(with_blocks=False)
+        self.shared.close(unlink=False)  # the new master takes the segments over
+        self.handed_over = True
+        send(sock, state)
+        return {"ok": True}
+
+    def retire(self) -> None:
+        """Takeover, old side: the new master serves; drain and leave."""
+        log.info("taken over: draining generation %d", self.generation)
+        self.queue.put_nowait(signal.SIGTERM)
+
+    def take_back(self) -> None:
+        """Takeover, old side: the new master never said it serves; carry on."""
+        if not self.handed_over:
+            return
+        log.error("takeover did not complete: serving on")
+        self.handed_over = False
+        try:
+            self.shared = SharedState(self.config, [w.cell for w in self.workers.values()])
+        except ShmError as e:
+            log.error("shared memory after a failed takeover: %s", e)
 
     # status and metrics ------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -375,13 +521,34 @@ class Master:
         return 200, "ok\n"
 
 
-def run(config_path: str) -> int:
-    """`edgeproxy run -c FILE`: exit 2 on a bad config."""
+def retire_old(sock: socket.socket) -> None:
+    """Takeover, new side: we serve; tell the old master to drain and leave."""
+    with contextlib.suppress(OSError), sock:
+        sock.settimeout(5)
+        sock.sendall(b'{"cmd": "retire"}\n')
+        sock.recv(4096)
+
+
+def run(config_path: str, takeover: str | None = None) -> int:
+    """`edgeproxy run -c FILE [--takeover SOCKET]`: exit 2 on a bad config."""
     try:
         config = load(config_path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
-    master = Master(config, config_path)
+    handover = from_env()
+    sock = None
+    if handover is None and takeover is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(30)
+            sock.connect(takeover)
+            sock.sendall(b'{"cmd": "takeover"}\n')
+            handover = receive(sock)
+        except OSError as e:
+            sock.close()
+            print(f"edgeproxy: takeover from {takeover} failed: {e}", file=sys.stderr)
+            return 1
+    master = Master(config, config_path, handover, sock)
     return asyncio.run(master.run())

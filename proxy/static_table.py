@@ -27,12 +27,14 @@ def inflight_name(config: Config) -> str:
 class SharedState:
     """What the master holds in shared memory for its workers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reserved: list[int] | None = None) -> None:
         t = config.table
         self.inflight = InflightWriter.create(
             inflight_name(config), t.max_workers, t.max_local_instances
         )
-        self.free_cells = list(range(t.max_workers - 1, -1, -1))
+        used = set(reserved or ())  # cells of adopted workers
+        self.free_cells = [c for c in range(t.max_workers - 1, -1, -1) if c not in used]
+        self.closed = False
         self.writer: TableWriter | None = None
         self.config = config
         self.last_loads: dict[str, int] = {}
@@ -78,7 +80,7 @@ class SharedState:
     def tick(self, now: float) -> None:
         """Heartbeat and local load, when the master is the table's writer."""
         w = self.writer
-        if w is None:
+        if w is None or self.closed:
             return
         w.heartbeat(now)
         node = self.config.node.id
@@ -93,6 +95,9 @@ class SharedState:
                 self.last_loads[iid] = load
 
     def close(self, unlink: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.writer is not None:
             self.writer.close(unlink=unlink)
             self.writer = None

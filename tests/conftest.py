@@ -27,6 +27,9 @@ def _start(cfg: ProxyConfig, workdir: Path, started: list[Proxy]) -> Proxy:
 def _teardown(started: list[Proxy]) -> None:
     for p in started:
         rc = p.stop()
+        # Segments a killed master or a test's own table writer left behind.
+        for seg in Path("/dev/shm").glob(f"edgeproxy-test-{p.cfg.uid}*"):
+            seg.unlink(missing_ok=True)
         err = p.stderr()
         print(f"--- proxy {p.cfg.uid} exit {rc}; stderr ({len(err)} chars):")
         print(err[-20000:])
