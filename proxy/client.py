@@ -20,12 +20,11 @@ from proxy.headers import (
     CHUNKED,
     LENGTH,
     NO_BODY,
-    UNTIL_CLOSE,
     HeadError,
-    RequestHead,
     chunk,
     simple_response,
 )
+from proxy.request import Request
 from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -47,62 +46,6 @@ P_BUFFER: Final = 4  # body buffered while the upstream connects
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _MAX_BUFFER: Final = 256 * 1024
-
-
-class Request(RequestHead):
-    """One parsed request and the state of its exchange."""
-
-    __slots__ = (
-        "app",
-        "app_name",
-        "base_head",
-        "body",
-        "body_size",
-        "complete",
-        "framing",
-        "head_bytes",
-        "hold",
-        "http10",
-        "keep_alive",
-        "method",
-        "rejected",
-        "replayable",
-        "responded",
-        "sent",
-        "slot",
-        "started",
-        "status",
-        "target",
-        "tried",
-        "tries",
-        "tunnel",
-    )
-
-    def __init__(self, max_count: int, max_bytes: int) -> None:
-        RequestHead.__init__(self, max_count, max_bytes)
-        self.method = b""
-        self.keep_alive = True
-        self.http10 = False
-        self.framing = NO_BODY
-        self.body: list[bytes] = []  # framed bytes not yet written upstream
-        self.body_size = 0
-        self.complete = False
-        self.tunnel = False
-        self.head_bytes = b""
-        self.sent = False  # head written to an upstream
-        self.hold = False  # body held until the upstream says 100 Continue (backhaul)
-        self.rejected = False  # the target answered "full, come back later"
-        self.responded = False  # a response head went to the client
-        self.replayable = True
-        self.started = 0.0
-        self.status = 0
-        self.tries = 0
-        self.app = -1
-        self.app_name = ""
-        self.base_head = b""
-        self.slot = -1  # in-flight counter slot held on a local instance
-        self.tried: set[str] | None = None
-        self.target: Target | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -686,4 +629,3 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = min(self.deadline, now + self.ctx.quiet_period)
 
 
-__all__ = ["UNTIL_CLOSE", "ClientConnection", "Request"]
