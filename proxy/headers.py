@@ -34,6 +34,16 @@ _RESP_DROP: Final = frozenset(
     }
 )
 
+_K_DROP, _K_LENGTH, _K_CONNECTION, _K_TE, _K_UPGRADE = range(5)
+_RESP_KIND: Final = {
+    **{n: _K_DROP for n in _RESP_DROP},
+    b"content-length": _K_LENGTH,
+    b"connection": _K_CONNECTION,
+    b"transfer-encoding": _K_TE,
+    b"upgrade": _K_UPGRADE,
+}
+_STATUS: Final = {n: str(n).encode() for n in range(100, 600)}
+
 # Internal headers (node to node). Stripped from what clients send and see.
 INTERNAL_PREFIX: Final = b"x-edgeproxy-"
 FORCE_INSTANCE: Final = b"x-edgeproxy-force-instance"  # documented, client may send
@@ -266,26 +276,32 @@ class ResponseHead:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname == b"content-length":
+        kind = _RESP_KIND.get(lname)
+        if kind is None:
+            c = lname[0]
+            if (c == 120 and lname.startswith(INTERNAL_PREFIX)) or (
+                c == 112 and lname.startswith(b"proxy-")
+            ):
+                self._internal(lname, value)
+            else:
+                self.parts += (name, b": ", value, CRLF)
+        elif kind == _K_LENGTH:
             self.content_length = int(value)
             self.parts += (name, b": ", value, CRLF)
-        elif lname == b"connection":
+        elif kind == _K_CONNECTION:
             toks = _connection_tokens(value)
             self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
-        elif lname in _RESP_DROP:
-            if lname == b"transfer-encoding":
-                self.chunked = value.lower().rstrip().endswith(b"chunked")
-            elif lname == b"upgrade":
-                self.upgrade = value
-        elif lname.startswith(INTERNAL_PREFIX):
-            if lname == REJECT:
-                self.reject = True
-            elif lname == LOAD and value.isdigit():
-                self.load = int(value)
-        elif lname.startswith(b"proxy-"):
-            pass
-        else:
-            self.parts += (name, b": ", value, CRLF)
+        elif kind == _K_TE:
+            self.chunked = value.lower().rstrip().endswith(b"chunked")
+        elif kind == _K_UPGRADE:
+            self.upgrade = value
+        # _K_DROP: a hop-by-hop field, not forwarded
+
+    def _internal(self, lname: bytes, value: bytes) -> None:
+        if lname == REJECT:
+            self.reject = True
+        elif lname == LOAD and value.isdigit():
+            self.load = int(value)
 
     def build(
         self,
@@ -302,7 +318,8 @@ class ResponseHead:
             named = {t for t in toks if t not in (b"close", b"keep-alive", b"upgrade")}
             if named:
                 parts = _drop_named(parts, named)
-        out = [b"HTTP/1.1 ", str(status).encode(), b" ", self.reason, CRLF, *parts]
+        code = _STATUS.get(status) or str(status).encode()
+        out = [b"HTTP/1.1 ", code, b" ", self.reason, CRLF, *parts]
         keep = client_keep_alive
         if status == 101:
             out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, CRLF)
