@@ -43,6 +43,7 @@ from proxy.notify import sd_notify
 from proxy.static_table import SharedState, inflight_name
 from proxy.statsblock import StatsBlock
 from shm.errors import ShmError
+from shm.reader import TableReader
 
 log = logging.getLogger("edgeproxy.master")
 
@@ -92,6 +93,7 @@ class Master:
         self.shared: SharedState | None = None
         self.handed_over = False  # a takeover got our sockets: leave shared memory alone
         self.control_server: asyncio.Server | None = None
+        self.table_reader: TableReader | None = None
 
     # bookkeeping ---------------------------------------------------------------
     def kinds(self, config: Config) -> dict[str, tuple[Any, ...]]:
@@ -511,7 +513,29 @@ class Master:
     def metrics_text(self) -> str:
         for w in self.workers.values():
             self.read_block(w)
-        return self.aggregator.render()
+        return self.aggregator.render() + self.table_metrics()
+
+    def table_metrics(self) -> str:
+        """The table as the workers see it: stale or not, heartbeat age, writer errors."""
+        if self.table_reader is None:
+            with contextlib.suppress(ShmError, OSError):
+                self.table_reader = TableReader.attach(self.config.table)
+        stale, age = True, -1.0
+        if self.table_reader is not None:
+            stale, age = self.table_reader.stale(time.time(), self.config.table.stale_after)
+        errors = self.shared.table_errors if self.shared is not None else 0
+        lines = [
+            "# HELP edgeproxy_table_stale 1 when the table's writer has not beaten in time.",
+            "# TYPE edgeproxy_table_stale gauge",
+            f"edgeproxy_table_stale {int(stale)}",
+            "# HELP edgeproxy_table_heartbeat_age_seconds Age of the writer's heartbeat.",
+            "# TYPE edgeproxy_table_heartbeat_age_seconds gauge",
+            f"edgeproxy_table_heartbeat_age_seconds {age if age != float('inf') else -1:.3f}",
+            "# HELP edgeproxy_table_write_errors_total Table writes that failed (e.g. full).",
+            "# TYPE edgeproxy_table_write_errors_total counter",
+            f"edgeproxy_table_write_errors_total {errors}",
+        ]
+        return "\n".join(lines) + "\n"
 
     def health(self) -> tuple[int, str]:
         if self.stopping:

@@ -36,7 +36,7 @@ from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
 if TYPE_CHECKING:
-    from proxy.client import Request
+    from proxy.request import Request
     from proxy.routing import Target
 
 TICK = 0.1  # deadline sweep period, seconds
