@@ -76,6 +76,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_pinger(args: argparse.Namespace) -> int:
+    from pinger.daemon import main as pinger_main
+
+    return pinger_main(args.config)
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     import time
 
@@ -160,6 +166,9 @@ def parser() -> argparse.ArgumentParser:
     sp = add("reload", "reload the running master; waits for the new generation")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     sp.set_defaults(func=cmd_reload)
+    add("pinger", "run the pinger daemon (the table's writer) in the foreground").set_defaults(
+        func=cmd_pinger
+    )
     sp = add("table", "the shared-memory table as the workers see it")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_table)
