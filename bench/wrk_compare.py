@@ -377,7 +377,9 @@ def environment(args: argparse.Namespace) -> list[str]:
     nproc = len(os.sched_getaffinity(0))
     return [
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}",
-        f"- nproc: {nproc}; CPU: {cpu_model()}; kernel {platform.release()}",
+        f"- nproc: {nproc}; CPU: {cpu_model()}; kernel {platform.release()}; "
+        f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        "(other load on the machine makes rps noisy)",
         f"- {_version(['haproxy', '-v'])}; {_version(['nginx', '-v'])}; "
         f"{_version(['wrk', '-v'])}; Python {platform.python_version()}",
         f"- wrk -t1 -c{args.connections} -d{max(1, round(args.duration))}s --latency, "
