@@ -1,0 +1,494 @@
+"""The pinger daemon: the table's single writer, fed by the ping mesh, the store and local load.
+
+Owns the process: the TableWriter, the UDP mesh, the store session (through the
+store protocol), the heartbeat, local load publishing, READY and clean stop on
+SIGTERM/SIGINT. Everything runs on one event loop; it must not block it, and it
+never blanks the table: on a store outage the last known rows stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from pinger.mesh import Addr, Mesh, MeshProtocol
+from pinger.ping_state import LOSS_WINDOW
+from proxy.config import Config, ConfigError, parse_address
+from proxy.config import load as load_config
+from proxy.static_table import inflight_name
+from shm.codec import InstanceRow, NodeRow
+from shm.errors import ShmError, WriterBusyError
+from shm.inflight import InflightSegment
+from shm.sync import Wanted, app_rows, instance_rows, reconcile, self_row, static_rows
+from shm.writer import TableWriter
+
+log = logging.getLogger("edgeproxy.pinger")
+STORE_RETRY_MAX = 5.0  # seconds between attempts to start a store session, at most
+STOP_TIMEOUT = 5.0  # seconds a clean stop may spend closing the store
+
+
+# --- the store protocol (pinger/store.py implements it; structural, nothing imported) ------
+class NodeRec(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def ping(self) -> str: ...
+    @property
+    def backhaul(self) -> str: ...
+    @property
+    def boot_epoch(self) -> int: ...
+
+
+class InstanceRec(Protocol):
+    @property
+    def app(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def soft_limit(self) -> int: ...
+    @property
+    def hard_limit(self) -> int: ...
+    @property
+    def boot_epoch(self) -> int: ...
+
+
+class LoadRec(Protocol):
+    @property
+    def instance(self) -> str: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def load(self) -> int: ...
+    @property
+    def time(self) -> float: ...
+    @property
+    def boot_epoch(self) -> int: ...
+
+
+class View(Protocol):
+    @property
+    def nodes(self) -> Mapping[str, NodeRec]: ...
+    @property
+    def instances(self) -> Mapping[str, InstanceRec]: ...
+    @property
+    def loads(self) -> Mapping[str, LoadRec]: ...
+
+
+class Store(Protocol):
+    healthy: bool
+
+    async def start(self, me: Any, instances: Sequence[Any]) -> None: ...
+    async def publish_loads(self, loads: Mapping[str, int], now: float) -> None: ...
+    def views(self) -> AsyncIterator[View]: ...
+    async def close(self) -> None: ...
+
+
+def open_store(config: Config) -> tuple[Store | None, Any]:
+    """(store, the pinger.store module) — (None, None) for store = "none"."""
+    if config.cluster.store == "none":
+        return None, None
+    mod: Any = importlib.import_module("pinger.store")
+    return mod.open_store(config), mod
+
+
+# --- the daemon --------------------------------------------------------------------------
+class Daemon:
+    """One node's pinger: table writes from the mesh, the store view and local load."""
+
+    def __init__(
+        self,
+        config: Config,
+        writer: TableWriter,
+        *,
+        epoch: int,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+        loss_window: int = LOSS_WINDOW,
+    ) -> None:
+        self.config = config
+        self.w = writer
+        self.epoch = epoch
+        self.wall = wall
+        self.mono = mono
+        self.me = config.node.id
+        self.mesh = Mesh(
+            self.me,
+            epoch,
+            interval=config.pinger.interval,
+            up_after=config.pinger.up_after,
+            down_after=config.pinger.down_after,
+            rng=random.Random(),
+            window=loss_window,
+        )
+        self.fixed_rtt = {p.id: p.rtt_ms for p in config.peers if p.rtt_ms is not None}
+        self.node_epochs: dict[str, int] = {}  # highest epoch known per remote node
+        self.load_stamp: dict[str, tuple[int, float]] = {}  # remote instance -> (epoch, time)
+        self.local_loads: dict[str, int] = {}
+        self.unpublished: dict[str, int] = {}
+        self.store: Store | None = None
+        self.store_mod: Any = None
+        self.store_healthy = True
+        self.store_outages = 0
+        self.views_applied = 0
+        self.table_errors = 0
+        self.inflight: InflightSegment | None = None
+        self.proto: MeshProtocol | None = None
+        self._publishing = False
+        self._stop = asyncio.Event()
+
+    # --- table --------------------------------------------------------------------------
+    def write_rows(self, wanted: Wanted) -> None:
+        """Reconcile the table to `wanted`; a new node starts with an unknown RTT, never 0."""
+        w = self.w
+        try:
+            with w.batch():
+                before = set(w.nodes())
+                reconcile(w, wanted)
+                now = self.wall()
+                for nid in w.nodes():
+                    if nid == self.me:
+                        w.set_rtt(
+                            nid, rtt_us=0, jitter_us=0, loss_permille=0, last_heard=now, up=True
+                        )
+                    elif nid not in before or nid in self.fixed_rtt:
+                        self.write_peer(nid, initial=True)
+        except (ShmError, ValueError) as e:
+            self.table_errors += 1
+            log.error("table %s: %s (the rows it had are kept)", w.name, e)
+
+    def write_peer(self, nid: str, initial: bool = False) -> None:
+        p = self.mesh.peers.get(nid)
+        fixed = self.fixed_rtt.get(nid)
+        if p is None or (initial and p.est.srtt is None):
+            rtt = -1 if fixed is None else round(fixed * 1000)
+            self._set_rtt(nid, rtt, 0, 0, 0.0, fixed is not None)
+            return
+        s = p.est.snapshot()
+        rtt = s.rtt_us if fixed is None else round(fixed * 1000)
+        # last_heard is monotonic in the mesh; the table wants wall seconds
+        heard = self.wall() - (self.mono() - s.last_heard) if s.last_heard else 0.0
+        self._set_rtt(nid, rtt, s.jitter_us, s.loss_permille, heard, s.up)
+
+    def _set_rtt(self, nid: str, rtt: int, jit: int, loss: int, heard: float, up: bool) -> None:
+        # KeyError: a peer the table does not hold (yet): the next view adds it
+        with contextlib.suppress(KeyError):
+            self.w.set_rtt(
+                nid, rtt_us=rtt, jitter_us=jit, loss_permille=loss, last_heard=heard, up=up
+            )
+
+    def on_mesh_change(self) -> None:
+        mesh = self.mesh
+        for nid in mesh.changed:
+            self.write_peer(nid)
+        mesh.changed.clear()
+        if mesh.learned:
+            now = self.wall()
+            for node, epoch, loads in mesh.learned:
+                for iid, load in loads.items():
+                    self.remote_load(node, iid, load, now, epoch)
+            mesh.learned.clear()
+
+    def remote_load(self, node: str, iid: str, load: int, t: float, epoch: int) -> None:
+        """A load for a remote instance (from a ping or the store); older data is ignored."""
+        if node == self.me or epoch < self.node_epochs.get(node, 0):
+            return
+        self.node_epochs[node] = epoch
+        row = self.w.instances().get(iid) if iid not in self.load_stamp else None
+        if iid not in self.load_stamp and (row is None or row.node != node):
+            return
+        stamp = self.load_stamp.get(iid)
+        if stamp is not None and (epoch, t) <= stamp:
+            return
+        try:
+            self.w.set_load(iid, load, t, epoch)
+        except KeyError:
+            self.load_stamp.pop(iid, None)
+            return
+        self.load_stamp[iid] = (epoch, t)
+
+    # --- the store view -----------------------------------------------------------------
+    def apply_view(self, view: View) -> None:
+        """Make the table and the mesh follow one whole store view."""
+        cfg = self.config
+        nodes = [self_row(cfg, self.epoch)]
+        peers: dict[str, Addr] = {}
+        epochs: dict[str, int] = {}
+        for n in view.nodes.values():
+            if n.id == self.me:
+                continue
+            if n.boot_epoch < self.node_epochs.get(n.id, 0):
+                continue  # an older life still in the view: its lease has not expired yet
+            try:
+                a = parse_address(n.ping)
+            except ValueError:
+                log.warning("node %s: bad ping address %r: skipped", n.id, n.ping)
+                continue
+            nodes.append(NodeRow(n.id, n.region, n.backhaul, n.boot_epoch))
+            peers[n.id] = (a.host, a.port)
+            epochs[n.id] = n.boot_epoch
+        insts = list(instance_rows(cfg, local_only=True))
+        for i in view.instances.values():
+            if i.node != self.me and epochs.get(i.node) == i.boot_epoch:
+                insts.append(
+                    InstanceRow(i.app, i.id, i.node, i.address, i.soft_limit, i.hard_limit)
+                )
+        renewed = [nid for nid, e in epochs.items() if e > self.node_epochs.get(nid, 0)]
+        self.node_epochs.update(epochs)
+        self.write_rows(Wanted(tuple(nodes), app_rows(cfg), tuple(insts)))
+        now = self.wall()
+        for iid, row in self.w.instances().items():  # a new life: no load from the last one
+            if row.node in renewed:
+                self.load_stamp.pop(iid, None)
+                with contextlib.suppress(KeyError):
+                    self.w.set_load(iid, 0, 0.0, epochs[row.node])
+        for rec in view.loads.values():
+            self.remote_load(rec.node, rec.instance, rec.load, rec.time, rec.boot_epoch)
+        del now
+        self.mesh.set_peers(peers, self.mono())
+        if self.proto is not None:
+            self.proto.rearm()
+        self.views_applied += 1
+
+    async def run_store(self) -> None:
+        """Start the session (retrying with backoff), then follow the views until stopped."""
+        store, mod = self.store, self.store_mod
+        assert store is not None
+        cfg = self.config
+        me = mod.NodeRecord(
+            id=self.me,
+            region=cfg.node.region,
+            ping=str(cfg.pinger.advertise),
+            backhaul=str(cfg.listen.backhaul) if cfg.listen.backhaul else "",
+            boot_epoch=self.epoch,
+        )
+        insts = [
+            mod.InstanceRecord(
+                app=r.app,
+                id=r.id,
+                node=r.node,
+                address=r.address,
+                soft_limit=r.soft_limit,
+                hard_limit=r.hard_limit,
+                boot_epoch=self.epoch,
+            )
+            for r in instance_rows(cfg, local_only=True)
+        ]
+        delay = 0.2
+        while True:
+            try:
+                await store.start(me, insts)
+                break
+            except Exception as e:  # the store reports its own errors; we retry
+                log.warning("store start failed: %s (retry in %.1f s)", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+        log.info("store session started")
+        self.unpublished.update(self.local_loads)
+        async for view in store.views():
+            self.apply_view(view)
+
+    # --- local load ---------------------------------------------------------------------
+    def read_local_load(self) -> None:
+        """In-flight totals -> the table (at once), the mesh vector and the store (coalesced)."""
+        if self.inflight is None:
+            try:
+                self.inflight = InflightSegment.attach(inflight_name(self.config))
+            except (ShmError, OSError):
+                return  # the proxy has not created it yet
+        try:
+            totals = self.inflight.totals()
+        except (ShmError, OSError, ValueError) as e:
+            log.warning("in-flight segment: %s: re-attaching", e)
+            self.inflight.close()
+            self.inflight = None
+            return
+        now = self.wall()
+        for iid, load in totals.items():
+            if self.local_loads.get(iid) != load:
+                try:
+                    self.w.set_load(iid, load, now, self.epoch)
+                except KeyError:
+                    continue
+                self.local_loads[iid] = load
+                self.unpublished[iid] = load
+        self.mesh.local_loads = dict(self.local_loads) if self.local_loads else None
+        if self.store is not None and self.unpublished and not self._publishing:
+            self._publishing = True
+            batch, self.unpublished = self.unpublished, {}
+            asyncio.get_running_loop().create_task(self._publish(batch, now))
+
+    async def _publish(self, batch: dict[str, int], now: float) -> None:
+        assert self.store is not None
+        try:
+            await self.store.publish_loads(batch, now)
+        except Exception as e:  # an outage: keep the values for the next round
+            log.debug("publish loads: %s", e)
+            for iid, load in batch.items():
+                self.unpublished.setdefault(iid, load)
+        finally:
+            self._publishing = False
+
+    # --- periodic work ------------------------------------------------------------------
+    def tick(self) -> None:
+        """Heartbeat, this node's own row, store health."""
+        now = self.wall()
+        self.w.heartbeat(now)
+        self._set_rtt(self.me, 0, 0, 0, now, True)
+        if self.store is not None:
+            healthy = bool(self.store.healthy)
+            if healthy != self.store_healthy:
+                self.store_healthy = healthy
+                if healthy:
+                    log.warning("store healthy again (outages so far: %d)", self.store_outages)
+                    self.unpublished.update(self.local_loads)
+                else:
+                    self.store_outages += 1
+                    log.warning("store unhealthy: keeping the last view, still pinging")
+
+    async def every(self, period: float, fn: Callable[[], None]) -> None:
+        while True:
+            try:
+                fn()
+            except Exception:
+                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+            await asyncio.sleep(period)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: Callable[[str], None]) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            self.store, self.store_mod = open_store(cfg)
+        except Exception as e:
+            log.error("cluster store %s: %s", cfg.cluster.store, e)
+            return 1
+        if self.store is None:
+            self.write_rows(static_rows(cfg, self.epoch))
+            for p in cfg.peers:
+                self.node_epochs.setdefault(p.id, 0)
+            peers = {p.id: (p.ping.host, p.ping.port) for p in cfg.peers}
+            self.mesh.set_peers(peers, self.mono())
+        else:
+            nodes = (self_row(cfg, self.epoch),)
+            self.write_rows(Wanted(nodes, app_rows(cfg), instance_rows(cfg, local_only=True)))
+        self.tick()
+        lis = cfg.pinger.listen
+        try:
+            transport, proto = await loop.create_datagram_endpoint(
+                lambda: MeshProtocol(self.mesh, self.mono, self.on_mesh_change),
+                local_addr=(lis.host, lis.port),
+            )
+        except OSError as e:
+            log.error("pinger listen %s: %s", lis, e)
+            return 1
+        self.proto = proto
+        tasks = [
+            loop.create_task(self.every(min(cfg.table.stale_after / 4, 0.5), self.tick)),
+            loop.create_task(self.every(cfg.pinger.load_publish_ms / 1000, self.read_local_load)),
+        ]
+        if self.store is not None:
+            tasks.append(loop.create_task(self.run_store()))
+        ready(
+            f"READY pinger node={self.me} listen={lis} epoch={self.epoch} "
+            f"table={self.w.name} store={cfg.cluster.store} peers={len(self.mesh.peers)}"
+        )
+        await self._stop.wait()
+        log.info("stopping: %s", self.stats())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        transport.close()
+        if self.store is not None:
+            try:
+                await asyncio.wait_for(self.store.close(), STOP_TIMEOUT)
+            except Exception as e:
+                log.warning("store close: %s (its keys expire with the TTL)", e)
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        c = self.mesh.counters
+        return {
+            "peers": len(self.mesh.peers),
+            "sent": c.sent,
+            "replies": c.replies,
+            "answered": c.probes_answered,
+            "bad_datagrams": c.bad_datagrams,
+            "misdirected": c.misdirected,
+            "late": c.late,
+            "send_errors": c.send_errors,
+            "store_healthy": self.store_healthy,
+            "store_outages": self.store_outages,
+            "views": self.views_applied,
+            "table_errors": self.table_errors,
+        }
+
+
+def _print_ready(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def new_epoch(writer: TableWriter) -> int:
+    """This life's boot epoch: wall milliseconds, above anything the table held before."""
+    before = max((r.boot_epoch for r in writer.nodes().values()), default=0)
+    return max(int(time.time() * 1000), before + 1)
+
+
+def main(config_path: str, loss_window: int = LOSS_WINDOW) -> int:
+    """`edgeproxy pinger -c FILE`: run the pinger in the foreground; the exit status."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s pinger %(levelname)s %(message)s"
+    )
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        print(f"edgeproxy pinger: {e}", file=sys.stderr)
+        return 2
+    if config.table.writer != "pinger":
+        log.warning("[table] writer = %r: the master also writes this table", config.table.writer)
+    try:
+        writer = TableWriter.open(config.table)
+    except WriterBusyError as e:
+        print(f"edgeproxy pinger: {e}; is another pinger running?", file=sys.stderr)
+        return 1
+    except (ShmError, OSError) as e:
+        print(f"edgeproxy pinger: table {config.table.name!r}: {e}", file=sys.stderr)
+        return 1
+    try:
+        daemon = Daemon(config, writer, epoch=new_epoch(writer), loss_window=loss_window)
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(daemon.run(_print_ready))
+    finally:
+        writer.close()
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pinger", description="the edgeproxy pinger")
+    ap.add_argument("-c", "--config", required=True, help="node config (TOML)")
+    ap.add_argument(
+        "--loss-window", type=int, default=LOSS_WINDOW, help="probes the loss share covers"
+    )
+    args = ap.parse_args(argv)
+    return main(args.config, args.loss_window)
