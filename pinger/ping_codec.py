@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import msgpack  # type: ignore[import-untyped]  # msgpack ships no type stubs
+import msgpack
 
 PROBE: Final = 1
 REPLY: Final = 2

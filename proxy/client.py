@@ -368,10 +368,13 @@ class ClientConnection(asyncio.Protocol):
         status = 504 if why == "connect_timeout" else 502
         r.tries += 1
         ctx = self.ctx
-        target, _, _ = ctx.routing.retry(r, r.app_name, time.time())
+        target, st, text = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
         if target is not None:
             ctx.stats_retry(why)
             self.dispatch(r, target)
+            return
+        if st == 503:  # the others are full: "come back later", not a gateway error
+            self.local_response(r, 503, text, b"Retry-After: 1\r\n")
             return
         self.local_response(r, status, f"edgeproxy: upstream {why.replace('_', ' ')}\n")
 
@@ -391,7 +394,9 @@ class ClientConnection(asyncio.Protocol):
         )
         extra = b""
         if self.backhaul and t is not None and t.slot >= 0:
-            extra = b"X-Edgeproxy-Load: %d\r\n" % self.ctx.routing.load_of(t)
+            # The load once this request is done: it is answered now.
+            load = max(0, self.ctx.routing.load_of(t) - 1)
+            extra = b"X-Edgeproxy-Load: %d\r\n" % load
         head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
         self.resp_framing = framing
         self.resp_keep = keep

@@ -96,6 +96,7 @@ class PingerConfig:
     down_after: int
     up_after: int
     load_publish_ms: int
+    loss_window: int = 100  # probes in the sliding loss window
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +389,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         down_after=pg.positive("down_after", int, 3),
         up_after=pg.positive("up_after", int, 2),
         load_publish_ms=pg.positive("load_publish_ms", int, 100),
+        loss_window=pg.positive("loss_window", int, 100),
     )
 
     c = top.table("cluster")

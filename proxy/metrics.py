@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
+import msgpack
 
 from proxy import __version__
 

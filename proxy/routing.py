@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from proxy.config import Config
     from shm.inflight import InflightCells
 
-FULL_HOLD = 0.5  # seconds an instance that said "full" is avoided by this worker
+FULL_HOLD = 0.1  # seconds an instance that said "full" is avoided by this worker
+DOWN_HOLD = 1.0  # seconds an instance that refused a connection is avoided
 MAX_TRIES = 3
 
 
@@ -110,10 +111,9 @@ class Routing:
         if self.reader is not None:
             return True
         try:
-            self.reader = TableReader.attach(self.config.table)
+            self.reader = TableReader.attach(self.config.table, local_node=self.node)
         except (ShmError, OSError):
             return False
-        self.reader.local_node = self.node
         self.gen = -1
         return True
 
@@ -178,12 +178,14 @@ class Routing:
             return None, 404, f"edgeproxy: app {app!r} is not in the routing table\n"
         cells = self.cells
         targets = self.targets
-        if cells is not None:
-            for c in cands:
-                if c.local:
+        for c in cands:
+            if c.local:
+                if cells is not None:
                     t = targets.get(c.id)
                     if t is not None and t.slot >= 0:
-                        c.load = cells.total(t.slot)
+                        c.load = cells.total(t.slot)  # fresher than any published load
+            elif not getattr(c, "node_up", True):
+                c.rtt_us = -1  # a node the pinger sees down ranks after every measured one
         if r.force:
             name = r.force.decode("latin-1")
             for c in cands:
@@ -215,6 +217,9 @@ class Routing:
                 return None, 503, f"edgeproxy: app {app!r} has no instance\n"
             t = targets.get(got.id)
             if t is not None and (t.local or t.port) and self.admit(t, r, got.hard_limit, now):
+                if not t.local:
+                    # Count what we send until the instance's node reports its load again.
+                    self.marks.feedback(got.id, self.marks.load_of(got, now) + 1, now)
                 return t, 0, ""
             self.exclude(r, got.id)
         return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
@@ -264,10 +269,14 @@ class Routing:
             self.cells.dec(r.slot)
             r.slot = -1
 
-    def retry(self, r: Routed, app: str, now: float) -> tuple[Target | None, int, str]:
+    def retry(
+        self, r: Routed, app: str, now: float, unreachable: bool = False
+    ) -> tuple[Target | None, int, str]:
         """The next target after r.target failed before the request reached it."""
         self.release(r)
         t = r.target
+        if unreachable and t is not None:
+            self.marks.mark_full(t.instance, now, DOWN_HOLD)  # don't pay a refused connect again
         if r.force or t is None or r.tries >= MAX_TRIES:
             return None, 502, ""
         self.exclude(r, t.instance)

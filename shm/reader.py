@@ -112,8 +112,12 @@ class TableReader:
         self.local_node = ""  # candidates on this node get local = True (set before reading)
 
     @classmethod
-    def attach(cls, cfg: TableConfig, name: str | None = None) -> TableReader:
+    def attach(
+        cls, cfg: TableConfig, name: str | None = None, local_node: str = ""
+    ) -> TableReader:
         """Map the segment read-only and check its header against `cfg`.
+
+        Candidates on `local_node` (the reader's own node) get `local = True`.
 
         SegmentMissingError if it does not exist or is not initialised yet (retry later);
         LayoutMismatchError, naming the first difference, if it is not the layout we expect.
@@ -136,6 +140,7 @@ class TableReader:
             seg.close()
             raise
         reader = cls(seg, layout)
+        reader.local_node = local_node
         reader.refresh()
         return reader
 
