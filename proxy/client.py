@@ -25,6 +25,7 @@ from proxy.headers import (
     simple_response,
 )
 from proxy.request import Request
+from proxy.routing import MAX_TRIES
 from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -103,14 +104,24 @@ class ClientConnection(asyncio.Protocol):
         self.dkind = D_HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.ctx.clients.discard(self)
+        ctx = self.ctx
+        ctx.clients.discard(self)
         up = self.up
+        queue = self.queue
         if up is not None:
             self.up = None
-            up.abort()
-        for r in self.queue:
-            self.ctx.done(r, 499 if not r.responded else 200)
-        self.queue.clear()
+            r = queue[0] if queue else None
+            if r is not None and r.sent and r.complete and not r.tunnel and not r.responded:
+                # The client left while the instance is still thinking: keep counting it
+                # (its slot under the hard limit) until it answers, for a short grace.
+                # One that is already answering is cut: it stops on its next write.
+                queue.popleft()
+                up.abandon(Abandoned(ctx, r), ctx.loop.time() + ctx.timeouts.abandoned)
+            else:
+                up.abort()
+        for r in queue:
+            ctx.done(r, 499 if not r.responded else 200)
+        queue.clear()
         self.transport = None
 
     def eof_received(self) -> bool:
@@ -492,11 +503,21 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.done(r, 502)
             self.abort()
             return
-        if why == LOST_BEFORE_RESPONSE and up.reused and self.can_replay(r):
-            self.ctx.stats_retry("reset_before_response")
+        if why == LOST_BEFORE_RESPONSE and self.can_replay(r) and r.target is not None:
+            ctx = self.ctx
             r.sent = False
-            self.ctx.connect(self, r, r.target)  # type: ignore[arg-type]
-            return
+            if up.reused:
+                # A pooled connection the instance may have closed as we wrote: again,
+                # on a fresh connection to the same instance.
+                ctx.stats_retry("reset_before_response")
+                ctx.connect(self, r, r.target)
+                return
+            # A fresh connection died before any answer: the instance is in trouble.
+            target, _, _ = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
+            if target is not None:
+                ctx.stats_retry("reset_before_response")
+                self.dispatch(r, target)
+                return
         if why == BAD_RESPONSE:
             self.local_response(r, 502, "edgeproxy: the upstream sent an invalid response\n")
         else:
@@ -509,7 +530,7 @@ class ClientConnection(asyncio.Protocol):
             self.resume(P_UPSTREAM)
 
     def can_replay(self, r: Request) -> bool:
-        return r.method in _IDEMPOTENT and r.replayable and r.complete and r.tries < 2
+        return r.method in _IDEMPOTENT and r.replayable and r.complete and r.tries < MAX_TRIES
 
     # ending an exchange -------------------------------------------------------
     def local_response(self, r: Request, status: int, text: str, extra: bytes = b"") -> None:
@@ -634,3 +655,43 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = min(self.deadline, now + self.ctx.quiet_period)
 
 
+class Abandoned:
+    """The exchange of a client that left: the answer is read and dropped, then counted."""
+
+    __slots__ = ("ctx", "r")
+
+    def __init__(self, ctx: WorkerContext, r: Request) -> None:
+        self.ctx = ctx
+        self.r = r
+
+    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
+        pass
+
+    def upstream_interim(self, head: bytes) -> None:
+        pass
+
+    def upstream_continue(self) -> None:
+        pass
+
+    def upstream_body(self, data: bytes) -> None:
+        pass
+
+    def upstream_flush(self) -> None:
+        pass
+
+    def upstream_end(self, up: UpstreamConnection) -> None:
+        up.release(True)
+        self.ctx.done(self.r, 499)
+
+    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
+        up.abort()
+        self.ctx.done(self.r, 499)
+
+    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
+        self.ctx.done(self.r, 499)
+
+    def upstream_pause(self, paused: bool) -> None:
+        pass
+
+    def upstream_timed_out(self) -> None:
+        self.ctx.done(self.r, 499)

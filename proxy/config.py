@@ -73,6 +73,7 @@ class TimeoutsConfig:
     client_header: float  # until a request's whole head arrived (slowloris)
     client_idle: float  # keep-alive idle between requests
     request: float  # a whole request, first byte to last response byte
+    abandoned: float = 2.0  # an instance's answer awaited (and counted) after its client left
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +360,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         "client_header": 10.0,
         "client_idle": 60.0,
         "request": 300.0,
+        "abandoned": 2.0,
     }
     timeouts = TimeoutsConfig(**{n: t.positive(n, float, defaults[n]) for n in names})
 

@@ -244,16 +244,16 @@ class Master:
         return 0
 
     async def handle_chld(self) -> None:
-        while True:
+        # Reap only our workers: other children (the preflight of new code) belong to
+        # asyncio's child watcher, which must see their exit status itself.
+        for pid in list(self.workers):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                got, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            w = self.workers.pop(pid, None)
-            if w is None:
+                got, status = pid, 0
+            if got == 0:
                 continue
+            w = self.workers.pop(pid)
             self.aggregator.retire(pid, w.block.read())
             w.block.close()
             assert self.shared is not None

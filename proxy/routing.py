@@ -212,8 +212,10 @@ class Routing:
             tried = r.tried
             got = pick(cands, info.strategy, self.rng, now, tried or (), self.marks, info.k)
             if isinstance(got, NoPick):
-                if got is NoPick.ALL_FULL or r.tries or tried:
+                if got is NoPick.ALL_FULL:
                     return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
+                if tried:
+                    return None, 502, f"edgeproxy: app {app!r} has no other instance to try\n"
                 return None, 503, f"edgeproxy: app {app!r} has no instance\n"
             t = targets.get(got.id)
             if t is not None and (t.local or t.port) and self.admit(t, r, got.hard_limit, now):

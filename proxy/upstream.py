@@ -31,6 +31,7 @@ class Exchange(Protocol):
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None: ...
     def upstream_lost(self, up: UpstreamConnection, why: str) -> None: ...
     def upstream_pause(self, paused: bool) -> None: ...
+    def upstream_timed_out(self) -> None: ...
 
 
 # Why an upstream connection failed (the client side maps these to a status).
@@ -142,6 +143,13 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.keep_alive = False
         if self.transport is not None:
             self.transport.close()
+
+    def abandon(self, exchange: Exchange, deadline: float) -> None:
+        """Hand the running exchange to `exchange` (its client left), due by `deadline`."""
+        self.exchange = exchange
+        if not self.deadline or deadline < self.deadline:
+            self.deadline = deadline
+        self.pause_reading(False)
 
     def abort(self) -> None:
         """Drop the connection at once (the exchange is already accounted for)."""

@@ -121,7 +121,7 @@ class WorkerContext:
         for up in self.pool.sweep(now):
             ex = up.exchange
             up.abort()
-            if isinstance(ex, ClientConnection):
+            if ex is not None:
                 ex.upstream_timed_out()
 
     def drain(self) -> None:
