@@ -237,4 +237,5 @@ async def start_admin(
         host,
         port,
         reuse_address=True,
+        reuse_port=True,  # a taking-over master binds it before the old one lets go
     )

@@ -7,13 +7,20 @@ need root, a cluster store or any file outside a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import IO
+
+import posix_ipc
+
+from shm.inflight_codec import inflight_segment_name
+from shm.layout import table_segment_name
 
 DEMO_APP = "hello"
 DEMO_HOST = "hello.test"
@@ -38,7 +45,15 @@ def _start(
     raise RuntimeError(f"{' '.join(argv)} did not become ready")
 
 
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def _config(workdir: str, port: int, admin_port: int, instances: list[tuple[str, str]]) -> str:
+    ping_port = _free_udp_port()
     lines = [
         "# written by `edgeproxy demo`",
         "[node]",
@@ -50,6 +65,9 @@ def _config(workdir: str, port: int, admin_port: int, instances: list[tuple[str,
         f'control = "{workdir}/control.sock"',
         "[table]",
         f'name = "edgeproxy-demo-{os.getpid()}"',
+        'writer = "pinger"  # the pinger daemon fills the table and publishes load',
+        "[pinger]",
+        f'listen = "127.0.0.1:{ping_port}"',
         "[[app]]",
         f'name = "{DEMO_APP}"',
         f'hosts = ["{DEMO_HOST}", "localhost", "127.0.0.1"]',
@@ -63,6 +81,14 @@ def _config(workdir: str, port: int, admin_port: int, instances: list[tuple[str,
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _remove_table() -> None:
+    """The pinger leaves its table for readers; the demo's readers are gone with it."""
+    base = f"edgeproxy-demo-{os.getpid()}"
+    for name in (table_segment_name(base), inflight_segment_name(base)):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(name)
 
 
 def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int:
@@ -87,12 +113,15 @@ def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int
                     f.write(f"[workers]\ncount = {workers}\n")
             master, _ = _start([py, "-m", "proxy.cli", "run", "-c", path], "READY")
             procs.append(master)
+            pinger, _ = _start([py, "-m", "proxy.cli", "pinger", "-c", path], "READY")
+            procs.append(pinger)
             print(f"edgeproxy demo: {count} instances of app {DEMO_APP!r} behind the proxy.")
             print(f"  config:   {path}")
             print(f"  try:      curl -H 'Host: {DEMO_HOST}' http://127.0.0.1:{port}/")
             print(f"            curl http://127.0.0.1:{port}/?sleep=200")
             print(f"            curl -o /dev/null http://127.0.0.1:{port}/?bytes=10000000")
             print(f"  status:   {py} -m proxy.cli status -c {path}")
+            print(f"  table:    {py} -m proxy.cli table -c {path}")
             print(f"  metrics:  curl http://127.0.0.1:{admin_port}/metrics")
             print("Ctrl-C stops everything.", flush=True)
             master.wait()
@@ -112,3 +141,4 @@ def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            _remove_table()

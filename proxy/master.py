@@ -60,6 +60,9 @@ class WorkerProc:
     cell: int
     started: float
     state: str = "starting"  # starting | serving | draining
+    # Kept so that subprocess never reaps the worker behind the master's back (a
+    # dropped Popen is reaped by the next Popen); None for adopted workers.
+    popen: subprocess.Popen[bytes] | None = None
     ready: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -138,7 +141,7 @@ class Master:
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(boot))
         proc.stdin.close()
-        wp = WorkerProc(slot, generation, proc.pid, block, cell, loop.time())
+        wp = WorkerProc(slot, generation, proc.pid, block, cell, loop.time(), popen=proc)
         self.workers[proc.pid] = wp
 
         def on_ready() -> None:
@@ -216,12 +219,12 @@ class Master:
             self.control_server = await serve_control(self.config.listen.control, self)
         self.servers.append(self.control_server)
         control_ino = os.stat(self.config.listen.control).st_ino
-        if self.takeover_sock is not None:
-            retire_old(self.takeover_sock)
-            self.takeover_sock = None
         if self.config.listen.admin is not None:
             a = self.config.listen.admin
             self.servers.append(await start_admin(a.host, a.port, self.metrics_text, self.health))
+        if self.takeover_sock is not None:
+            retire_old(self.takeover_sock)  # only now: everything of ours is bound
+            self.takeover_sock = None
         print(
             f"READY pid={os.getpid()} generation={self.generation} workers={len(self.current())}",
             flush=True,
@@ -254,6 +257,8 @@ class Master:
             if got == 0:
                 continue
             w = self.workers.pop(pid)
+            if w.popen is not None:
+                w.popen.returncode = os.waitstatus_to_exitcode(status)  # reaped: by us
             self.aggregator.retire(pid, w.block.read())
             w.block.close()
             assert self.shared is not None
