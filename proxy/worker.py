@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 TICK = 0.1  # deadline sweep period, seconds
 PUBLISH = 1.0  # stats publish period, seconds
+FEEDBACK_MAX_AGE = 2.0  # seconds a backhaul load report outranks the table
 
 
 class WorkerContext:
@@ -224,6 +226,8 @@ class Worker:
 
     def publish_tick(self) -> None:
         self.publish()
+        # Load feedback older than this is no better than the table: forget it.
+        self.ctx.routing.marks.prune(time.time(), FEEDBACK_MAX_AGE)
         self.loop.call_later(PUBLISH, self.publish_tick)
 
     def publish(self) -> None:
