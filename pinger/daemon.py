@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from pinger.mesh import Addr, Mesh, MeshProtocol
-from pinger.ping_state import LOSS_WINDOW
+from pinger.ping_state import LOSS_WINDOW, PeerState
 from proxy.config import Config, ConfigError, parse_address
 from proxy.config import load as load_config
 from proxy.static_table import inflight_name
@@ -106,6 +108,22 @@ def open_store(config: Config) -> tuple[Store | None, Any]:
     return mod.open_store(config), mod
 
 
+STATUS_DIR = "/dev/shm"
+
+
+def status_path(config: Config) -> str | None:
+    """The pinger's status file: `/dev/shm/<[table] name>.pinger.json`.
+
+    JSON: pid, node, boot_epoch, store, store_healthy, store_since (wall seconds of the
+    last health change: the age of a store outage is now - store_since), last_view,
+    views, store_outages. Written on change (at most every tick), removed on a clean stop.
+    The table itself has no store-health field (see the issue 5 report).
+    """
+    if not os.path.isdir(STATUS_DIR):
+        return None
+    return os.path.join(STATUS_DIR, f"{config.table.name}.pinger.json")
+
+
 # --- the daemon --------------------------------------------------------------------------
 class Daemon:
     """One node's pinger: table writes from the mesh, the store view and local load."""
@@ -142,9 +160,13 @@ class Daemon:
         self.unpublished: dict[str, int] = {}
         self.store: Store | None = None
         self.store_mod: Any = None
-        self.store_healthy = True
+        self.store_healthy: bool | None = None  # None: no session yet since the start
+        self.store_since = wall()  # when store_healthy last changed
         self.store_outages = 0
         self.views_applied = 0
+        self.last_view = 0.0
+        self.status_path = status_path(config)
+        self._status_written: dict[str, Any] | None = None
         self.table_errors = 0
         self.inflight: InflightSegment | None = None
         self.proto: MeshProtocol | None = None
@@ -153,13 +175,20 @@ class Daemon:
 
     # --- table --------------------------------------------------------------------------
     def write_rows(self, wanted: Wanted) -> None:
-        """Reconcile the table to `wanted`; a new node starts with an unknown RTT, never 0."""
+        """Reconcile the table to `wanted`; a new node starts with an unknown RTT, never 0.
+
+        A remote instance whose row is new, or whose node came back with another boot
+        epoch, starts at load 0 under that epoch: no load from a previous life is kept
+        (unless this life already published one, e.g. through a ping).
+        """
         w = self.w
         try:
             with w.batch():
-                before = set(w.nodes())
+                before = {nid: r.boot_epoch for nid, r in w.nodes().items()}
+                had = set(w.instances())
                 reconcile(w, wanted)
                 now = self.wall()
+                epochs = {r.id: r.boot_epoch for r in wanted.nodes}
                 for nid in w.nodes():
                     if nid == self.me:
                         w.set_rtt(
@@ -167,7 +196,21 @@ class Daemon:
                         )
                     elif nid not in before or nid in self.fixed_rtt:
                         self.write_peer(nid, initial=True)
-        except (ShmError, ValueError) as e:
+                for iid in had.difference(r.id for r in wanted.instances):
+                    self.load_stamp.pop(iid, None)
+                for r in wanted.instances:
+                    if r.node == self.me:
+                        continue
+                    e = epochs.get(r.node, 0)
+                    kept = r.id in had
+                    if kept and before.get(r.node) == e:
+                        continue
+                    stamp = self.load_stamp.get(r.id)
+                    if kept and stamp is not None and stamp[0] == e and e:
+                        continue  # this life's load already arrived (a ping was first)
+                    self.load_stamp.pop(r.id, None)
+                    w.set_load(r.id, 0, 0.0, e)
+        except (ShmError, ValueError, KeyError) as e:
             self.table_errors += 1
             log.error("table %s: %s (the rows it had are kept)", w.name, e)
 
@@ -182,7 +225,16 @@ class Daemon:
         rtt = s.rtt_us if fixed is None else round(fixed * 1000)
         # last_heard is monotonic in the mesh; the table wants wall seconds
         heard = self.wall() - (self.mono() - s.last_heard) if s.last_heard else 0.0
-        self._set_rtt(nid, rtt, s.jitter_us, s.loss_permille, heard, s.up)
+        # Not decided yet (fewer than up_after answers in a row since this pinger started)
+        # but answering: shown up, or a new or restarted pinger would make the workers rank
+        # every peer as down (random choice) for its first up_after probes.
+        recent = self.config.pinger.interval * 1.5 + p.est.timeout()
+        up = s.up or (
+            p.est.state is PeerState.UNKNOWN
+            and s.rtt_us >= 0
+            and self.mono() - s.last_heard <= recent
+        )
+        self._set_rtt(nid, rtt, s.jitter_us, s.loss_permille, heard, up)
 
     def _set_rtt(self, nid: str, rtt: int, jit: int, loss: int, heard: float, up: bool) -> None:
         # KeyError: a peer the table does not hold (yet): the next view adds it
@@ -247,22 +299,30 @@ class Daemon:
                 insts.append(
                     InstanceRow(i.app, i.id, i.node, i.address, i.soft_limit, i.hard_limit)
                 )
-        renewed = [nid for nid, e in epochs.items() if e > self.node_epochs.get(nid, 0)]
         self.node_epochs.update(epochs)
         self.write_rows(Wanted(tuple(nodes), app_rows(cfg), tuple(insts)))
-        now = self.wall()
-        for iid, row in self.w.instances().items():  # a new life: no load from the last one
-            if row.node in renewed:
-                self.load_stamp.pop(iid, None)
-                with contextlib.suppress(KeyError):
-                    self.w.set_load(iid, 0, 0.0, epochs[row.node])
         for rec in view.loads.values():
             self.remote_load(rec.node, rec.instance, rec.load, rec.time, rec.boot_epoch)
-        del now
         self.mesh.set_peers(peers, self.mono())
         if self.proto is not None:
             self.proto.rearm()
         self.views_applied += 1
+        self.last_view = self.wall()
+
+    def adopted_rows(self) -> Wanted:
+        """With a store, before its first view: this node's rows, plus the remote rows a
+        previous pinger left in the table (never blank the table on a restart)."""
+        cfg = self.config
+        nodes = [self_row(cfg, self.epoch)]
+        keep: set[str] = set()
+        for nid, row in self.w.nodes().items():
+            if nid != self.me:
+                nodes.append(row)
+                keep.add(nid)
+                self.node_epochs[nid] = max(self.node_epochs.get(nid, 0), row.boot_epoch)
+        insts = list(instance_rows(cfg, local_only=True))
+        insts += [r for r in self.w.instances().values() if r.node in keep]
+        return Wanted(tuple(nodes), app_rows(cfg), tuple(insts))
 
     async def run_store(self) -> None:
         """Start the session (retrying with backoff), then follow the views until stopped."""
@@ -345,20 +405,56 @@ class Daemon:
 
     # --- periodic work ------------------------------------------------------------------
     def tick(self) -> None:
-        """Heartbeat, this node's own row, store health."""
+        """Heartbeat, this node's own row, store health (logged and in the status file)."""
         now = self.wall()
         self.w.heartbeat(now)
         self._set_rtt(self.me, 0, 0, 0, now, True)
         if self.store is not None:
             healthy = bool(self.store.healthy)
             if healthy != self.store_healthy:
-                self.store_healthy = healthy
+                was, self.store_healthy, self.store_since = self.store_healthy, healthy, now
                 if healthy:
-                    log.warning("store healthy again (outages so far: %d)", self.store_outages)
+                    if was is None:
+                        log.info("store session up")
+                    else:
+                        log.warning("store healthy again (outages so far: %d)", self.store_outages)
                     self.unpublished.update(self.local_loads)
-                else:
+                elif was:
                     self.store_outages += 1
                     log.warning("store unhealthy: keeping the last view, still pinging")
+        self.write_status()
+
+    def status(self) -> dict[str, Any]:
+        """What the status file says (see `status_path`)."""
+        store = self.config.cluster.store
+        return {
+            "pid": os.getpid(),
+            "node": self.me,
+            "boot_epoch": self.epoch,
+            "table": self.w.name,
+            "store": store,
+            # None: no session yet since this pinger started ("none" stores: always True)
+            "store_healthy": True if store == "none" else self.store_healthy,
+            "store_since": round(self.store_since, 3),
+            "last_view": round(self.last_view, 3) if self.last_view else None,
+            "views": self.views_applied,
+            "store_outages": self.store_outages,
+        }
+
+    def write_status(self) -> None:
+        """Replace the status file when something in it changed (tmpfs: no real I/O)."""
+        st = self.status()
+        if st == self._status_written or self.status_path is None:
+            return
+        tmp = f"{self.status_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(st).encode() + b"\n")
+            os.replace(tmp, self.status_path)
+            self._status_written = st
+        except OSError as e:
+            self.status_path = None
+            log.warning("status file: %s (not written any more)", e)
 
     async def every(self, period: float, fn: Callable[[], None]) -> None:
         while True:
@@ -389,8 +485,7 @@ class Daemon:
             peers = {p.id: (p.ping.host, p.ping.port) for p in cfg.peers}
             self.mesh.set_peers(peers, self.mono())
         else:
-            nodes = (self_row(cfg, self.epoch),)
-            self.write_rows(Wanted(nodes, app_rows(cfg), instance_rows(cfg, local_only=True)))
+            self.write_rows(self.adopted_rows())
         self.tick()
         lis = cfg.pinger.listen
         try:
@@ -423,6 +518,9 @@ class Daemon:
                 await asyncio.wait_for(self.store.close(), STOP_TIMEOUT)
             except Exception as e:
                 log.warning("store close: %s (its keys expire with the TTL)", e)
+        if self.status_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.status_path)
         return 0
 
     def stats(self) -> dict[str, Any]:
@@ -454,8 +552,12 @@ def new_epoch(writer: TableWriter) -> int:
     return max(int(time.time() * 1000), before + 1)
 
 
-def main(config_path: str, loss_window: int = LOSS_WINDOW) -> int:
-    """`edgeproxy pinger -c FILE`: run the pinger in the foreground; the exit status."""
+def main(config_path: str, loss_window: int | None = None) -> int:
+    """`edgeproxy pinger -c FILE`: run the pinger in the foreground; the exit status.
+
+    The loss window is `[pinger] loss_window`; `loss_window` (the --loss-window flag)
+    overrides it.
+    """
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s pinger %(levelname)s %(message)s"
     )
@@ -475,7 +577,8 @@ def main(config_path: str, loss_window: int = LOSS_WINDOW) -> int:
         print(f"edgeproxy pinger: table {config.table.name!r}: {e}", file=sys.stderr)
         return 1
     try:
-        daemon = Daemon(config, writer, epoch=new_epoch(writer), loss_window=loss_window)
+        window = config.pinger.loss_window if loss_window is None else loss_window
+        daemon = Daemon(config, writer, epoch=new_epoch(writer), loss_window=window)
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -488,7 +591,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pinger", description="the edgeproxy pinger")
     ap.add_argument("-c", "--config", required=True, help="node config (TOML)")
     ap.add_argument(
-        "--loss-window", type=int, default=LOSS_WINDOW, help="probes the loss share covers"
+        "--loss-window",
+        type=int,
+        default=None,
+        help="probes the loss share covers (overrides [pinger] loss_window)",
     )
     args = ap.parse_args(argv)
     return main(args.config, args.loss_window)

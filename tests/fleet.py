@@ -166,8 +166,34 @@ class Node:
         r = self.cli("table", "--json")
         return json.loads(r.stdout) if r.returncode == 0 else None
 
-    def start_pinger(self, workdir: Path, extra: Sequence[str] = (), n: int = 0) -> Proc:
-        argv = [sys.executable, "-m", "pinger", "-c", str(self.config_path), *extra]
+    def dump(self) -> dict[str, Any] | None:
+        """The same dict as `edgeproxy table --json`, read in this process (fast polls)."""
+        from proxy.config import load as load_config
+        from shm.dump import table_dump
+        from shm.errors import ShmError
+        from shm.reader import TableReader
+
+        cfg = load_config(str(self.config_path))
+        try:
+            reader = TableReader.attach(cfg.table, local_node=self.id)
+        except (ShmError, OSError):
+            return None
+        try:
+            return table_dump(reader, time.time(), cfg.table.stale_after)
+        finally:
+            reader.close()
+
+    def pinger_status(self) -> dict[str, Any] | None:
+        """The pinger's status file (pinger.daemon.status_path), or None."""
+        try:
+            return dict(json.loads(Path(f"/dev/shm/{self.table_name}.pinger.json").read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def start_pinger(
+        self, workdir: Path, extra: Sequence[str] = (), n: int = 0, config: Path | None = None
+    ) -> Proc:
+        argv = [sys.executable, "-m", "pinger", "-c", str(config or self.config_path), *extra]
         self.pinger = Proc(f"pinger-{self.id}-{n}", argv, workdir, "READY")
         return self.pinger
 
@@ -193,11 +219,15 @@ class Fleet:
     seed: int = 1
     first_ip: int = 2
     upstreams: bool = True
+    demo_instances: bool = False  # instances are proxy.demo_app (answers "instance <id>")
     proxies: bool = True  # False: pingers only (the table tests need no proxy)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     nodes: dict[str, Node] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     relay: Proc | None = None
+    advertise: dict[str, str] = field(default_factory=dict)  # store fleets: node -> ping addr
+    via: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    upstream_procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, (nid, region) in enumerate(self.nodes_spec):
@@ -210,6 +240,9 @@ class Fleet:
     # --- relays ---------------------------------------------------------------------------
     def _relay_routes(self) -> dict[tuple[str, str], tuple[str, str]]:
         """(a, b) -> (udp, tcp) addresses a uses to reach b through the relay."""
+        if self.store != "none":
+            self._store_relay()
+            return {}
         out: dict[tuple[str, str], tuple[str, str]] = {}
         routes: list[str] = []
         for a in self.nodes.values():
@@ -235,8 +268,44 @@ class Fleet:
             self.procs.append(self.relay)
         return out
 
+    def _store_relay(self) -> None:
+        """With a store each node advertises one ping address to all: a source-aware relay.
+
+        Node b's advertised ping address is a relay route to b whose delay is chosen by
+        the sender's IP (tests/fleet_relay.py). Backhaul (TCP) is not delayed in store
+        fleets: the proxy's outgoing connections do not carry the node's IP, and routing
+        ranks remote instances by the pinger's RTT, which the UDP relay sets.
+        """
+        routes: list[str] = []
+        for b in self.nodes.values():
+            per = []
+            for a in self.nodes.values():
+                if a.id == b.id:
+                    continue
+                d, back = self.delay(a.id, b.id), self.delay(b.id, a.id)
+                lossy = self.loss.get((a.id, b.id), 0.0)
+                if d is None and back is None and not lossy:
+                    continue
+                per.append(f"{a.ip}={d or 0.0}/{back or 0.0}/{lossy}")
+            if per:
+                listen = f"{b.ip}:{free_port(b.ip, socket.SOCK_DGRAM)}"
+                routes.append(f"{listen},{b.ip}:{b.ping}," + ";".join(per))
+                self.advertise[b.id] = listen
+        if routes:
+            argv = [sys.executable, str(TESTS / "fleet_relay.py"), "--seed", str(self.seed)]
+            for r in routes:
+                argv += ["--route", r]
+            self.relay = Proc(f"relay-{self.uid}", argv, self.workdir, "READY")
+            self.procs.append(self.relay)
+
     # --- configs ---------------------------------------------------------------------------
-    def _write_config(self, n: Node, via: Mapping[tuple[str, str], tuple[str, str]]) -> None:
+    def _write_config(
+        self,
+        n: Node,
+        via: Mapping[tuple[str, str], tuple[str, str]],
+        instance: bool = True,
+        path: Path | None = None,
+    ) -> Path:
         out = _table("[node]", {"id": n.id, "region": n.region})
         out += _table(
             "[listen]",
@@ -249,7 +318,10 @@ class Fleet:
         )
         out += _table("[workers]", {"count": 1})
         ping = f"{n.ip}:{n.ping}"
-        out += _table("[pinger]", {"listen": ping, "advertise": ping, "interval": self.interval})
+        advertise = self.advertise.get(n.id, ping)
+        out += _table(
+            "[pinger]", {"listen": ping, "advertise": advertise, "interval": self.interval}
+        )
         cluster: dict[str, Any] = {"store": self.store, "ttl": self.ttl}
         if self.endpoints:
             cluster["endpoints"] = list(self.endpoints)
@@ -263,10 +335,11 @@ class Fleet:
             "[[app]]",
             {"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25},
         )
-        out += _table(
-            "[[instance]]",
-            {"app": "hello", "id": n.instance, "address": n.upstream or "127.0.0.1:9"},
-        )
+        if instance:
+            out += _table(
+                "[[instance]]",
+                {"app": "hello", "id": n.instance, "address": n.upstream or "127.0.0.1:9"},
+            )
         if self.store == "none":
             for p in self.nodes.values():
                 if p.id == n.id:
@@ -280,18 +353,29 @@ class Fleet:
                     "[[instance]]",
                     {"app": "hello", "id": p.instance, "address": address, "node": p.id},
                 )
-        n.config_path = self.workdir / f"{n.id}.toml"
-        n.config_path.write_text(out)
+        if path is None:
+            path = n.config_path = self.workdir / f"{n.id}.toml"
+        path.write_text(out)
+        return path
+
+    def config_without_instance(self, nid: str) -> Path:
+        """Another config file for node `nid`: the same node without its local instance."""
+        n = self.nodes[nid]
+        return self._write_config(n, self.via, False, self.workdir / f"{nid}-no-instance.toml")
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> Fleet:
-        via = self._relay_routes()
+        via = self.via = self._relay_routes()
         if self.upstreams:
             ups = []
             for n in self.nodes.values():
                 argv = [sys.executable, str(TESTS / "upstream.py"), "--listen", f"{n.ip}:0"]
+                if self.demo_instances:
+                    argv = [sys.executable, "-m", "proxy.demo_app", "--id", n.instance]
+                    argv += ["--listen", f"{n.ip}:0"]
                 p = Proc(f"upstream-{n.id}", argv, self.workdir, "READY")
                 self.procs.append(p)
+                self.upstream_procs[n.id] = p
                 ups.append((n, p))
             for n, p in ups:
                 n.upstream = p.wait_ready().split()[1]
@@ -307,10 +391,11 @@ class Fleet:
             p.wait_ready()
         return self
 
-    def restart_pinger(self, nid: str) -> Proc:
+    def restart_pinger(self, nid: str, config: Path | None = None) -> Proc:
+        """Start node `nid`'s pinger again (the old one must be gone), optionally on `config`."""
         n = self.nodes[nid]
         count = sum(1 for p in self.procs if p.name.startswith(f"pinger-{nid}-"))
-        p = n.start_pinger(self.workdir, self.pinger_args, count)
+        p = n.start_pinger(self.workdir, self.pinger_args, count, config)
         self.procs.append(p)
         p.wait_ready()
         return p
