@@ -37,7 +37,7 @@ def render(template: str, **values: object) -> str:
     for key, value in values.items():
         text = text.replace(f"@@{key}@@", str(value))
     if "@@" in text:
-        raise ValueError(f"{template}: unfilled placeholder near {text[text.index('@@'):][:40]!r}")
+        raise ValueError(f"{template}: unfilled placeholder near {text[text.index('@@') :][:40]!r}")
     return text
 
 

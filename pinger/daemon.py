@@ -27,7 +27,7 @@ from pinger.ping_state import LOSS_WINDOW, PeerState
 from proxy.config import Config, ConfigError, parse_address
 from proxy.config import load as load_config
 from proxy.static_table import inflight_name
-from shm.codec import InstanceRow, NodeRow
+from shm.codec import STORE_CONNECTING, STORE_DOWN, STORE_NONE, STORE_OK, InstanceRow, NodeRow
 from shm.errors import ShmError, WriterBusyError
 from shm.inflight import InflightSegment
 from shm.sync import Wanted, app_rows, instance_rows, reconcile, self_row, static_rows
@@ -405,9 +405,15 @@ class Daemon:
 
     # --- periodic work ------------------------------------------------------------------
     def tick(self) -> None:
-        """Heartbeat, this node's own row, store health (logged and in the status file)."""
+        """Heartbeat (with store health), this node's own row, store health logged."""
         now = self.wall()
-        self.w.heartbeat(now)
+        if self.store is None:
+            state = STORE_NONE
+        elif self.store_healthy is None:
+            state = STORE_CONNECTING
+        else:
+            state = STORE_OK if self.store_healthy else STORE_DOWN
+        self.w.heartbeat(now, state, self.store_since)
         self._set_rtt(self.me, 0, 0, 0, now, True)
         if self.store is not None:
             healthy = bool(self.store.healthy)

@@ -117,6 +117,9 @@ def cmd_table(args: argparse.Namespace) -> int:
         f"table {out['segment']}  generation {out['generation']}  writer pid {w['pid']} "
         f"epoch {w['boot_epoch']}  {state} (heartbeat age {out['heartbeat_age']} s)"
     )
+    store = out["store"]
+    if store["state"] != "none":
+        print(f"cluster store: {store['state']} (for {store['age']} s)")
     print("nodes:")
     for n in out["nodes"]:
         print(

@@ -15,6 +15,16 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from proxy.exchange import (
+    D_HEAD,
+    D_IDLE,
+    D_LINGER,
+    D_NONE,
+    D_REQUEST,
+    P_UPSTREAM,
+    Abandoned,
+    UpstreamEvents,
+)
 from proxy.headers import (
     CHUNK_END,
     CHUNKED,
@@ -25,31 +35,21 @@ from proxy.headers import (
     simple_response,
 )
 from proxy.request import Request
-from proxy.routing import MAX_TRIES
-from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, UpstreamConnection
+from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from proxy.routing import Target
     from proxy.worker import WorkerContext
 
-# Deadline kinds of a client connection.
-D_NONE: Final = 0
-D_IDLE: Final = 1  # keep-alive, between requests: close quietly
-D_HEAD: Final = 2  # reading a request head: 408
-D_REQUEST: Final = 3  # a whole request: 504 (or cut)
-D_LINGER: Final = 4  # half-closed after an early response: close
-
 # Reasons to stop reading from the client (a bit each).
 P_QUEUE: Final = 1  # a pipelined request waits for its turn
-P_UPSTREAM: Final = 2  # the upstream's write buffer is full
 P_BUFFER: Final = 4  # body buffered while the upstream connects
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _MAX_BUFFER: Final = 256 * 1024
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(UpstreamEvents, asyncio.Protocol):
     """HTTP/1.1 towards one client; at most one exchange in flight, others queued."""
 
     __slots__ = (
@@ -389,149 +389,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self.local_response(r, status, f"edgeproxy: upstream {why.replace('_', ' ')}\n")
 
-    # upstream events (proxy.upstream.Exchange) ---------------------------------------
-    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
-        r = self.queue[0]
-        t = r.target
-        if t is not None and not t.local:
-            if up.load >= 0:
-                self.ctx.routing.feedback(t.instance, up.load, time.time())
-            if up.reject and not r.force:
-                r.rejected = True  # swallow this answer; upstream_end retries elsewhere
-                return
-        r.responded = True
-        keep = (
-            self.resp_keep and r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
-        )
-        extra = b""
-        if self.backhaul and t is not None and t.slot >= 0:
-            # The load once this request is done: it is answered now.
-            load = max(0, self.ctx.routing.load_of(t) - 1)
-            extra = b"X-Edgeproxy-Load: %d\r\n" % load
-        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
-        self.resp_framing = framing
-        self.resp_keep = keep
-        r.status = status
-        self.out.append(head)  # goes out with the first body bytes: one write
-
-    def upstream_interim(self, head: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(head)
-
-    def upstream_body(self, data: bytes) -> None:
-        if self.queue and self.queue[0].rejected:
-            return
-        if self.resp_framing == CHUNKED:
-            self.out.append(chunk(data))
-        else:
-            self.out.append(data)
-
-    def upstream_flush(self) -> None:
-        """Write what one upstream read produced, in one call."""
-        out = self.out
-        if not out:
-            return
-        t = self.transport
-        if t is not None:
-            if len(out) == 1:
-                t.write(out[0])
-            elif len(out) == 2 and len(out[1]) < 16384:
-                t.write(out[0] + out[1])
-            else:
-                t.writelines(out)
-        out.clear()
-
-    def upstream_end(self, up: UpstreamConnection) -> None:
-        r = self.queue[0]
-        self.up = None
-        if r.rejected:
-            # "Full, come back later": nothing reached the app; the body never left.
-            up.release(r.framing == NO_BODY)
-            self.rejected_retry(r)
-            return
-        if self.resp_framing == CHUNKED:
-            self.out.append(CHUNK_END)
-        self.upstream_flush()
-        up.release(r.complete)
-        self.finish(r, r.status)
-
-    def rejected_retry(self, r: Request) -> None:
-        ctx = self.ctx
-        now = time.time()
-        ctx.routing.rejected(r, now)
-        r.sent = False
-        if r.replayable or r.hold:
-            r.tries += 1
-            target, status, why = ctx.routing.retry(r, r.app_name, now)
-            if target is not None:
-                ctx.stats_retry("reject")
-                self.dispatch(r, target)
-                return
-            if status == 503:
-                self.local_response(r, 503, why, b"Retry-After: 1\r\n")
-                return
-        self.local_response(
-            r,
-            503,
-            f"edgeproxy: app {r.app_name!r} is at capacity, retry later\n",
-            b"Retry-After: 1\r\n",
-        )
-
-    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
-        r = self.queue[0]
-        self.deadline = 0.0
-        self.dkind = D_NONE
-        self.upstream_flush()
-        if early and self.transport is not None:
-            self.transport.write(early)
-        if not r.tunnel:  # upstream switched protocols we did not ask for
-            self.abort()
-
-    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
-        self.up = None
-        if not self.queue:
-            return
-        r = self.queue[0]
-        if self.tunnel and r.tunnel and r.responded:
-            self.upstream_flush()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.out.clear()
-        if r.responded:
-            # Part of the response is out: the client must see a cut, not a lie.
-            self.ctx.done(r, 502)
-            self.abort()
-            return
-        if why == LOST_BEFORE_RESPONSE and self.can_replay(r) and r.target is not None:
-            ctx = self.ctx
-            r.sent = False
-            if up.reused:
-                # A pooled connection the instance may have closed as we wrote: again,
-                # on a fresh connection to the same instance.
-                ctx.stats_retry("reset_before_response")
-                ctx.connect(self, r, r.target)
-                return
-            # A fresh connection died before any answer: the instance is in trouble.
-            target, _, _ = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
-            if target is not None:
-                ctx.stats_retry("reset_before_response")
-                self.dispatch(r, target)
-                return
-        if why == BAD_RESPONSE:
-            self.local_response(r, 502, "edgeproxy: the upstream sent an invalid response\n")
-        else:
-            self.local_response(r, 502, "edgeproxy: the upstream closed the connection\n")
-
-    def upstream_pause(self, paused: bool) -> None:
-        if paused:
-            self.pause(P_UPSTREAM)
-        else:
-            self.resume(P_UPSTREAM)
-
-    def can_replay(self, r: Request) -> bool:
-        return r.method in _IDEMPOTENT and r.replayable and r.complete and r.tries < MAX_TRIES
-
     # ending an exchange -------------------------------------------------------
     def local_response(self, r: Request, status: int, text: str, extra: bytes = b"") -> None:
         """Answer `r` from the proxy itself."""
@@ -653,45 +510,3 @@ class ClientConnection(asyncio.Protocol):
         """The worker is draining: idle connections close after the quiet period."""
         if self.dkind == D_IDLE:
             self.deadline = min(self.deadline, now + self.ctx.quiet_period)
-
-
-class Abandoned:
-    """The exchange of a client that left: the answer is read and dropped, then counted."""
-
-    __slots__ = ("ctx", "r")
-
-    def __init__(self, ctx: WorkerContext, r: Request) -> None:
-        self.ctx = ctx
-        self.r = r
-
-    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
-        pass
-
-    def upstream_interim(self, head: bytes) -> None:
-        pass
-
-    def upstream_continue(self) -> None:
-        pass
-
-    def upstream_body(self, data: bytes) -> None:
-        pass
-
-    def upstream_flush(self) -> None:
-        pass
-
-    def upstream_end(self, up: UpstreamConnection) -> None:
-        up.release(True)
-        self.ctx.done(self.r, 499)
-
-    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
-        up.abort()
-        self.ctx.done(self.r, 499)
-
-    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
-        self.ctx.done(self.r, 499)
-
-    def upstream_pause(self, paused: bool) -> None:
-        pass
-
-    def upstream_timed_out(self) -> None:
-        self.ctx.done(self.r, 499)

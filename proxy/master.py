@@ -525,9 +525,11 @@ class Master:
         if self.table_reader is None:
             with contextlib.suppress(ShmError, OSError):
                 self.table_reader = TableReader.attach(self.config.table)
-        stale, age = True, -1.0
+        stale, age, store = True, -1.0, "unknown"
         if self.table_reader is not None:
-            stale, age = self.table_reader.stale(time.time(), self.config.table.stale_after)
+            now = time.time()
+            stale, age = self.table_reader.stale(now, self.config.table.stale_after)
+            store = self.table_reader.store_health(now)[0]
         errors = self.shared.table_errors if self.shared is not None else 0
         lines = [
             "# HELP edgeproxy_table_stale 1 when the table's writer has not beaten in time.",
@@ -536,6 +538,10 @@ class Master:
             "# HELP edgeproxy_table_heartbeat_age_seconds Age of the writer's heartbeat.",
             "# TYPE edgeproxy_table_heartbeat_age_seconds gauge",
             f"edgeproxy_table_heartbeat_age_seconds {age if age != float('inf') else -1:.3f}",
+            "# HELP edgeproxy_table_store_healthy 1 unless the writer reports its cluster store"
+            " down or not connected yet.",
+            "# TYPE edgeproxy_table_store_healthy gauge",
+            f"edgeproxy_table_store_healthy {int(store in ('none', 'ok'))}",
             "# HELP edgeproxy_table_write_errors_total Table writes that failed (e.g. full).",
             "# TYPE edgeproxy_table_write_errors_total counter",
             f"edgeproxy_table_write_errors_total {errors}",

@@ -44,6 +44,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
     """One TCP connection to a target; at most one exchange at a time."""
 
     __slots__ = (
+        "body_seen",
         "deadline",
         "exchange",
         "got_bytes",
@@ -53,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         "key",
         "parser",
         "pool",
+        "raw_left",
         "reused",
         "transport",
         "tunnel",
@@ -67,6 +69,8 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.exchange: Exchange | None = None
         self.deadline = 0.0
         self.got_bytes = False
+        self.body_seen = -1  # body bytes the parser gave us (-1: not a sized body)
+        self.raw_left = 0  # body bytes still to relay without the parser
         self.head_done = False
         self.head_only = False
         self.keep_alive = False
@@ -107,11 +111,30 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             # Bytes on an idle connection: it can no longer be trusted.
             self.close()
             return
+        left = self.raw_left
+        if left:
+            # The rest of a Content-Length body: relayed as it came, no parser, no copy.
+            n = len(data)
+            if n < left:
+                self.raw_left = left - n
+                ex.upstream_body(data)
+                ex.upstream_flush()
+                return
+            self.raw_left = 0
+            self.parser = httptools.HttpResponseParser(self)  # it never saw these bytes
+            if n > left:
+                self.keep_alive = False  # bytes past the body: this connection is done
+                data = data[:left]
+            ex.upstream_body(data)
+            ex.upstream_flush()
+            self._finish()
+            return
         if self.tunnel:
             ex.upstream_body(data)
             ex.upstream_flush()
             return
         self.got_bytes = True
+        self.body_seen = -1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -122,6 +145,10 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             self.close()
             ex.upstream_lost(self, BAD_RESPONSE)
         else:
+            seen = self.body_seen
+            if seen >= 0 and self.exchange is ex and self.content_length > seen:
+                # Head parsed, body unfinished: take the rest of it past the parser.
+                self.raw_left = self.content_length - seen
             ex.upstream_flush()
 
     # the exchange ----------------------------------------------------------
@@ -187,6 +214,8 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         if status == 101:
             self.tunnel = True
         ex.upstream_head(self, status, self.keep_alive)
+        if self.content_length > 0 and not self.head_only and status not in (101, 204, 304):
+            self.body_seen = 0  # counted by on_body: data_received may take the rest raw
         if self.head_only and status >= 200:
             # httptools cannot be told that a HEAD response has no body.
             self.parser = httptools.HttpResponseParser(self)
@@ -195,6 +224,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
         if ex is not None:
+            self.body_seen += len(body)
             ex.upstream_body(body)
 
     def on_message_complete(self) -> None:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # Bump on ANY change of the bytes below; tests/test_shm_header.py pins it with the
 # row sizes, so an accidental change fails. The version is part of the segment name.
 LAYOUT_VERSION: Final = 1
+# Cluster store health, carried in the heartbeat block's spare fields (no layout change).
+STORE_NONE, STORE_OK, STORE_DOWN, STORE_CONNECTING = range(4)
+STORE_STATES: Final = ("none", "ok", "down", "connecting")
 MAGIC: Final = b"EPXTABL\x00"
 HEADER_SIZE: Final = 256
 

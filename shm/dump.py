@@ -28,6 +28,7 @@ def table_dump(
     in-flight totals per instance when the caller has the counter segment.
     """
     stale, hb_age = reader.stale(now, max_age)
+    store_state, store_age = reader.store_health(now)
     pid, epoch = reader.writer()
     nodes = [
         {
@@ -76,6 +77,10 @@ def table_dump(
         "generation": reader.generation,
         "writer": {"pid": pid, "boot_epoch": epoch},
         "stale": stale,
+        "store": {
+            "state": store_state,
+            "age": None if store_age is None else round(store_age, 3),
+        },
         "heartbeat_age": None if hb_age == float("inf") else round(hb_age, 3),
         "fallbacks": reader.fallbacks,
         "retries": reader.retries,

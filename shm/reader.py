@@ -108,13 +108,12 @@ class TableReader:
         self._node_rows: dict[str, tuple[codec.NodeRow, int]] = {}  # id -> (row, hot at)
         self._hosts: dict[str, str] = {}
         self._heartbeat_us = 0
+        self._store = (0, 0)  # (store state, since µs) from the heartbeat block
         self._writer = (0, 0)
         self.local_node = ""  # candidates on this node get local = True (set before reading)
 
     @classmethod
-    def attach(
-        cls, cfg: TableConfig, name: str | None = None, local_node: str = ""
-    ) -> TableReader:
+    def attach(cls, cfg: TableConfig, name: str | None = None, local_node: str = "") -> TableReader:
         """Map the segment read-only and check its header against `cfg`.
 
         Candidates on `local_node` (the reader's own node) get `local = True`.
@@ -348,10 +347,18 @@ class TableReader:
         got = self._read_hot(codec.HEARTBEAT_AT, patient=True)
         if got is not None:
             self._heartbeat_us = got[0]
+            self._store = (got[1], got[2])
         if not self._heartbeat_us:
             return True, float("inf")
         age = now - self._heartbeat_us / 1e6
         return age > max_age, age
+
+    def store_health(self, now: float) -> tuple[str, float | None]:
+        """(state, seconds since it changed) of the cluster store as the writer last said
+        (read by the last `stale()` call): "none", "ok", "down" or "connecting"."""
+        state, since_us = self._store
+        name = codec.STORE_STATES[state] if 0 <= state < len(codec.STORE_STATES) else "unknown"
+        return name, (now - since_us / 1e6) if since_us else None
 
     def writer(self) -> tuple[int, int]:
         """(pid, boot epoch) of the writer, as of the last topology read."""

@@ -234,9 +234,13 @@ class TableWriter:
         state = codec.NodeState(rtt_us, jitter_us, loss_permille, up, _us(last_heard))
         self._write_hot(at, *codec.node_state_fields(state))
 
-    def heartbeat(self, now: float) -> None:
-        """Say the writer is alive at `now` (wall-clock seconds); call it periodically."""
-        self._write_hot(codec.HEARTBEAT_AT, _us(now), 0, 0, 0)
+    def heartbeat(self, now: float, store_state: int = 0, store_since: float = 0.0) -> None:
+        """Say the writer is alive at `now` (wall-clock seconds); call it periodically.
+
+        `store_state` is the cluster store's health as the writer sees it (see
+        codec.STORE_STATES) and `store_since` when it last changed (wall seconds).
+        """
+        self._write_hot(codec.HEARTBEAT_AT, _us(now), store_state, _us(store_since), 0)
 
     # --- internals ------------------------------------------------------------------------
     def _write_hot(self, at: int, a: int, b: int, c: int, d: int) -> None:

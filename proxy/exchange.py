@@ -1,0 +1,245 @@
+"""The upstream half of an exchange, as the client connection sees it.
+
+Owns what an upstream connection reports (response head and body framing
+towards the client, interim answers, tunnels, "full" rejects turned into
+retries, connections lost before or during an answer) and the exchange of a
+client that already left. It must not parse client bytes: proxy.client does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+
+from proxy.headers import CHUNK_END, CHUNKED, NO_BODY, chunk
+from proxy.request import Request
+from proxy.routing import MAX_TRIES
+from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, UpstreamConnection
+
+if TYPE_CHECKING:
+    from proxy.client import ClientConnection
+    from proxy.routing import Target
+    from proxy.worker import WorkerContext
+
+# Deadline kinds of a client connection.
+D_NONE: Final = 0
+D_IDLE: Final = 1  # keep-alive, between requests: close quietly
+D_HEAD: Final = 2  # reading a request head: 408
+D_REQUEST: Final = 3  # a whole request: 504 (or cut)
+D_LINGER: Final = 4  # half-closed after an early response: close
+
+P_UPSTREAM: Final = 2  # stop reading the client: the upstream's write buffer is full
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+class UpstreamEvents:
+    """Mixed into ClientConnection: its handlers of proxy.upstream.Exchange events."""
+
+    if TYPE_CHECKING:
+        ctx: WorkerContext
+        transport: asyncio.Transport | None
+        queue: deque[Request]
+        up: UpstreamConnection | None
+        out: list[bytes]
+        resp_framing: int
+        resp_keep: bool
+        tunnel: bool
+        backhaul: bool
+        deadline: float
+        dkind: int
+
+        def local_response(
+            self, r: Request, status: int, text: str, extra: bytes = b""
+        ) -> None: ...
+        def finish(self, r: Request, status: int) -> None: ...
+        def dispatch(self, r: Request, target: Target) -> None: ...
+        def send_body(self, r: Request, up: UpstreamConnection) -> None: ...
+        def abort(self) -> None: ...
+        def pause(self, why: int) -> None: ...
+        def resume(self, why: int) -> None: ...
+
+    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
+        r = self.queue[0]
+        t = r.target
+        if t is not None and not t.local:
+            if up.load >= 0:
+                self.ctx.routing.feedback(t.instance, up.load, time.time())
+            if up.reject and not r.force:
+                r.rejected = True  # swallow this answer; upstream_end retries elsewhere
+                return
+        r.responded = True
+        keep = (
+            self.resp_keep and r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
+        )
+        extra = b""
+        if self.backhaul and t is not None and t.slot >= 0:
+            # The load once this request is done: it is answered now.
+            load = max(0, self.ctx.routing.load_of(t) - 1)
+            extra = b"X-Edgeproxy-Load: %d\r\n" % load
+        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
+        self.resp_framing = framing
+        self.resp_keep = keep
+        r.status = status
+        self.out.append(head)  # goes out with the first body bytes: one write
+
+    def upstream_interim(self, head: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(head)
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.queue and self.queue[0].rejected:
+            return
+        if self.resp_framing == CHUNKED:
+            self.out.append(chunk(data))
+        else:
+            self.out.append(data)
+
+    def upstream_flush(self) -> None:
+        """Write what one upstream read produced, in one call."""
+        out = self.out
+        if not out:
+            return
+        t = self.transport
+        if t is not None:
+            if len(out) == 1:
+                t.write(out[0])
+            elif len(out) == 2 and len(out[1]) < 16384:
+                t.write(out[0] + out[1])
+            else:
+                t.writelines(out)
+        out.clear()
+
+    def upstream_end(self, up: UpstreamConnection) -> None:
+        r = self.queue[0]
+        self.up = None
+        if r.rejected:
+            # "Full, come back later": nothing reached the app; the body never left.
+            up.release(r.framing == NO_BODY)
+            self.rejected_retry(r)
+            return
+        if self.resp_framing == CHUNKED:
+            self.out.append(CHUNK_END)
+        self.upstream_flush()
+        up.release(r.complete)
+        self.finish(r, r.status)
+
+    def rejected_retry(self, r: Request) -> None:
+        ctx = self.ctx
+        now = time.time()
+        ctx.routing.rejected(r, now)
+        r.sent = False
+        if r.replayable or r.hold:
+            r.tries += 1
+            target, status, why = ctx.routing.retry(r, r.app_name, now)
+            if target is not None:
+                ctx.stats_retry("reject")
+                self.dispatch(r, target)
+                return
+            if status == 503:
+                self.local_response(r, 503, why, b"Retry-After: 1\r\n")
+                return
+        self.local_response(
+            r,
+            503,
+            f"edgeproxy: app {r.app_name!r} is at capacity, retry later\n",
+            b"Retry-After: 1\r\n",
+        )
+
+    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
+        r = self.queue[0]
+        self.deadline = 0.0
+        self.dkind = D_NONE
+        self.upstream_flush()
+        if early and self.transport is not None:
+            self.transport.write(early)
+        if not r.tunnel:  # upstream switched protocols we did not ask for
+            self.abort()
+
+    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
+        self.up = None
+        if not self.queue:
+            return
+        r = self.queue[0]
+        if self.tunnel and r.tunnel and r.responded:
+            self.upstream_flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.out.clear()
+        if r.responded:
+            # Part of the response is out: the client must see a cut, not a lie.
+            self.ctx.done(r, 502)
+            self.abort()
+            return
+        if why == LOST_BEFORE_RESPONSE and self.can_replay(r) and r.target is not None:
+            ctx = self.ctx
+            r.sent = False
+            if up.reused:
+                # A pooled connection the instance may have closed as we wrote: again,
+                # on a fresh connection to the same instance.
+                ctx.stats_retry("reset_before_response")
+                ctx.connect(cast("ClientConnection", self), r, r.target)
+                return
+            # A fresh connection died before any answer: the instance is in trouble.
+            target, _, _ = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
+            if target is not None:
+                ctx.stats_retry("reset_before_response")
+                self.dispatch(r, target)
+                return
+        if why == BAD_RESPONSE:
+            self.local_response(r, 502, "edgeproxy: the upstream sent an invalid response\n")
+        else:
+            self.local_response(r, 502, "edgeproxy: the upstream closed the connection\n")
+
+    def upstream_pause(self, paused: bool) -> None:
+        if paused:
+            self.pause(P_UPSTREAM)
+        else:
+            self.resume(P_UPSTREAM)
+
+    def can_replay(self, r: Request) -> bool:
+        return r.method in _IDEMPOTENT and r.replayable and r.complete and r.tries < MAX_TRIES
+
+
+class Abandoned:
+    """The exchange of a client that left: the answer is read and dropped, then counted."""
+
+    __slots__ = ("ctx", "r")
+
+    def __init__(self, ctx: WorkerContext, r: Request) -> None:
+        self.ctx = ctx
+        self.r = r
+
+    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
+        pass
+
+    def upstream_interim(self, head: bytes) -> None:
+        pass
+
+    def upstream_continue(self) -> None:
+        pass
+
+    def upstream_body(self, data: bytes) -> None:
+        pass
+
+    def upstream_flush(self) -> None:
+        pass
+
+    def upstream_end(self, up: UpstreamConnection) -> None:
+        up.release(True)
+        self.ctx.done(self.r, 499)
+
+    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
+        up.abort()
+        self.ctx.done(self.r, 499)
+
+    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
+        self.ctx.done(self.r, 499)
+
+    def upstream_pause(self, paused: bool) -> None:
+        pass
+
+    def upstream_timed_out(self) -> None:
+        self.ctx.done(self.r, 499)
