@@ -183,8 +183,11 @@ def test_writer_killed_with_9_is_taken_over(name: str) -> None:
         assert child.wait(timeout=10) == -signal.SIGKILL
 
     # Readers keep serving the last values; staleness comes from the heartbeat (injected now).
+    # The kill may land inside a set_load: the reader then serves its last good value and
+    # counts a fallback, and the new writer repairs that block to a clean zero.
     (c,) = r.candidates("a")
     last = c.load
+    torn = r.fallbacks > 0
     assert last >= 5 and c.rtt_us == 1000 and c.node_up
     assert r.stale(1000.0 + 0.1, max_age=0.2) == (False, pytest.approx(0.1))
     stale, age = r.stale(1000.0 + 0.3, max_age=0.2)
@@ -197,7 +200,7 @@ def test_writer_killed_with_9_is_taken_over(name: str) -> None:
     assert set(w.instances()) == {"i0"} and set(w.nodes()) == {"n0"}
     (c,) = r.candidates("a")
     assert r.generation > gen and r.writer() == (os.getpid(), 2)
-    assert c.load == last and c.rtt_us == 1000
+    assert c.load == (0 if torn else last) and c.rtt_us == 1000
     w.set_load("i0", 1, 2.0, 2)
     w.heartbeat(2000.0)
     (c,) = r.candidates("a")
@@ -205,6 +208,6 @@ def test_writer_killed_with_9_is_taken_over(name: str) -> None:
     assert r.stale(2000.1, max_age=0.2)[0] is False
     w.put_instance(codec.InstanceRow("a", "i1", "n0", "10.0.0.1:2", 10, 20))
     assert [x.id for x in r.candidates("a")] == ["i0", "i1"]
-    assert r.fallbacks == 0
+    assert r.fallbacks == (1 if torn else 0)
     r.close()
     w.close()
