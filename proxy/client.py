@@ -86,7 +86,7 @@ class ClientConnection(UpstreamEvents, asyncio.Protocol):
         self.dkind = D_NONE
         self.head_raw = 0
         self.in_head = False
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self.paused = 0
         self.write_paused = False
         self.resp_framing = NO_BODY

@@ -42,7 +42,7 @@ class UpstreamEvents:
         transport: asyncio.Transport | None
         queue: deque[Request]
         up: UpstreamConnection | None
-        out: list[bytes]
+        out: list[bytes | memoryview]
         resp_framing: int
         resp_keep: bool
         tunnel: bool
@@ -88,7 +88,7 @@ class UpstreamEvents:
         if self.transport is not None:
             self.transport.write(head)
 
-    def upstream_body(self, data: bytes) -> None:
+    def upstream_body(self, data: bytes | memoryview) -> None:
         if self.queue and self.queue[0].rejected:
             return
         if self.resp_framing == CHUNKED:
@@ -106,7 +106,7 @@ class UpstreamEvents:
             if len(out) == 1:
                 t.write(out[0])
             elif len(out) == 2 and len(out[1]) < 16384:
-                t.write(out[0] + out[1])
+                t.write(b"".join(out))
             else:
                 t.writelines(out)
         out.clear()
@@ -221,7 +221,7 @@ class Abandoned:
     def upstream_continue(self) -> None:
         pass
 
-    def upstream_body(self, data: bytes) -> None:
+    def upstream_body(self, data: bytes | memoryview) -> None:
         pass
 
     def upstream_flush(self) -> None:

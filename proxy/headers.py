@@ -348,9 +348,9 @@ class ResponseHead:
         return b"".join(out), framing, keep
 
 
-def chunk(data: bytes) -> bytes:
+def chunk(data: bytes | memoryview) -> bytes:
     """One chunk of a chunked body."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    return b"".join((b"%x\r\n" % len(data), data, CRLF))
 
 
 _REASONS: Final = {

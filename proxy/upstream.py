@@ -25,7 +25,7 @@ class Exchange(Protocol):
     def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None: ...
     def upstream_interim(self, head: bytes) -> None: ...
     def upstream_continue(self) -> None: ...
-    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_body(self, data: bytes | memoryview) -> None: ...
     def upstream_flush(self) -> None: ...
     def upstream_end(self, up: UpstreamConnection) -> None: ...
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None: ...
@@ -33,6 +33,8 @@ class Exchange(Protocol):
     def upstream_pause(self, paused: bool) -> None: ...
     def upstream_timed_out(self) -> None: ...
 
+
+_SPLIT_MIN = 2048  # reads shorter than this go to the parser whole
 
 # Why an upstream connection failed (the client side maps these to a status).
 LOST_BEFORE_RESPONSE = "reset_before_response"
@@ -111,23 +113,8 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             # Bytes on an idle connection: it can no longer be trusted.
             self.close()
             return
-        left = self.raw_left
-        if left:
-            # The rest of a Content-Length body: relayed as it came, no parser, no copy.
-            n = len(data)
-            if n < left:
-                self.raw_left = left - n
-                ex.upstream_body(data)
-                ex.upstream_flush()
-                return
-            self.raw_left = 0
-            self.parser = httptools.HttpResponseParser(self)  # it never saw these bytes
-            if n > left:
-                self.keep_alive = False  # bytes past the body: this connection is done
-                data = data[:left]
-            ex.upstream_body(data)
-            ex.upstream_flush()
-            self._finish()
+        if self.raw_left:
+            self._relay_raw(ex, data)
             return
         if self.tunnel:
             ex.upstream_body(data)
@@ -135,11 +122,19 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             return
         self.got_bytes = True
         self.body_seen = -1
+        rest: memoryview | None = None
+        if not self.head_done and len(data) > _SPLIT_MIN:
+            # A head and a body in one read: only the head goes through the parser.
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end < len(data) - 4:
+                rest = memoryview(data)[end + 4 :]
+                data = data[: end + 4]
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             if self.tunnel:
-                ex.upstream_tunnel(self, data[e.args[0] :])
+                early = data[e.args[0] :]
+                ex.upstream_tunnel(self, early + rest if rest is not None else early)
         except httptools.HttpParserError:
             self.exchange = None
             self.close()
@@ -147,9 +142,36 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         else:
             seen = self.body_seen
             if seen >= 0 and self.exchange is ex and self.content_length > seen:
-                # Head parsed, body unfinished: take the rest of it past the parser.
+                # Head parsed, body unfinished: the rest of it goes past the parser.
                 self.raw_left = self.content_length - seen
+                if rest is not None:
+                    self._relay_raw(ex, rest)
+                    return
+            elif rest is not None:
+                if self.exchange is ex:
+                    ex.upstream_flush()
+                    self.data_received(bytes(rest))  # chunked, or a final head after a 1xx
+                    return
+                self.keep_alive = False  # bytes after a complete response: done with it
             ex.upstream_flush()
+
+    def _relay_raw(self, ex: Exchange, data: bytes | memoryview) -> None:
+        """The rest of a Content-Length body: relayed as it came, no parser, no copy."""
+        left = self.raw_left
+        n = len(data)
+        if n < left:
+            self.raw_left = left - n
+            ex.upstream_body(data)
+            ex.upstream_flush()
+            return
+        self.raw_left = 0
+        self.parser = httptools.HttpResponseParser(self)  # it never saw these bytes
+        if n > left:
+            self.keep_alive = False  # bytes past the body: this connection is done
+            data = data[:left]
+        ex.upstream_body(data)
+        ex.upstream_flush()
+        self._finish()
 
     # the exchange ----------------------------------------------------------
     def send(self, exchange: Exchange, head: bytes, head_only: bool, deadline: float) -> None:
