@@ -70,16 +70,22 @@ def test_request_head_filter_build_only(benchmark: pytest.FixtureRequest) -> Non
     assert out.startswith(b"GET /index.html?x=1 HTTP/1.1\r\n")
 
 
+RESP_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    + b"".join(n + b": " + v + b"\r\n" for n, v in RESP_HEADERS)
+    + b"\r\n"
+)
+
+
 def test_response_head_filter_build(benchmark: pytest.FixtureRequest) -> None:
-    """Filter an nginx response head and build the client's head (keep-alive, length)."""
+    """Filter an nginx response head (one regex pass) and build the client's head."""
 
     def run() -> bytes:
         head = ResponseHead()
-        head.on_status(b"OK")
-        for n, v in RESP_HEADERS:
-            head.on_header(n, v)
+        head.take(RESP_HEAD)
         out, _, _ = head.build(200, False, True, False)
         return out
 
     out = benchmark(run)  # type: ignore[operator]
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection" not in out
+    assert b"Content-Length: 13\r\n" in out and out.endswith(b"\r\n\r\n")

@@ -8,6 +8,7 @@ bytes they arrived as, joined once.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 # Headers that never cross the proxy (RFC 9110 7.6.1) plus what we re-frame.
@@ -21,27 +22,7 @@ _REQ_DROP: Final = frozenset(
         b"trailer",
     }
 )
-_RESP_DROP: Final = frozenset(
-    {
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 
-_K_DROP, _K_LENGTH, _K_CONNECTION, _K_TE, _K_UPGRADE = range(5)
-_RESP_KIND: Final = {
-    **{n: _K_DROP for n in _RESP_DROP},
-    b"content-length": _K_LENGTH,
-    b"connection": _K_CONNECTION,
-    b"transfer-encoding": _K_TE,
-    b"upgrade": _K_UPGRADE,
-}
 _STATUS: Final = {n: str(n).encode() for n in range(100, 600)}
 
 # Internal headers (node to node). Stripped from what clients send and see.
@@ -235,6 +216,16 @@ class RequestHead:
         return b"".join(out)
 
 
+def _drop_named_lines(fields: bytes, named: set[bytes]) -> bytes:
+    """Drop the field lines that a Connection header named (rare path)."""
+    out = [
+        line + CRLF
+        for line in fields.split(CRLF)
+        if line and line[: line.find(b":")].strip().lower() not in named
+    ]
+    return b"".join(out)
+
+
 def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:
     """Drop the fields that a Connection header named (rare path)."""
     out: list[bytes] = []
@@ -244,15 +235,23 @@ def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:
     return out
 
 
+_RESP_SPECIAL: Final = re.compile(
+    rb"\r\n(content-length|connection|transfer-encoding|keep-alive|te|trailer|upgrade"
+    rb"|proxy-[!#$%&'*+.^_`|~0-9a-z-]*|x-edgeproxy-[!#$%&'*+.^_`|~0-9a-z-]*)"
+    rb"[ \t]*:[ \t]*([^\r\n]*)",
+    re.IGNORECASE,
+)
+
+
 class ResponseHead:
-    """One upstream response's header fields, filtered as they arrive."""
+    """One upstream response's head, filtered whole (one regex pass, no per-field calls)."""
 
     __slots__ = (
         "chunked",
         "conn_tokens",
         "content_length",
+        "fields",
         "load",
-        "parts",
         "reason",
         "reject",
         "upgrade",
@@ -262,7 +261,7 @@ class ResponseHead:
         self.reset()
 
     def reset(self) -> None:
-        self.parts: list[bytes] = []
+        self.fields = b""  # the field lines that go on, each ending with CRLF
         self.reason = b""
         self.content_length = -1
         self.chunked = False
@@ -271,37 +270,45 @@ class ResponseHead:
         self.reject = False
         self.load = -1
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        kind = _RESP_KIND.get(lname)
-        if kind is None:
-            c = lname[0]
-            if (c == 120 and lname.startswith(INTERNAL_PREFIX)) or (
-                c == 112 and lname.startswith(b"proxy-")
-            ):
-                self._internal(lname, value)
-            else:
-                self.parts += (name, b": ", value, CRLF)
-        elif kind == _K_LENGTH:
-            self.content_length = int(value)
-            self.parts += (name, b": ", value, CRLF)
-        elif kind == _K_CONNECTION:
-            toks = _connection_tokens(value)
-            self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
-        elif kind == _K_TE:
-            self.chunked = value.lower().rstrip().endswith(b"chunked")
-        elif kind == _K_UPGRADE:
-            self.upgrade = value
-        # _K_DROP: a hop-by-hop field, not forwarded
-
-    def _internal(self, lname: bytes, value: bytes) -> None:
-        if lname == REJECT:
-            self.reject = True
-        elif lname == LOAD and value.isdigit():
-            self.load = int(value)
+    def take(self, head: bytes) -> None:
+        """Fill from a whole head (status line to the empty line), as llhttp validated it."""
+        self.content_length = -1
+        self.chunked = False
+        self.conn_tokens = None
+        self.upgrade = b""
+        self.reject = False
+        self.load = -1
+        eol = head.find(b"\r\n")
+        sp = head.find(b" ", 9, eol)  # "HTTP/1.1 200 OK": the reason follows the code
+        self.reason = head[sp + 1 : eol] if sp > 0 else b""
+        block = head[eol:-2]  # "\r\nName: value" per field, then the last field's CRLF
+        kept: list[bytes] | None = None
+        pos = 0
+        for m in _RESP_SPECIAL.finditer(block):
+            lname = m.group(1).lower()
+            value = m.group(2).rstrip(b" \t")
+            if lname == b"content-length":
+                self.content_length = int(value)
+                continue  # it travels on
+            if kept is None:
+                kept = []
+            kept.append(block[pos : m.start()])
+            pos = m.end()
+            if lname == b"connection":
+                toks = _connection_tokens(value)
+                self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
+            elif lname == b"transfer-encoding":
+                self.chunked = value.lower().endswith(b"chunked")
+            elif lname == b"upgrade":
+                self.upgrade = value
+            elif lname == REJECT:
+                self.reject = True
+            elif lname == LOAD and value.isdigit():
+                self.load = int(value)
+        if kept is not None:
+            kept.append(block[pos:])
+            block = b"".join(kept)
+        self.fields = block[2:]
 
     def build(
         self,
@@ -312,14 +319,14 @@ class ResponseHead:
         extra: bytes = b"",
     ) -> tuple[bytes, int, bool]:
         """(head for the client, body framing towards the client, keep-alive)."""
-        parts = self.parts
+        fields = self.fields
         toks = self.conn_tokens
         if toks:
             named = {t for t in toks if t not in (b"close", b"keep-alive", b"upgrade")}
             if named:
-                parts = _drop_named(parts, named)
+                fields = _drop_named_lines(fields, named)
         code = _STATUS.get(status) or str(status).encode()
-        out = [b"HTTP/1.1 ", code, b" ", self.reason, CRLF, *parts]
+        out = [b"HTTP/1.1 ", code, b" ", self.reason, CRLF, fields]
         keep = client_keep_alive
         if status == 101:
             out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, CRLF)

@@ -34,7 +34,8 @@ class Exchange(Protocol):
     def upstream_timed_out(self) -> None: ...
 
 
-_SPLIT_MIN = 2048  # reads shorter than this go to the parser whole
+_SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
+_MAX_HEAD = 65536  # a response head larger than this is refused (502)
 
 # Why an upstream connection failed (the client side maps these to a status).
 LOST_BEFORE_RESPONSE = "reset_before_response"
@@ -47,9 +48,11 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
 
     __slots__ = (
         "body_seen",
+        "cur_head",
         "deadline",
         "exchange",
         "got_bytes",
+        "head_acc",
         "head_done",
         "head_only",
         "keep_alive",
@@ -73,6 +76,8 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.got_bytes = False
         self.body_seen = -1  # body bytes the parser gave us (-1: not a sized body)
         self.raw_left = 0  # body bytes still to relay without the parser
+        self.head_acc = b""  # a response head arriving in pieces
+        self.cur_head = b""  # the whole head of the response being parsed
         self.head_done = False
         self.head_only = False
         self.keep_alive = False
@@ -121,39 +126,63 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             ex.upstream_flush()
             return
         self.got_bytes = True
-        self.body_seen = -1
         rest: memoryview | None = None
-        if not self.head_done and len(data) > _SPLIT_MIN:
-            # A head and a body in one read: only the head goes through the parser.
-            end = data.find(b"\r\n\r\n")
-            if 0 <= end < len(data) - 4:
-                rest = memoryview(data)[end + 4 :]
-                data = data[: end + 4]
+        if not self.head_done:
+            # Cut the read at the end of the head: the head's bytes are filtered whole
+            # (ResponseHead.take), not field by field through parser callbacks.
+            acc = self.head_acc
+            buf = acc + data if acc else data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    self._bad(ex)
+                    return
+                self.head_acc = buf
+            else:
+                self.head_acc = b""
+                self.cur_head = buf[: end + 4]
+                cut = end + 4 - len(acc)
+                if cut < len(data):
+                    rest = memoryview(data)[cut:]
+                    data = data[:cut]
+        if not self._feed(ex, data, rest):
+            return
+        if rest is not None:
+            if self.exchange is not ex:
+                self.keep_alive = False  # bytes after a complete response: done with it
+            elif not self.head_done:
+                self.data_received(bytes(rest))  # a final head after an interim (1xx) one
+                return
+            elif self.body_seen >= 0 and len(rest) > _SPLIT_MIN:
+                self.raw_left = self.content_length  # a big sized body: past the parser
+                self._relay_raw(ex, rest)
+                return
+            elif not self._feed(ex, bytes(rest), None):
+                return
+        seen = self.body_seen
+        if seen >= 0 and self.exchange is ex and self.content_length > seen:
+            # Head parsed, body unfinished: the rest of it goes past the parser.
+            self.raw_left = self.content_length - seen
+        ex.upstream_flush()
+
+    def _feed(self, ex: Exchange, data: bytes, rest: memoryview | None) -> bool:
+        """Parse `data`; False when the exchange went elsewhere (tunnel, bad response)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             if self.tunnel:
                 early = data[e.args[0] :]
                 ex.upstream_tunnel(self, early + rest if rest is not None else early)
+            return False
         except httptools.HttpParserError:
-            self.exchange = None
-            self.close()
-            ex.upstream_lost(self, BAD_RESPONSE)
-        else:
-            seen = self.body_seen
-            if seen >= 0 and self.exchange is ex and self.content_length > seen:
-                # Head parsed, body unfinished: the rest of it goes past the parser.
-                self.raw_left = self.content_length - seen
-                if rest is not None:
-                    self._relay_raw(ex, rest)
-                    return
-            elif rest is not None:
-                if self.exchange is ex:
-                    ex.upstream_flush()
-                    self.data_received(bytes(rest))  # chunked, or a final head after a 1xx
-                    return
-                self.keep_alive = False  # bytes after a complete response: done with it
-            ex.upstream_flush()
+            self._bad(ex)
+            return False
+        return True
+
+    def _bad(self, ex: Exchange) -> None:
+        self.exchange = None
+        self.close()
+        ex.upstream_lost(self, BAD_RESPONSE)
 
     def _relay_raw(self, ex: Exchange, data: bytes | memoryview) -> None:
         """The rest of a Content-Length body: relayed as it came, no parser, no copy."""
@@ -180,6 +209,9 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.head_only = head_only
         self.got_bytes = False
         self.head_done = False
+        self.body_seen = -1
+        self.raw_left = 0
+        self.head_acc = b""
         self.deadline = deadline
         assert self.transport is not None
         self.transport.write(head)
@@ -216,11 +248,13 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
 
     # httptools callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
-        self.reset()
+        pass
 
     def on_headers_complete(self) -> None:
         p = self.parser
         status = p.get_status_code()
+        self.take(self.cur_head)
+        self.body_seen = -1
         ex = self.exchange
         assert ex is not None
         if status < 200 and status != 101:
