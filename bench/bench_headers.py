@@ -71,9 +71,7 @@ def test_request_head_filter_build_only(benchmark: pytest.FixtureRequest) -> Non
 
 
 RESP_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    + b"".join(n + b": " + v + b"\r\n" for n, v in RESP_HEADERS)
-    + b"\r\n"
+    b"HTTP/1.1 200 OK\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in RESP_HEADERS) + b"\r\n"
 )
 
 
