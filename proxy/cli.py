@@ -15,13 +15,13 @@ from typing import Any
 import orjson
 
 from proxy import __version__
-from proxy.config import ConfigError, load
+from proxy.config import ConfigError, control_path, load
 
 DEFAULT_CONFIG = os.environ.get("EDGEPROXY_CONFIG", "/etc/edgeproxy/edgeproxy.toml")
 
 
 def _control_path(config_path: str) -> str:
-    return load(config_path).listen.control
+    return control_path(config_path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -287,6 +287,26 @@ def _default_control(node_id: str) -> str:
     return os.path.join(base.split(":")[0], f"edgeproxy-{node_id}.sock")
 
 
+def control_path(path: str) -> str:
+    """Where the master of the config at `path` listens for control, even if the file
+    no longer validates (status must work while a broken edit waits to be fixed)."""
+    try:
+        return load(path).listen.control
+    except ConfigError:
+        pass
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return _default_control("local")
+    listen = data.get("listen")
+    node = data.get("node")
+    if isinstance(listen, dict) and isinstance(listen.get("control"), str):
+        return str(listen["control"])
+    node_id = node.get("id") if isinstance(node, dict) else None
+    return _default_control(node_id if isinstance(node_id, str) else "local")
+
+
 def load(path: str) -> Config:
     """Read and validate the file at `path`."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -188,3 +189,18 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "nope.toml: (file): " in r.stderr, r.stderr
+
+
+def test_status_answers_while_the_config_file_is_broken(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """`edgeproxy status` still reaches the master after a bad edit of its config file."""
+    p = proxy_factory(workers=1)
+    good = p.path.read_text()
+    try:
+        p.path.write_text(good.replace("count = 1", "count = -1"))
+        r = p.cli("status", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["master"]["generation"] == 1
+    finally:
+        p.path.write_text(good)
