@@ -22,7 +22,6 @@ from typing import Any
 
 import orjson
 
-from proxy import __version__
 from proxy.admin import start_admin
 from proxy.config import Config, ConfigError, load, parse_address
 from proxy.control import serve_control
@@ -38,10 +37,11 @@ from proxy.handover import (
     send,
 )
 from proxy.listeners import ListenerSet, ListenKey, wanted_keys
-from proxy.metrics import Aggregator, Snapshot, SnapshotError, block_size_for
+from proxy.metrics import Aggregator, block_size_for
 from proxy.notify import sd_notify
 from proxy.static_table import SharedState, inflight_name
 from proxy.statsblock import StatsBlock
+from proxy.views import MasterViews
 from shm.errors import ShmError
 from shm.reader import TableReader
 
@@ -68,7 +68,7 @@ class WorkerProc:
     )
 
 
-class Master:
+class Master(MasterViews):
     def __init__(
         self,
         config: Config,
@@ -475,85 +475,6 @@ class Master:
             self.shared = SharedState(self.config, [w.cell for w in self.workers.values()])
         except ShmError as e:
             log.error("shared memory after a failed takeover: %s", e)
-
-    # status and metrics ------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        workers = []
-        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot)):
-            info: dict[str, Any] = {
-                "pid": w.pid,
-                "slot": w.slot,
-                "generation": w.generation,
-                "state": w.state,
-            }
-            snap = self.read_block(w)
-            if snap is not None:
-                info["open_connections"] = snap.open_connections
-                info["inflight"] = snap.inflight
-                info["requests"] = sum(snap.requests)
-                info["accepted"] = snap.accepted
-            workers.append(info)
-        return {
-            "master": {
-                "pid": os.getpid(),
-                "generation": self.generation,
-                "version": __version__,
-                "config": self.config_path,
-                "uptime": round(time.time() - self.started, 1),
-                "stopping": self.stopping,
-            },
-            "workers": workers,
-            "listeners": self.listeners.describe(),
-        }
-
-    def read_block(self, w: WorkerProc) -> Snapshot | None:
-        data = w.block.read()
-        if data is None:
-            return None
-        try:
-            return self.aggregator.update(data)
-        except SnapshotError:
-            return None
-
-    def metrics_text(self) -> str:
-        for w in self.workers.values():
-            self.read_block(w)
-        return self.aggregator.render() + self.table_metrics()
-
-    def table_metrics(self) -> str:
-        """The table as the workers see it: stale or not, heartbeat age, writer errors."""
-        if self.table_reader is None:
-            with contextlib.suppress(ShmError, OSError):
-                self.table_reader = TableReader.attach(self.config.table)
-        stale, age, store = True, -1.0, "unknown"
-        if self.table_reader is not None:
-            now = time.time()
-            stale, age = self.table_reader.stale(now, self.config.table.stale_after)
-            store = self.table_reader.store_health(now)[0]
-        errors = self.shared.table_errors if self.shared is not None else 0
-        lines = [
-            "# HELP edgeproxy_table_stale 1 when the table's writer has not beaten in time.",
-            "# TYPE edgeproxy_table_stale gauge",
-            f"edgeproxy_table_stale {int(stale)}",
-            "# HELP edgeproxy_table_heartbeat_age_seconds Age of the writer's heartbeat.",
-            "# TYPE edgeproxy_table_heartbeat_age_seconds gauge",
-            f"edgeproxy_table_heartbeat_age_seconds {age if age != float('inf') else -1:.3f}",
-            "# HELP edgeproxy_table_store_healthy 1 unless the writer reports its cluster store"
-            " down or not connected yet.",
-            "# TYPE edgeproxy_table_store_healthy gauge",
-            f"edgeproxy_table_store_healthy {int(store in ('none', 'ok'))}",
-            "# HELP edgeproxy_table_write_errors_total Table writes that failed (e.g. full).",
-            "# TYPE edgeproxy_table_write_errors_total counter",
-            f"edgeproxy_table_write_errors_total {errors}",
-        ]
-        return "\n".join(lines) + "\n"
-
-    def health(self) -> tuple[int, str]:
-        if self.stopping:
-            return 503, "stopping\n"
-        if not any(w.state == "serving" for w in self.current()):
-            return 503, "no worker serves\n"
-        return 200, "ok\n"
 
 
 def retire_old(sock: socket.socket) -> None:

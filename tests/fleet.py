@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxyctl import REPO, TESTS, LineReader, env
+from proxyctl import REPO, TESTS, LineReader, env, toml_value
 
 READY_TIMEOUT = 20.0
 T = TypeVar("T")
@@ -103,20 +103,8 @@ class Proc:
         return rc
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    raise TypeError(v)
-
-
 def _table(header: str, values: Mapping[str, Any]) -> str:
-    return header + "\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
+    return header + "\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
 
 
 @dataclass

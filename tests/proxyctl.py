@@ -141,7 +141,7 @@ class Upstream:
 # -- config --------------------------------------------------------------------
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -149,12 +149,12 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(v)
 
 
 def _section(name: str, values: dict[str, Any]) -> str:
-    body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+    body = "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
     return f"[{name}]\n{body}\n"
 
 
