@@ -242,7 +242,9 @@ def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
     watchers = [f.nodes["nrt"], f.nodes["sin"]]
     e1 = nodes(dump(hkg))["hkg"]["boot_epoch"]
     held = 5
-    threads = hold_inflight(hkg, held, ms=800)
+    # Held long enough for the load to reach the others through the store even on a busy
+    # machine, and over before the restart (the new life must see the real load, 0).
+    threads = hold_inflight(hkg, held, ms=2500)
 
     def loaded() -> bool | None:
         ok = all(instances(dump(n)).get("hello-hkg", {}).get("load") == held for n in watchers)
@@ -252,10 +254,10 @@ def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
     assert hkg.pinger is not None
     hkg.pinger.signal(signal.SIGKILL)
     hkg.pinger.proc.wait(timeout=5)
-    for t in threads:
-        t.join(timeout=10)
     # the old life's keys are still there (TTL), with load 5: the restart must hide them
     assert all(instances(dump(n))["hello-hkg"]["load"] == held for n in watchers)
+    for t in threads:
+        t.join(timeout=10)
     f.restart_pinger("hkg")
     e2 = nodes(dump(hkg))["hkg"]["boot_epoch"]
     assert e2 > e1
