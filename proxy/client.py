@@ -425,6 +425,8 @@ class ClientConnection(UpstreamEvents, asyncio.Protocol):
             else:
                 t.close()
             return
+        # That exchange's upstream no longer holds us back.
+        self.resume(P_UPSTREAM | P_BUFFER)
         if self.queue:
             nxt = self.queue[0]
             if len(self.queue) == 1:

@@ -211,6 +211,12 @@ class Routing:
         for _ in range(len(cands) + 1):
             tried = r.tried
             got = pick(cands, info.strategy, self.rng, now, tried or (), self.marks, info.k)
+            if got is NoPick.ALL_FULL and len(self.marks):
+                # Full in this worker's own view (marks, what it sent): a remote node's own
+                # count decides, so ask one rather than answer 503 on a guess.
+                again = pick(cands, info.strategy, self.rng, now, tried or (), None, info.k)
+                if not isinstance(again, NoPick) and not again.local:
+                    got = again
             if isinstance(got, NoPick):
                 if got is NoPick.ALL_FULL:
                     return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"

@@ -297,6 +297,9 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
     def release(self, reusable: bool) -> None:
         """Called by the client side once the exchange is over."""
         if reusable and self.keep_alive and not self.tunnel:
+            # A slow client may have paused our reading: a pooled connection must read
+            # (an idle connection's EOF or stray bytes are how it is found dead).
+            self.pause_reading(False)
             self.pool.put(self)
         else:
             self.close()
