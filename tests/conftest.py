@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from etcd_harness import EtcdCluster, require_etcd
 from proxyctl import Proxy, ProxyConfig, Upstream
 
 
@@ -68,3 +69,23 @@ def proxy(shared_proxy: Proxy) -> Iterator[Proxy]:
     assert not left, f"proxy still holds client connections after the test: {left}"
     after = shared_proxy.serving_pids()
     assert after == before, f"worker pids changed during the test: {before} -> {after}"
+
+
+def _etcd(members: int, where: Path) -> Iterator[EtcdCluster]:
+    require_etcd()
+    c = EtcdCluster(members, where)
+    c.start()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def etcd1(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A one-member etcd of this test's own (tests/etcd_harness.py), stopped at teardown."""
+    yield from _etcd(1, tmp_path / "etcd")
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A three-member etcd cluster on loopback ports, stopped at teardown."""
+    yield from _etcd(3, tmp_path / "etcd3")

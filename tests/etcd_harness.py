@@ -2,7 +2,7 @@
 
 Members listen on free 127.0.0.1 ports with data under a temporary directory; `start()`
 waits until every running member answers /health; members can be stopped and started
-again one by one (outage tests). Pytest fixtures `etcd` and `etcd3` are at the bottom.
+again one by one (outage tests). Its pytest fixtures, `etcd1` and `etcd3`, are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -152,23 +151,3 @@ class EtcdCluster:
             with contextlib.suppress(OSError):
                 out.append(f"--- {m.name}:\n" + m.log_path.read_text(errors="replace")[-3000:])
         return "\n".join(out)
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A one-member etcd of this test's own, stopped at teardown."""
-    require_etcd()
-    c = EtcdCluster(1, tmp_path / "etcd")
-    c.start()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A three-member etcd cluster on loopback ports, stopped at teardown."""
-    require_etcd()
-    c = EtcdCluster(3, tmp_path / "etcd3")
-    c.start()
-    yield c
-    c.close()

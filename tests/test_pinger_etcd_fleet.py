@@ -19,13 +19,13 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from etcd_harness import EtcdCluster, require_etcd
+from etcd_harness import EtcdCluster
 from fleet import Fleet, Node, fleet, poll
 
 THREE = [("nrt", "nrt"), ("hkg", "hkg"), ("sin", "sin")]
@@ -288,26 +288,6 @@ def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
 
 
 # --- etcd ----------------------------------------------------------------------------------
-@pytest.fixture
-def etcd1(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A one-member etcd of this test's own."""
-    require_etcd()
-    c = EtcdCluster(1, tmp_path / "etcd")
-    c.start()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A three-member etcd cluster of this test's own."""
-    require_etcd()
-    c = EtcdCluster(3, tmp_path / "etcd3")
-    c.start()
-    yield c
-    c.close()
-
-
 @pytest.mark.slow
 @pytest.mark.etcd
 def test_etcd_routes_local_then_closest_remote(tmp_path: Path, etcd1: EtcdCluster) -> None:

@@ -261,16 +261,6 @@ def test_store_outage_keeps_view_then_reregisters(backend: Backend) -> None:
     run(main())
 
 
-@pytest.fixture
-def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A three-member etcd cluster on loopback ports."""
-    require_etcd()
-    c = EtcdCluster(3, tmp_path / "etcd3")
-    c.start()
-    yield c
-    c.close()
-
-
 @pytest.mark.slow
 def test_etcd_one_member_of_three_stopped(etcd3: EtcdCluster) -> None:
     """One of three etcd members stopped: stores stay healthy and changes still flow."""

@@ -10,12 +10,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
 import pytest
 from consul_double import ConsulDouble
-from etcd_harness import EtcdCluster, require_etcd
+from etcd_harness import EtcdCluster
 from test_pinger_store import Watcher, inst, make_store, node, run
 
 from pinger.consul import ConsulStore, next_index, parse_duration
@@ -161,25 +160,15 @@ def test_consul_restart_destroys_the_old_session(consul: ConsulDouble) -> None:
     run(main())
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A one-member etcd."""
-    require_etcd()
-    c = EtcdCluster(1, tmp_path / "etcd")
-    c.start()
-    yield c
-    c.close()
-
-
 def test_etcd_compaction_forces_a_relist(
-    etcd: EtcdCluster, caplog: pytest.LogCaptureFixture
+    etcd1: EtcdCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A watch that would resume below the compacted revision re-lists instead, and stays right."""
 
     async def main() -> None:
-        a = make_store("etcd", etcd.endpoints, "n1")
+        a = make_store("etcd", etcd1.endpoints, "n1")
         await a.start(node("n1", 1), [inst("n1", "a1", 1)])
-        b = make_store("etcd", etcd.endpoints, "n2")
+        b = make_store("etcd", etcd1.endpoints, "n2")
         assert isinstance(b, EtcdStore)
         await b.start(node("n2", 1), [])
         w = Watcher(b)
