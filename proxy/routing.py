@@ -78,6 +78,7 @@ class Routing:
         self.cells = cells
         self.rng = rng
         self.marks = FullMarks()
+        self.down: dict[str, float] = {}  # instance id -> refused a connection, avoid until
         self.reader: TableReader | None = None
         self.gen = -1
         self.targets: dict[str, Target] = {}
@@ -213,9 +214,11 @@ class Routing:
             got = pick(cands, info.strategy, self.rng, now, tried or (), self.marks, info.k)
             if got is NoPick.ALL_FULL and len(self.marks):
                 # Full in this worker's own view (marks, what it sent): a remote node's own
-                # count decides, so ask one rather than answer 503 on a guess.
-                again = pick(cands, info.strategy, self.rng, now, tried or (), None, info.k)
-                if not isinstance(again, NoPick) and not again.local:
+                # count decides, so ask one rather than answer 503 on a guess. Never a local
+                # instance (its count is exact) nor one that just refused a connection.
+                skip = self._not_guessed(cands, tried, now)
+                again = pick(cands, info.strategy, self.rng, now, skip, None, info.k)
+                if not isinstance(again, NoPick):
                     got = again
             if isinstance(got, NoPick):
                 if got is NoPick.ALL_FULL:
@@ -231,6 +234,15 @@ class Routing:
                 return t, 0, ""
             self.exclude(r, got.id)
         return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
+
+    def _not_guessed(self, cands: Sequence[Any], tried: set[str] | None, now: float) -> set[str]:
+        """Ids the all-full fallback must not pick: tried, local, or recently unreachable."""
+        down = self.down
+        skip = set(tried) if tried else set()
+        for c in cands:
+            if c.local or now < down.get(c.id, now):
+                skip.add(c.id)
+        return skip
 
     def admit(self, t: Target, r: Routed, hard: int, now: float) -> bool:
         """Count the request on a local instance if it is under its hard limit."""
@@ -285,6 +297,7 @@ class Routing:
         t = r.target
         if unreachable and t is not None:
             self.marks.mark_full(t.instance, now, DOWN_HOLD)  # don't pay a refused connect again
+            self.down[t.instance] = now + DOWN_HOLD
         if r.force or t is None or r.tries >= MAX_TRIES:
             return None, 502, ""
         self.exclude(r, t.instance)
@@ -297,6 +310,12 @@ class Routing:
 
     def feedback(self, iid: str, load: int, now: float) -> None:
         self.marks.feedback(iid, load, now)
+
+    def prune(self, now: float, max_age: float) -> None:
+        """Forget expired marks, down holds and feedback older than `max_age` (off the hot path)."""
+        self.marks.prune(now, max_age)
+        if self.down:
+            self.down = {i: u for i, u in self.down.items() if now < u}
 
     def stale(self, now: float) -> bool:
         if self.reader is None:

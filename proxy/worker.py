@@ -227,7 +227,7 @@ class Worker:
     def publish_tick(self) -> None:
         self.publish()
         # Load feedback older than this is no better than the table: forget it.
-        self.ctx.routing.marks.prune(time.time(), FEEDBACK_MAX_AGE)
+        self.ctx.routing.prune(time.time(), FEEDBACK_MAX_AGE)
         self.loop.call_later(PUBLISH, self.publish_tick)
 
     def publish(self) -> None:
