@@ -67,6 +67,7 @@ class ClientConnection(UpstreamEvents, asyncio.Protocol):
         "req",
         "resp_framing",
         "resp_keep",
+        "sink_fd",
         "transport",
         "tunnel",
         "up",
@@ -77,6 +78,7 @@ class ClientConnection(UpstreamEvents, asyncio.Protocol):
         self.ctx = ctx
         self.backhaul = backhaul  # a peer node's connection: requests name their instance
         self.transport: asyncio.Transport | None = None
+        self.sink_fd = -1  # the socket's descriptor: a response body may be spliced into it
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Request] = deque()
         self.req: Request | None = None  # the request being parsed
@@ -98,6 +100,9 @@ class ClientConnection(UpstreamEvents, asyncio.Protocol):
         self.transport = cast("asyncio.Transport", transport)
         peer = self.transport.get_extra_info("peername")
         self.ip = str(peer[0]).encode() if peer else b"unknown"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and self.ctx.pool.splicer is not None:
+            self.sink_fd = sock.fileno()
         ctx = self.ctx
         ctx.clients.add(self)
         self.deadline = ctx.loop.time() + ctx.timeouts.client_header

@@ -45,6 +45,7 @@ class UpstreamEvents:
         out: list[bytes | memoryview]
         resp_framing: int
         resp_keep: bool
+        sink_fd: int
         tunnel: bool
         backhaul: bool
         deadline: float
@@ -96,6 +97,21 @@ class UpstreamEvents:
         else:
             self.out.append(data)
 
+    def upstream_sink(self) -> int:
+        """The client's socket if the response body may go straight into it now, else -1:
+        nothing of ours is waiting to be written, and the body passes unchanged."""
+        t = self.transport
+        if (
+            self.out
+            or t is None
+            or self.resp_framing == CHUNKED
+            or t.get_write_buffer_size()
+            or t.is_closing()
+            or self.queue[0].rejected
+        ):
+            return -1
+        return self.sink_fd
+
     def upstream_flush(self) -> None:
         """Write what one upstream read produced, in one call."""
         out = self.out
@@ -130,8 +146,7 @@ class UpstreamEvents:
         now = time.time()
         ctx.routing.rejected(r, now)
         r.sent = False
-        if r.replayable or r.hold:
-            r.tries += 1
+        if r.replayable or r.hold:  # the try was counted when it was sent (attach)
             target, status, why = ctx.routing.retry(r, r.app_name, now)
             if target is not None:
                 ctx.stats_retry("reject")
@@ -178,7 +193,9 @@ class UpstreamEvents:
             r.sent = False
             if up.reused:
                 # A pooled connection the instance may have closed as we wrote: again,
-                # on a fresh connection to the same instance.
+                # on a fresh connection to the same instance. Not a try: the instance
+                # never had the request.
+                r.tries -= 1
                 ctx.stats_retry("reset_before_response")
                 ctx.connect(cast("ClientConnection", self), r, r.target)
                 return
@@ -243,3 +260,6 @@ class Abandoned:
 
     def upstream_timed_out(self) -> None:
         self.ctx.done(self.r, 499)
+
+    def upstream_sink(self) -> int:
+        return -1

@@ -1,7 +1,8 @@
 """Connections to app instances (local or a peer's backhaul) and their pool.
 
 Owns the upstream side of one exchange: writing the request, parsing the
-response with httptools, relaying it to the client connection, and keeping
+response with httptools, relaying it to the client connection (a big sized
+body spliced socket to socket when the client can take it), and keeping
 healthy keep-alive connections per target. It must not route or decide
 retries: it reports what happened and the client connection decides.
 """
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from proxy import splice
 from proxy.headers import ResponseHead
 
 if TYPE_CHECKING:
@@ -32,10 +34,16 @@ class Exchange(Protocol):
     def upstream_lost(self, up: UpstreamConnection, why: str) -> None: ...
     def upstream_pause(self, paused: bool) -> None: ...
     def upstream_timed_out(self) -> None: ...
+    def upstream_sink(self) -> int: ...
 
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
 _MAX_HEAD = 65536  # a response head larger than this is refused (502)
+# A response's first read is this small, so a big body is still in the socket once the
+# head is parsed and can be spliced; later reads (chunked, tunnels) take up to READ_SIZE.
+HEAD_READ = 16384
+READ_SIZE = 262144
+SPLICE_MIN = 16384  # body bytes left after a read worth a splice (else: an ordinary read)
 
 # Why an upstream connection failed (the client side maps these to a status).
 LOST_BEFORE_RESPONSE = "reset_before_response"
@@ -43,7 +51,7 @@ LOST_MID_RESPONSE = "lost_mid_response"
 BAD_RESPONSE = "bad_response"
 
 
-class UpstreamConnection(asyncio.Protocol, ResponseHead):
+class UpstreamConnection(asyncio.BufferedProtocol, ResponseHead):
     """One TCP connection to a target; at most one exchange at a time."""
 
     __slots__ = (
@@ -51,6 +59,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         "cur_head",
         "deadline",
         "exchange",
+        "fd",
         "got_bytes",
         "head_acc",
         "head_done",
@@ -70,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's descriptor, for splice
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
         self.deadline = 0.0
@@ -87,6 +97,9 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
     # asyncio.Protocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and self.pool.splicer is not None:
+            self.fd = sock.fileno()
         self.pool.open.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -111,6 +124,13 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.upstream_pause(False)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        pool = self.pool
+        return pool.read_all if self.head_done or self.tunnel else pool.read_head
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.pool.read_all[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -164,6 +184,8 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             # Head parsed, body unfinished: the rest of it goes past the parser.
             self.raw_left = self.content_length - seen
         ex.upstream_flush()
+        if self.raw_left >= SPLICE_MIN and self.exchange is ex:
+            self._splice(ex)
 
     def _feed(self, ex: Exchange, data: bytes, rest: memoryview | None) -> bool:
         """Parse `data`; False when the exchange went elsewhere (tunnel, bad response)."""
@@ -192,14 +214,36 @@ class UpstreamConnection(asyncio.Protocol, ResponseHead):
             self.raw_left = left - n
             ex.upstream_body(data)
             ex.upstream_flush()
+            if left - n >= SPLICE_MIN:
+                self._splice(ex)
             return
-        self.raw_left = 0
-        self.parser = httptools.HttpResponseParser(self)  # it never saw these bytes
         if n > left:
             self.keep_alive = False  # bytes past the body: this connection is done
             data = data[:left]
         ex.upstream_body(data)
         ex.upstream_flush()
+        self._raw_end()
+
+    def _splice(self, ex: Exchange) -> None:
+        """Move what the socket holds of the body straight into the client's socket."""
+        sp = self.pool.splicer
+        if sp is None or self.fd < 0:
+            return
+        dst = ex.upstream_sink()
+        if dst < 0:
+            return
+        moved, stuck, _ = sp.move(self.fd, dst, self.raw_left)
+        left = self.raw_left - moved - len(stuck)
+        self.raw_left = left
+        if stuck:
+            ex.upstream_body(stuck)  # the client's socket is full: the transport buffers
+            ex.upstream_flush()
+        if left == 0 and self.exchange is ex:
+            self._raw_end()
+
+    def _raw_end(self) -> None:
+        self.raw_left = 0
+        self.parser = httptools.HttpResponseParser(self)  # it never saw the body's bytes
         self._finish()
 
     # the exchange ----------------------------------------------------------
@@ -322,6 +366,12 @@ class Pool:
         self.idle: dict[str, list[UpstreamConnection]] = {}
         self.open: set[UpstreamConnection] = set()
         self.idle_count = 0
+        # One read buffer for every connection of the worker: a read is copied out of it
+        # before the next one (uvloop reads into it only for the length of a callback).
+        buf = memoryview(bytearray(READ_SIZE))
+        self.read_all = buf
+        self.read_head = buf[:HEAD_READ]
+        self.splicer = splice.Splicer() if splice.available() else None
 
     def get(self, key: str) -> UpstreamConnection | None:
         conns = self.idle.get(key)

@@ -125,3 +125,42 @@ def test_upload_to_slow_reader_applies_backpressure(proxy: Proxy, upstream: Upst
     assert r.status == 200, r
     assert r.json()["body_len"] == n
     assert r.json()["body_sha256"] == h.hexdigest()
+
+
+SPLICE_SIZES = [0, 1, 16383, 16384, 16385, 32768 + 7, 65536, 65536 + 1, 1_000_001]
+
+
+def test_sized_bodies_around_the_splice_threshold_in_sequence(proxy: Proxy) -> None:
+    """Content-Length bodies just under, at and over the sizes where the proxy stops copying
+    and splices socket to socket: each arrives whole, in order, on one keep-alive connection."""
+    with Client(proxy.port, timeout=10) as c:
+        for n in SPLICE_SIZES:
+            c.send(request_bytes("GET", f"/big?bytes={n}"))
+            r = c.response(timeout=10)
+            assert r.status == 200, (n, r)
+            assert len(r.body) == n
+            assert r.body == pattern(0, n), f"body of {n} bytes differs"
+
+
+def test_sized_bodies_pipelined_arrive_in_order(proxy: Proxy) -> None:
+    """Pipelined requests for big and small bodies: answered in order, none spliced into
+    the middle of another (a spliced body must never overtake bytes still buffered)."""
+    sizes = SPLICE_SIZES + list(reversed(SPLICE_SIZES))
+    with Client(proxy.port, timeout=10) as c:
+        c.send(b"".join(request_bytes("GET", f"/big?bytes={n}") for n in sizes))
+        for n in sizes:
+            r = c.response(timeout=10)
+            assert r.status == 200, (n, r)
+            assert r.body == pattern(0, n), f"body of {n} bytes differs"
+
+
+def test_sized_body_arriving_in_pieces(proxy: Proxy) -> None:
+    """A big body the upstream sends in 7000-byte pieces 2 ms apart: the proxy splices
+    what is there, waits for more, and the client gets every byte once, in order."""
+    n = 300_000
+    with Client(proxy.port, timeout=10) as c:
+        for _ in range(2):
+            c.send(request_bytes("GET", f"/big?bytes={n}&step=7000&pause=2"))
+            r = c.response(timeout=10)
+            assert r.status == 200, r
+            assert r.body == pattern(0, n)

@@ -400,10 +400,13 @@ class Handler:
         return self.respond(req, 200, json.dumps(info).encode())
 
     def big(self, req: Request) -> bool:
-        """Stream `bytes` pattern bytes; blocking sendall is the backpressure."""
+        """Stream `bytes` pattern bytes; blocking sendall is the backpressure.
+        `step` bytes per send (64 KiB), `pause` ms between sends (0)."""
         self.consume_body(req)
         q = req.query
         total = int(q.get("bytes", "0"))
+        step = int(q.get("step", "65536"))
+        pause = float(q.get("pause", "0")) / 1000
         tag = q.get("tag")
         chunked = q.get("chunked") == "1"
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
@@ -413,8 +416,9 @@ class Handler:
         if req.method == "HEAD":
             return True
         sent = 0
-        step = 65536
         while sent < total:
+            if pause and sent:
+                time.sleep(pause)
             piece = pattern(sent, min(step, total - sent))
             if chunked:
                 self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))

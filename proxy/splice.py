@@ -1,0 +1,89 @@
+"""Zero-copy relay of a response body from an upstream socket to a client socket.
+
+Owns one pipe per worker and the splice(2) loop through it: socket -> pipe ->
+socket, so a big Content-Length body never becomes a Python object and is
+never copied through user space. The pipe is empty between calls (whatever
+the client could not take is read back out and returned to the caller, who
+writes it the ordinary way), so one pipe serves every connection of a worker.
+It must not decide when splicing is allowed: proxy.upstream does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from typing import Final
+
+_F_SETPIPE_SZ: Final = 1031  # fcntl.F_SETPIPE_SZ (Linux)
+_F_GETPIPE_SZ: Final = 1032
+PIPE_SIZE: Final = 1 << 20  # bytes the pipe holds: one splice in moves up to this much
+_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_WAIT: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
+
+
+def available() -> bool:
+    """Whether this platform can splice (Linux, Python >= 3.10)."""
+    return hasattr(os, "splice")
+
+
+class Splicer:
+    """One worker's pipe and the loop that moves bytes through it."""
+
+    __slots__ = ("cap", "r", "w")
+
+    def __init__(self, size: int = PIPE_SIZE) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.cap = fcntl.fcntl(self.w, _F_SETPIPE_SZ, size)
+        except OSError:  # over /proc/sys/fs/pipe-max-size: keep the default
+            self.cap = fcntl.fcntl(self.w, _F_GETPIPE_SZ)
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def move(self, src: int, dst: int, want: int) -> tuple[int, bytes, bool]:
+        """Move up to `want` bytes from socket `src` to socket `dst`.
+
+        Returns (delivered, stuck, drained): `delivered` bytes reached `dst`;
+        `stuck` were taken from `src` but `dst` would not take them now (the caller
+        must write them itself, in order, before anything else); `drained` is True
+        when `src` had nothing more to give right now (or failed, or hit EOF: its
+        transport will see that on its next read).
+        """
+        delivered = 0
+        splice = os.splice
+        while want > 0:
+            try:
+                n = splice(src, self.w, min(want, self.cap), flags=_FLAGS)
+            except OSError:
+                return delivered, b"", True
+            if n <= 0:
+                return delivered, b"", True  # EOF: the transport reports it
+            want -= n
+            sent = 0
+            while sent < n:
+                try:
+                    sent += splice(self.r, dst, n - sent, flags=_FLAGS)
+                except OSError as e:
+                    # The client's socket is full (or broken): what it did not take comes
+                    # back out of the pipe, for the transport to write or to fail on.
+                    stuck = self._drain(n - sent)
+                    if e.errno not in _WAIT:
+                        return delivered + sent, stuck, True
+                    return delivered + sent, stuck, False
+            delivered += n
+        return delivered, b"", False
+
+    def _drain(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        while n > 0:
+            b = os.read(self.r, n)
+            if not b:
+                break
+            parts.append(b)
+            n -= len(b)
+        return b"".join(parts)
