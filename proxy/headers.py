@@ -23,6 +23,20 @@ _REQ_DROP: Final = frozenset(
     }
 )
 
+# Every request field name that is not simply forwarded (besides proxy-* and x-edgeproxy-*).
+_REQ_SPECIAL: Final = _REQ_DROP | {
+    b"host",
+    b"connection",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"via",
+    b"upgrade",
+    b"expect",
+    b"content-length",
+    b"transfer-encoding",
+}
+
 _STATUS: Final = {n: str(n).encode() for n in range(100, 600)}
 
 # Internal headers (node to node). Stripped from what clients send and see.
@@ -123,6 +137,12 @@ class RequestHead:
         if self.size > self.max_bytes:
             raise HeadError(431, "request head too large")
         lname = name.lower()
+        if lname in _REQ_SPECIAL or lname[:6] == b"proxy-" or lname[:12] == INTERNAL_PREFIX:
+            self._special(lname, name, value)
+        else:
+            self.parts += (name, b": ", value, CRLF)  # most fields: forwarded as they came
+
+    def _special(self, lname: bytes, name: bytes, value: bytes) -> None:
         if lname == b"host":
             if self.host:
                 raise HeadError(400, "more than one Host header")
@@ -159,8 +179,6 @@ class RequestHead:
                 self.prefer = value.strip()
             elif lname == TARGET_INSTANCE:
                 self.instance = value.strip()
-        else:
-            self.parts += (name, b": ", value, CRLF)
 
     def hostname(self) -> str:
         """The Host without port, lower-cased (what apps are keyed by)."""
@@ -243,6 +261,9 @@ _RESP_SPECIAL: Final = re.compile(
 )
 
 
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
 class ResponseHead:
     """One upstream response's head, filtered whole (one regex pass, no per-field calls)."""
 
@@ -285,8 +306,8 @@ class ResponseHead:
         kept: list[bytes] | None = None
         pos = 0
         for m in _RESP_SPECIAL.finditer(block):
-            lname = m.group(1).lower()
-            value = m.group(2).rstrip(b" \t")
+            name, value = m.group(1, 2)
+            lname = name.lower()
             if lname == b"content-length":
                 self.content_length = int(value)
                 continue  # it travels on
@@ -295,16 +316,20 @@ class ResponseHead:
             kept.append(block[pos : m.start()])
             pos = m.end()
             if lname == b"connection":
-                toks = _connection_tokens(value)
-                self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
+                value = value.rstrip(b" \t")
+                if value.lower() not in _PLAIN_CONNECTION:  # names fields to drop
+                    toks = _connection_tokens(value)
+                    self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
             elif lname == b"transfer-encoding":
-                self.chunked = value.lower().endswith(b"chunked")
+                self.chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
             elif lname == b"upgrade":
-                self.upgrade = value
+                self.upgrade = value.rstrip(b" \t")
             elif lname == REJECT:
                 self.reject = True
-            elif lname == LOAD and value.isdigit():
-                self.load = int(value)
+            elif lname == LOAD:
+                value = value.rstrip(b" \t")
+                if value.isdigit():
+                    self.load = int(value)
         if kept is not None:
             kept.append(block[pos:])
             block = b"".join(kept)
