@@ -22,17 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ports import free_port
 from proxyctl import REPO, TESTS, LineReader, env, toml_value
 
 READY_TIMEOUT = 20.0
 T = TypeVar("T")
-
-
-def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
-    """A port on `host` that nothing is bound to right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def poll(fn: Callable[[], T | None], timeout: float, step: float = 0.05) -> T | None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 READY_TIMEOUT = 15.0
@@ -34,13 +36,6 @@ def env() -> dict[str, str]:
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e["PYTHONUNBUFFERED"] = "1"
     return e
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that nothing is bound to right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 # -- line reader for a child's stdout ------------------------------------------
@@ -196,7 +191,7 @@ class ProxyConfig:
             out += _section("limits", self.limits)
         if self.pool:
             out += _section("pool", self.pool)
-        out += _section("pinger", {"listen": f"{HOST}:{free_port(socket.SOCK_DGRAM)}"})
+        out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
         for app in apps + self.extra_apps:

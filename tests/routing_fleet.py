@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
 from proxyctl import REPO, Client, LineReader, Proxy, Response, env
 
 APP = "shop"
@@ -38,13 +39,6 @@ _counter = itertools.count()
 
 def ip(n: int) -> str:
     return f"127.0.0.{n}"
-
-
-def free_port_on(host: str, kind: int = socket.SOCK_STREAM) -> int:
-    """A port on `host` that nothing is bound to right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def instance_id(n: int) -> str:
@@ -120,7 +114,7 @@ class Instance:
         self.n = n
         self.id = instance_id(n)
         self.host = ip(n)
-        self.port = port if port is not None else free_port_on(self.host)
+        self.port = port if port is not None else free_port(self.host)
         self.proc: subprocess.Popen[bytes] | None = None
         self.reader: LineReader | None = None
         self.start()
@@ -190,8 +184,8 @@ class NodeConfig:
     uid: str = ""
 
     def __post_init__(self) -> None:
-        self.port = free_port_on(ip(self.n))
-        self.admin_port = free_port_on("127.0.0.1")
+        self.port = free_port(ip(self.n))
+        self.admin_port = free_port("127.0.0.1")
         self.uid = f"{self.tag}-n{self.n}"
 
     @property
@@ -341,8 +335,8 @@ def start_fleet(workdir: Path) -> Fleet:
     try:
         for n in NODES:
             instances[n] = Instance(n)
-        backhauls = {n: free_port_on(ip(n)) for n in NODES}
-        pings = {n: free_port_on(ip(n), socket.SOCK_DGRAM) for n in NODES}
+        backhauls = {n: free_port(ip(n)) for n in NODES}
+        pings = {n: free_port(ip(n), socket.SOCK_DGRAM) for n in NODES}
         cfgs = {n: NodeConfig(n, instances, tag, backhauls, pings) for n in NODES}
         failures: list[BaseException] = []
 

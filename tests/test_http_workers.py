@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from proxyctl import REPO, Client, Proxy, env, free_port, request_bytes
+from ports import free_port
+from proxyctl import REPO, Client, Proxy, env, request_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

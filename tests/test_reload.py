@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 from proxyctl import (
     Client,
     Proxy,
     ProxyConfig,
     ProxyStartError,
     Upstream,
-    free_port,
     request_bytes,
     wait_until,
 )
