@@ -165,7 +165,9 @@ class Routing:
     def _candidates(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
         reader = self.reader
         if reader is not None:
-            cands = reader.candidates(app)
+            # Local instances are counted in the in-flight cells: their published load
+            # (older) is not read unless one has no cell (pick reads it then).
+            cands = reader.candidates(app, self.cells is not None)
             if reader.generation != self.gen:
                 self._refresh(reader)
             return cands, self.apps.get(app)
@@ -185,6 +187,8 @@ class Routing:
                     t = targets.get(c.id)
                     if t is not None and t.slot >= 0:
                         c.load = cells.total(t.slot)  # fresher than any published load
+                    elif self.reader is not None:
+                        self.reader.load_of(c)  # no cell: the published load it is
             elif not getattr(c, "node_up", True):
                 c.rtt_us = -1  # a node the pinger sees down ranks after every measured one
         if r.force:

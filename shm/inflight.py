@@ -127,10 +127,24 @@ class InflightSegment:
         return {iid: self.total(slot) for iid, slot in self.slots().items()}
 
 
+_HEAD = struct.Struct("<4q")  # the first cells of a column, where live workers usually are
+_HEAD_BYTES = _HEAD.size
+
+
 class InflightCells:
     """One worker's cells: it is the only process that writes them."""
 
-    __slots__ = ("_cells", "_column", "_idx", "_mm", "_seg", "_starts", "cell_index")
+    __slots__ = (
+        "_cells",
+        "_column",
+        "_idx",
+        "_mm",
+        "_seg",
+        "_size",
+        "_starts",
+        "_zero_tail",
+        "cell_index",
+    )
 
     def __init__(self, segment: InflightSegment, cell_index: int) -> None:
         if not 0 <= cell_index < segment.max_workers:
@@ -143,6 +157,8 @@ class InflightCells:
         lay = segment.layout
         self._idx = [lay.cell(s, cell_index) for s in range(lay.max_local)]
         self._starts = [lay.cells_at + s * lay.max_workers * 8 for s in range(lay.max_local)]
+        self._size = lay.max_workers * 8
+        self._zero_tail = bytes(max(0, self._size - _HEAD_BYTES))
 
     def inc(self, slot: int) -> None:
         """One more request in flight on `slot` (this worker's cell)."""
@@ -158,7 +174,13 @@ class InflightCells:
 
     def total(self, slot: int) -> int:
         """In-flight requests on `slot` over all workers (the hard-limit check)."""
-        return sum(self._column.unpack_from(self._mm, self._starts[slot]))
+        # Live workers usually hold the low cells: when the rest of the column is all
+        # zero bytes (one compare), only the first few are unpacked.
+        at = self._starts[slot]
+        mm = self._mm
+        if self._size > _HEAD_BYTES and mm[at + _HEAD_BYTES : at + self._size] == self._zero_tail:
+            return sum(_HEAD.unpack_from(mm, at))
+        return sum(self._column.unpack_from(mm, at))
 
     def slot_of(self, instance_id: str) -> int | None:
         """The local slot of `instance_id` (directory cached by generation)."""

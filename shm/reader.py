@@ -160,8 +160,12 @@ class TableReader:
         return self._gen
 
     # --- the hot path ---------------------------------------------------------------------
-    def candidates(self, app: str) -> Sequence[Candidate]:
-        """The app's instances with load and node RTT read now (empty if none)."""
+    def candidates(self, app: str, skip_local: bool = False) -> Sequence[Candidate]:
+        """The app's instances with load and node RTT read now (empty if none).
+
+        `skip_local`: leave local instances' published load unread (a caller that counts
+        them itself); `load_of` reads one when it needs it after all.
+        """
         mm = self._mm
         g, ng = codec.GEN.unpack_from(mm, _GEN_AT)
         if g != self._gen or g ^ ng != _M64:
@@ -171,6 +175,8 @@ class TableReader:
             return _EMPTY
         unpack = codec.HOT.unpack_from
         for c in cands:
+            if skip_local and c.local:
+                continue
             s, a, b, x, y, k = unpack(mm, c._load_at)
             # codec.hot_check(), inlined: a call costs as much as the check itself
             chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
@@ -193,6 +199,10 @@ class TableReader:
                     c.node_up = x > 0xFFFFFFFF
                     c.last_heard_us = y
         return cands
+
+    def load_of(self, c: Candidate) -> None:
+        """Read `c`'s published load now (one candidate; see `candidates(skip_local=True)`)."""
+        self._reread_load(c)
 
     def app_for_host(self, host: str) -> str | None:
         """The app serving `host` (lower-case, port stripped by the caller), or None."""

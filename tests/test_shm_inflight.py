@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shm import segment
 from shm.errors import LayoutMismatchError, TableFull, WriterBusyError
@@ -127,3 +129,28 @@ def test_master_restart_keeps_slots_and_counts(name: str) -> None:
         InflightWriter.create(name, max_workers=8, max_local_instances=4)
     with pytest.raises(LayoutMismatchError, match="expected 8 x 4"):
         InflightSegment.attach(name, max_workers=8)
+
+
+@given(counts=st.dictionaries(st.integers(0, 63), st.integers(1, 1000), max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_total_is_the_sum_wherever_the_busy_cells_are(counts: dict[int, int]) -> None:
+    """total() skips the column's tail when it is all zero: the sum is the same whether the
+    busy cells are the first few (live workers) or anywhere up to the last one."""
+    n = f"/ept-infl-{os.getpid()}-{next(_COUNTER)}"
+    w = InflightWriter.create(n, max_workers=64, max_local_instances=2)
+    try:
+        slot = w.assign_instances(["x", "y"])["x"]
+        other = 1 - slot
+        cells = [InflightCells(w.segment, i) for i in range(64)]
+        for i, k in counts.items():
+            for _ in range(k):
+                cells[i].inc(slot)
+            cells[i].inc(other)  # the neighbouring slot's column must not leak in
+        want = sum(counts.values())
+        assert cells[0].total(slot) == want
+        assert cells[63].total(slot) == want
+        assert w.segment.total(slot) == want
+        assert cells[5].total(other) == len(counts)
+    finally:
+        w.close()
+        segment.unlink(n)

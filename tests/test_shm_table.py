@@ -363,3 +363,30 @@ def test_reader_caches_topology_until_the_generation_moves(name: str) -> None:
     assert r.candidates("nope") == ()
     r.close()
     w.close()
+
+
+def test_candidates_can_leave_local_loads_unread(name: str) -> None:
+    """skip_local: a caller that counts its node's instances itself gets remote loads read
+    now and local ones untouched (not even a torn-read check); load_of reads one on demand."""
+    w = TableWriter.open(cfg(), name)
+    w.put_node(codec.NodeRow("far", "r", "127.0.0.3:4280", 1))
+    w.put_app(codec.AppRow("a", ("a.test",), "closest", 5, 8, 2))
+    w.put_instance(codec.InstanceRow("a", "mine", "here", "127.0.0.1:1", 5, 8))
+    w.put_instance(codec.InstanceRow("a", "theirs", "far", "127.0.0.3:1", 5, 8))
+    w.set_load("mine", 3, 1.0, 1)
+    w.set_load("theirs", 4, 1.0, 1)
+    r = TableReader.attach(cfg(), name, local_node="here")
+    by_id = {c.id: c for c in r.candidates("a")}
+    assert by_id["mine"].local and not by_id["theirs"].local
+    assert (by_id["mine"].load, by_id["theirs"].load) == (3, 4)
+    by_id["mine"].load = 99  # what the caller's own count said
+    w.set_load("mine", 6, 2.0, 1)
+    w.set_load("theirs", 7, 2.0, 1)
+    by_id = {c.id: c for c in r.candidates("a", skip_local=True)}
+    assert (by_id["mine"].load, by_id["theirs"].load) == (99, 7)
+    r.load_of(by_id["mine"])
+    assert by_id["mine"].load == 6
+    by_id = {c.id: c for c in r.candidates("a")}
+    assert by_id["mine"].load == 6
+    r.close()
+    w.close()
