@@ -11,7 +11,6 @@ It must not decide when splicing is allowed: proxy.upstream does.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 from typing import Final
@@ -20,7 +19,6 @@ _F_SETPIPE_SZ: Final = 1031  # fcntl.F_SETPIPE_SZ (Linux)
 _F_GETPIPE_SZ: Final = 1032
 PIPE_SIZE: Final = 1 << 20  # bytes the pipe holds: one splice in moves up to this much
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_WAIT: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
 
 def available() -> bool:
@@ -45,14 +43,13 @@ class Splicer:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def move(self, src: int, dst: int, want: int) -> tuple[int, bytes, bool]:
+    def move(self, src: int, dst: int, want: int) -> tuple[int, bytes]:
         """Move up to `want` bytes from socket `src` to socket `dst`.
 
-        Returns (delivered, stuck, drained): `delivered` bytes reached `dst`;
-        `stuck` were taken from `src` but `dst` would not take them now (the caller
-        must write them itself, in order, before anything else); `drained` is True
-        when `src` had nothing more to give right now (or failed, or hit EOF: its
-        transport will see that on its next read).
+        Returns (delivered, stuck): `delivered` bytes reached `dst`; `stuck` were taken
+        from `src` but `dst` would not take them now (the caller must write them itself,
+        in order, before anything else). It stops early when `src` has nothing more to
+        give right now, hits EOF or fails: its transport sees that on its next read.
         """
         delivered = 0
         splice = os.splice
@@ -60,23 +57,20 @@ class Splicer:
             try:
                 n = splice(src, self.w, min(want, self.cap), flags=_FLAGS)
             except OSError:
-                return delivered, b"", True
+                return delivered, b""
             if n <= 0:
-                return delivered, b"", True  # EOF: the transport reports it
+                return delivered, b""  # EOF: the transport reports it
             want -= n
             sent = 0
             while sent < n:
                 try:
                     sent += splice(self.r, dst, n - sent, flags=_FLAGS)
-                except OSError as e:
+                except OSError:
                     # The client's socket is full (or broken): what it did not take comes
                     # back out of the pipe, for the transport to write or to fail on.
-                    stuck = self._drain(n - sent)
-                    if e.errno not in _WAIT:
-                        return delivered + sent, stuck, True
-                    return delivered + sent, stuck, False
+                    return delivered + sent, self._drain(n - sent)
             delivered += n
-        return delivered, b"", False
+        return delivered, b""
 
     def _drain(self, n: int) -> bytes:
         parts: list[bytes] = []

@@ -232,7 +232,7 @@ class UpstreamConnection(asyncio.BufferedProtocol, ResponseHead):
         dst = ex.upstream_sink()
         if dst < 0:
             return
-        moved, stuck, _ = sp.move(self.fd, dst, self.raw_left)
+        moved, stuck = sp.move(self.fd, dst, self.raw_left)
         left = self.raw_left - moved - len(stuck)
         self.raw_left = left
         if stuck:

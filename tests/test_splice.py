@@ -52,7 +52,7 @@ def test_moves_what_the_source_holds_and_stops_at_want(sockets) -> None:
     moved_total = 0
     # The source may hold the bytes in pieces: splice until `want` is reached.
     for _ in range(1000):
-        moved, stuck, _drained = sp.move(up_r.fileno(), cl_w.fileno(), 100_000 - moved_total)
+        moved, stuck = sp.move(up_r.fileno(), cl_w.fileno(), 100_000 - moved_total)
         assert stuck == b""
         moved_total += moved
         if moved_total == 100_000:
@@ -66,7 +66,7 @@ def test_moves_what_the_source_holds_and_stops_at_want(sockets) -> None:
 def test_nothing_to_read_is_drained_with_nothing_moved(sockets) -> None:
     _, up_r, cl_w, _ = sockets
     sp = Splicer()
-    assert sp.move(up_r.fileno(), cl_w.fileno(), 1000) == (0, b"", True)
+    assert sp.move(up_r.fileno(), cl_w.fileno(), 1000) == (0, b"")
     sp.close()
 
 
@@ -86,7 +86,7 @@ def test_a_full_client_socket_gives_the_rest_back_in_order(sockets) -> None:
             with contextlib.suppress(BlockingIOError):
                 sent += up_w.send(body[sent : sent + 65536])
         want = size - moved_total - len(stuck_all)
-        moved, stuck, _ = sp.move(up_r.fileno(), cl_w.fileno(), want)
+        moved, stuck = sp.move(up_r.fileno(), cl_w.fileno(), want)
         moved_total += moved
         if stuck:
             stuck_all += stuck
@@ -104,8 +104,8 @@ def test_eof_from_the_source_stops_the_loop(sockets) -> None:
     up_w.close()
     moved_total = 0
     for _ in range(100):
-        moved, stuck, drained = sp.move(up_r.fileno(), cl_w.fileno(), 10_000)
-        assert stuck == b"" and drained
+        moved, stuck = sp.move(up_r.fileno(), cl_w.fileno(), 10_000)
+        assert stuck == b""
         moved_total += moved
         if moved == 0:
             break
