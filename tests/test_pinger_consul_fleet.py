@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from consul_double import ConsulDouble
 from test_pinger_etcd_fleet import (
+    QUICK_TTL,
     scenario_kill9,
     scenario_quick_restart,
     scenario_routing,
@@ -54,6 +55,6 @@ def test_consul_quick_restart_drops_the_last_lifes_load(
     tmp_path: Path, consul: ConsulDouble
 ) -> None:
     """A pinger restarted within its session TTL: peers show its new epoch, none of the old load."""
-    with store_fleet(tmp_path, "consul", [consul.url]) as f:
+    with store_fleet(tmp_path, "consul", [consul.url], ttl=QUICK_TTL) as f:
         got = scenario_quick_restart(f)
         print(f"consul quick restart: {got}")

@@ -31,6 +31,7 @@ from fleet import Fleet, Node, fleet, poll
 THREE = [("nrt", "nrt"), ("hkg", "hkg"), ("sin", "sin")]
 ONE_WAY = {("nrt", "hkg"): 25.0, ("nrt", "sin"): 35.0, ("hkg", "sin"): 17.0}
 TTL = 3.0
+QUICK_TTL = 8.0  # the quick-restart scenario: room for a held load, a kill and a restart
 CONVERGE = 15.0  # seconds a fresh fleet may take to learn everyone (bounded wait)
 
 FleetFactory = Callable[..., AbstractContextManager[Fleet]]
@@ -236,24 +237,40 @@ def scenario_kill9(f: Fleet) -> dict[str, Any]:
 
 def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
     """kill -9 of hkg's pinger and a restart before its TTL ran out: once the others see the
-    new epoch, hkg's instance shows that epoch and never the load of the last life."""
+    new epoch, hkg's instance shows that epoch and never the load of the last life.
+
+    Run with a fleet of TTL QUICK_TTL: the held load must still be held when the pinger is
+    killed (else the old life's last word was 0, and there is nothing to hide), over before
+    the restart (the new life must see the real load, 0), and the restart must come before
+    the TTL runs out. A load that reached the others too late in the hold is not a result:
+    the hold is waited out and the setup tried again."""
     wait_converged(f)
     hkg = f.nodes["hkg"]
     watchers = [f.nodes["nrt"], f.nodes["sin"]]
     e1 = nodes(dump(hkg))["hkg"]["boot_epoch"]
     held = 5
-    # Held long enough for the load to reach the others through the store even on a busy
-    # machine, and over before the restart (the new life must see the real load, 0).
-    threads = hold_inflight(hkg, held, ms=2500)
+    hold = QUICK_TTL / 2  # seconds: the kill comes at least 1.5 s before its end
 
     def loaded() -> bool | None:
         ok = all(instances(dump(n)).get("hello-hkg", {}).get("load") == held for n in watchers)
         return True if ok else None
 
-    assert poll(loaded, timeout=5.0, step=0.02), [instances(dump(n)) for n in watchers]
+    for _attempt in range(3):
+        started = time.monotonic()
+        threads = hold_inflight(hkg, held, ms=int(hold * 1000))
+        if poll(loaded, timeout=hold - 1.5, step=0.02):
+            break
+        for t in threads:
+            t.join(timeout=hold + 5)
+    else:
+        raise AssertionError(
+            f"hkg's load never reached the others within {hold - 1.5} s of {hold} s holds: "
+            f"{[instances(dump(n)) for n in watchers]}"
+        )
     assert hkg.pinger is not None
     hkg.pinger.signal(signal.SIGKILL)
     hkg.pinger.proc.wait(timeout=5)
+    assert time.monotonic() - started < hold, "killed after the hold ended"
     # the old life's keys are still there (TTL), with load 5: the restart must hide them
     assert all(instances(dump(n))["hello-hkg"]["load"] == held for n in watchers)
     for t in threads:
@@ -277,7 +294,7 @@ def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
             seen.append((n.id, i["publisher_epoch"], i["load"]))
         return True if done else None
 
-    assert poll(renewed, timeout=TTL + 1.0, step=0.01), [dump(n) for n in watchers]
+    assert poll(renewed, timeout=QUICK_TTL + 1.0, step=0.01), [dump(n) for n in watchers]
     end = time.monotonic() + 1.0
     while time.monotonic() < end:
         renewed()
@@ -312,7 +329,7 @@ def test_etcd_kill9_pinger_keys_vanish_and_come_back_new(
 @pytest.mark.etcd
 def test_etcd_quick_restart_drops_the_last_lifes_load(tmp_path: Path, etcd1: EtcdCluster) -> None:
     """A pinger restarted within its TTL: peers show its new epoch and none of the old load."""
-    with store_fleet(tmp_path, "etcd", etcd1.endpoints) as f:
+    with store_fleet(tmp_path, "etcd", etcd1.endpoints, ttl=QUICK_TTL) as f:
         got = scenario_quick_restart(f)
         print(f"etcd quick restart: {got}")
 
