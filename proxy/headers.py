@@ -253,13 +253,14 @@ def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:
     return out
 
 
+# Response fields the proxy acts on, besides Content-Length, matched in the lower-cased
+# head (llhttp allows no space before the colon).
 _RESP_SPECIAL: Final = re.compile(
-    rb"\r\n(content-length|connection|transfer-encoding|keep-alive|te|trailer|upgrade"
+    rb"\r\n(connection|transfer-encoding|keep-alive|te|trailer|upgrade"
     rb"|proxy-[!#$%&'*+.^_`|~0-9a-z-]*|x-edgeproxy-[!#$%&'*+.^_`|~0-9a-z-]*)"
-    rb"[ \t]*:[ \t]*([^\r\n]*)",
-    re.IGNORECASE,
+    rb":[ \t]*([^\r\n]*)"
 )
-
+_CONTENT_LENGTH: Final = b"\r\ncontent-length:"
 
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 
@@ -303,31 +304,32 @@ class ResponseHead:
         sp = head.find(b" ", 9, eol)  # "HTTP/1.1 200 OK": the reason follows the code
         self.reason = head[sp + 1 : eol] if sp > 0 else b""
         block = head[eol:-2]  # "\r\nName: value" per field, then the last field's CRLF
+        low = block.lower()
+        at = low.find(_CONTENT_LENGTH)
+        if at >= 0:  # llhttp refused a second one
+            at += len(_CONTENT_LENGTH)
+            self.content_length = int(block[at : low.find(b"\r\n", at)])  # each field ends in CRLF
         kept: list[bytes] | None = None
         pos = 0
-        for m in _RESP_SPECIAL.finditer(block):
-            name, value = m.group(1, 2)
-            lname = name.lower()
-            if lname == b"content-length":
-                self.content_length = int(value)
-                continue  # it travels on
+        for m in _RESP_SPECIAL.finditer(low):
+            lname = m.group(1)
             if kept is None:
                 kept = []
             kept.append(block[pos : m.start()])
             pos = m.end()
             if lname == b"connection":
-                value = value.rstrip(b" \t")
-                if value.lower() not in _PLAIN_CONNECTION:  # names fields to drop
+                value = m.group(2).rstrip(b" \t")
+                if value not in _PLAIN_CONNECTION:  # names fields to drop
                     toks = _connection_tokens(value)
                     self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
             elif lname == b"transfer-encoding":
-                self.chunked = value.rstrip(b" \t").lower().endswith(b"chunked")
+                self.chunked = m.group(2).rstrip(b" \t").endswith(b"chunked")
             elif lname == b"upgrade":
-                self.upgrade = value.rstrip(b" \t")
+                self.upgrade = block[m.start(2) : pos].rstrip(b" \t")  # as sent, not lowered
             elif lname == REJECT:
                 self.reject = True
             elif lname == LOAD:
-                value = value.rstrip(b" \t")
+                value = m.group(2).rstrip(b" \t")
                 if value.isdigit():
                     self.load = int(value)
         if kept is not None:
