@@ -3,7 +3,10 @@
 One lease per session (granted with the cluster TTL, kept alive every TTL/3, revoked on a
 clean stop); every key is put with it in a txn. The prefix is listed with a range and
 followed by a streaming watch from the listed revision + 1; a compaction, a cancel or a
-lost stream means a full re-list and a new watch, on whichever endpoint answers.
+lost stream means a full re-list and a new watch, on whichever endpoint answers. A watch
+whose member froze (the connection stays up, nothing comes) is noticed by a probe every
+TTL/3 of the newest mod revision under the prefix, on any endpoint: behind for a whole TTL
+means stalled, and the watch is re-listed and re-opened elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import base64
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,15 +155,57 @@ class EtcdStore(BaseStore):
     async def _watch(self) -> None:
         while True:
             req = {"create_request": {**self._range, "start_revision": str(self.revision + 1)}}
+            stream = asyncio.ensure_future(
+                self.http.stream("/v3/watch", orjson.dumps(req), self._on_watch)
+            )
             try:
-                await self.http.stream("/v3/watch", orjson.dumps(req), self._on_watch)
-                why = "stream ended"
+                why = await self._until_stalled(stream)
             except (_RelistError, StoreError) as e:
                 why = str(e)
+            finally:
+                if not stream.done():
+                    stream.cancel()
+                    await asyncio.gather(stream, return_exceptions=True)
             log.info("etcd: watch %s; re-listing", why)
             await asyncio.sleep(0.05)  # a stream that keeps failing must not spin
             await self.relist()
             self.notify()
+
+    async def _until_stalled(self, stream: asyncio.Future[None]) -> str:
+        """Wait for the stream to end (its error raised), or say why it is deemed stalled:
+        a revision that existed a whole TTL ago has still not come through it."""
+        waiting: tuple[int, float] | None = None  # (revision the watch owes, since when)
+        while True:
+            done, _ = await asyncio.wait({stream}, timeout=self.ttl / 3)
+            if done:
+                stream.result()
+                return "stream ended"
+            if waiting is not None and self.revision >= waiting[0]:
+                waiting = None
+            if waiting is not None:
+                owed, since = waiting
+                if time.monotonic() - since >= self.ttl:
+                    return f"stalled (revision {owed} not seen for {self.ttl:g} s)"
+                continue
+            try:
+                newest = await self._newest_revision()
+            except StoreError:
+                continue  # no endpoint answers: the session's keepalive deals with that
+            if newest > self.revision:
+                waiting = (newest, time.monotonic())
+
+    async def _newest_revision(self) -> int:
+        """The highest mod revision of any key under the prefix, as an endpoint sees it."""
+        probe = {
+            **self._range,
+            "limit": 1,
+            "sort_order": "DESCEND",
+            "sort_target": "MOD",
+            "keys_only": True,
+        }
+        data = await self._post("/v3/kv/range", probe)
+        kvs = data.get("kvs") or ()
+        return int(kvs[0].get("mod_revision", 0)) if kvs else 0
 
     async def _on_watch(self, line: bytes) -> None:
         msg = orjson.loads(line)

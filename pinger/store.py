@@ -307,9 +307,9 @@ class Http:
                     if conn is not None:
                         conn.close()
                     errors.append(f"{self.targets[i][0]}:{self.targets[i][1]}: {e!r}")
-                    if reuse:
+                    if reuse and not isinstance(e, TimeoutError):
                         continue  # a stale keep-alive connection: retry once on a new one
-                    break
+                    break  # a silent endpoint (timeout): the next one, not a second wait
                 except BaseException:  # cancelled: the connection is in an unknown state
                     if conn is not None:
                         conn.close()

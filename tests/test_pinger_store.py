@@ -8,8 +8,10 @@ follows Consul's documented HTTP API (sessions, TTL, Behavior=delete, acquire, b
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +283,54 @@ def test_etcd_one_member_of_three_stopped(etcd3: EtcdCluster) -> None:
         await a.close()
         await w.until(lambda v: "n1" not in v.nodes, 2)
         await other.close()
+
+    run(main())
+
+
+def etcd_follower(cluster: EtcdCluster) -> int:
+    """The index of a member that is not the raft leader."""
+    for i, url in enumerate(cluster.endpoints):
+        req = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            st = json.loads(r.read())
+        if st["leader"] != st["header"]["member_id"]:
+            return i
+    raise AssertionError("no follower in the cluster")
+
+
+def test_etcd_frozen_member_is_left_by_the_watch(etcd3: EtcdCluster) -> None:
+    """A follower that both stores use first freezes (SIGSTOP: its connections stay up, nothing
+    is answered; the leader and the leases are fine). Writes and keepalives move to another
+    member; the watcher's stream on the frozen one is found stalled within about two TTLs and
+    re-opened elsewhere, so changes still arrive, and neither store loses its lease."""
+    ttl = 6.0  # room for a keepalive to time out on the frozen member and move on
+
+    async def main() -> None:
+        f = etcd_follower(etcd3)
+        eps = [etcd3.endpoints[f]] + [e for i, e in enumerate(etcd3.endpoints) if i != f]
+        b = Backend("etcd", eps, etcd3.stop, etcd3.start)
+        a, other, w = await pair(b, ttl)
+        leases = (getattr(a, "lease", None), getattr(other, "lease", None))
+        # A change seen through the watch: its stream is established before the freeze.
+        await a.publish_loads({"a1": 1000}, 0.5)
+        await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == 1000, 5)
+        etcd3.members[f].freeze()
+        try:
+            t0 = time.monotonic()
+            n = 0
+            while time.monotonic() - t0 < 1.0:
+                n += 1
+                await a.publish_loads({"a1": n}, float(n))
+                await asyncio.sleep(0.1)
+            seen_at = await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == n, 4 * ttl)
+            print(f"frozen member: the last load arrived {seen_at - t0:.1f} s after the freeze")
+            assert (getattr(a, "lease", None), getattr(other, "lease", None)) == leases
+            assert a.healthy and other.healthy
+            await a.close()
+            await w.until(lambda v: "n1" not in v.nodes, 5)
+            await other.close()
+        finally:
+            etcd3.members[f].thaw()
 
     run(main())
 
