@@ -4,15 +4,18 @@ One lease per session (granted with the cluster TTL, kept alive every TTL/3, rev
 clean stop); every key is put with it in a txn. The prefix is listed with a range and
 followed by a streaming watch from the listed revision + 1; a compaction, a cancel or a
 lost stream means a full re-list and a new watch, on whichever endpoint answers. A watch
-whose member froze (the connection stays up, nothing comes) is noticed by a probe every
-TTL/3 of the newest mod revision under the prefix, on any endpoint: behind for a whole TTL
-means stalled, and the watch is re-listed and re-opened elsewhere.
+whose member froze (the connection stays up, nothing comes) is noticed: a revision under
+the prefix that existed a whole TTL ago and never came through the stream means stalled,
+and the watch is re-listed and re-opened elsewhere. The revisions owed are our own writes
+(free: the txn answers with its revision) and, when we wrote nothing for a TTL, one probe
+of the newest mod revision under the prefix (a range that etcd sorts: once per TTL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import time
@@ -69,6 +72,7 @@ class EtcdStore(BaseStore):
         super().__init__(*args, **kwargs)
         self.lease = 0
         self.revision = 0
+        self._owed: tuple[int, float] | None = None  # a revision the watch must deliver, since
         raw = self.key_prefix().encode()
         self._range = {"key": _b64(raw), "range_end": _b64(prefix_end(raw))}
 
@@ -92,7 +96,13 @@ class EtcdStore(BaseStore):
     async def _txn(self, recs: Sequence[Record]) -> None:
         for i in range(0, len(recs), MAX_TXN_OPS):
             ops = [self._put(r) for r in recs[i : i + MAX_TXN_OPS]]
-            await self._post("/v3/kv/txn", {"success": ops})
+            data = await self._post("/v3/kv/txn", {"success": ops})
+            self._owe(int(data.get("header", {}).get("revision", 0)))
+
+    def _owe(self, revision: int) -> None:
+        """The watch must bring `revision` (ours, or one seen on the prefix) from now on."""
+        if revision > self.revision and self._owed is None:
+            self._owed = (revision, time.monotonic())
 
     # -- BaseStore hooks --
     async def open_session(self) -> None:
@@ -173,26 +183,27 @@ class EtcdStore(BaseStore):
 
     async def _until_stalled(self, stream: asyncio.Future[None]) -> str:
         """Wait for the stream to end (its error raised), or say why it is deemed stalled:
-        a revision that existed a whole TTL ago has still not come through it."""
-        waiting: tuple[int, float] | None = None  # (revision the watch owes, since when)
+        a revision owed for a whole TTL has still not come through it."""
+        self._owed = None
+        probed = time.monotonic()
         while True:
             done, _ = await asyncio.wait({stream}, timeout=self.ttl / 3)
             if done:
                 stream.result()
                 return "stream ended"
-            if waiting is not None and self.revision >= waiting[0]:
-                waiting = None
-            if waiting is not None:
-                owed, since = waiting
-                if time.monotonic() - since >= self.ttl:
-                    return f"stalled (revision {owed} not seen for {self.ttl:g} s)"
+            now = time.monotonic()
+            owed = self._owed
+            if owed is not None and self.revision >= owed[0]:
+                self._owed = owed = None
+            if owed is not None:
+                if now - owed[1] >= self.ttl:
+                    return f"stalled (revision {owed[0]} not seen for {now - owed[1]:.1f} s)"
                 continue
-            try:
-                newest = await self._newest_revision()
-            except StoreError:
-                continue  # no endpoint answers: the session's keepalive deals with that
-            if newest > self.revision:
-                waiting = (newest, time.monotonic())
+            if now - probed < self.ttl:
+                continue
+            probed = now
+            with contextlib.suppress(StoreError):  # none answers: the keepalive deals with it
+                self._owe(await self._newest_revision())
 
     async def _newest_revision(self) -> int:
         """The highest mod revision of any key under the prefix, as an endpoint sees it."""
