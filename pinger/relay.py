@@ -379,6 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"relay: {e}", file=sys.stderr)
         return 2
+    return serve(relay)
+
+
+def serve(relay: Relay) -> int:
+    """Run `relay` until SIGTERM or SIGINT, after a READY line naming its addresses."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from consul_double import ConsulDouble
 from etcd_harness import EtcdCluster, require_etcd
-from proxyctl import Proxy, ProxyConfig, Upstream
+from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +26,6 @@ def _start(cfg: ProxyConfig, workdir: Path, started: list[Proxy]) -> Proxy:
     return p
 
 
-def _teardown(started: list[Proxy]) -> None:
-    for p in started:
-        rc = p.stop()
-        # Segments a killed master or a test's own table writer left behind.
-        for seg in Path("/dev/shm").glob(f"edgeproxy-test-{p.cfg.uid}*"):
-            seg.unlink(missing_ok=True)
-        err = p.stderr()
-        print(f"--- proxy {p.cfg.uid} exit {rc}; stderr ({len(err)} chars):")
-        print(err[-20000:])
-
-
 @pytest.fixture
 def proxy_factory(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Proxy]]:
     """Start a proxy with config overrides; stopped with SIGTERM at teardown."""
@@ -46,7 +36,7 @@ def proxy_factory(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., 
         return _start(ProxyConfig(**kw), tmp_path, started)
 
     yield make
-    _teardown(started)
+    stop_proxies(started)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +46,7 @@ def shared_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -
     workdir = tmp_path_factory.mktemp("proxy")
     p = _start(ProxyConfig(upstream=upstream.address), workdir, started)
     yield p
-    _teardown(started)
+    stop_proxies(started)
 
 
 @pytest.fixture
@@ -89,3 +79,12 @@ def etcd1(tmp_path: Path) -> Iterator[EtcdCluster]:
 def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A three-member etcd cluster on loopback ports, stopped at teardown."""
     yield from _etcd(3, tmp_path / "etcd3")
+
+
+@pytest.fixture
+def consul() -> Iterator[ConsulDouble]:
+    """The Consul double on a free 127.0.0.1 port, sessions down to a 1 s TTL."""
+    d = ConsulDouble(session_ttl_min=1.0)
+    d.start()
+    yield d
+    d.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ports import free_port
-from proxyctl import REPO, TESTS, LineReader, env, toml_value
+from proxyctl import REPO, TESTS, LineReader, env, stop_session, toml_value
 
 READY_TIMEOUT = 20.0
 T = TypeVar("T")
@@ -81,17 +81,7 @@ class Proc:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait, then kill the whole session (workers may outlive a master)."""
-        rc = self.proc.poll()
-        if rc is None:
-            self.signal(signal.SIGTERM)
-            try:
-                rc = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
+        rc = stop_session(self.proc, signal.SIGTERM, timeout)
         self.reader.close()
         self._stderr.close()
         return rc

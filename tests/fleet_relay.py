@@ -12,9 +12,7 @@ delivery machinery of pinger.relay; only touches 127.0.0.0/8.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from pinger.relay import (
     _arrival,
     _Delivery,
     _UdpRoute,
+    serve,
 )
 
 PerSource = Mapping[str, tuple[float, float, float]]  # src ip -> (delay s, back s, loss)
@@ -82,16 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     relay = Relay([], args.seed)
     for route, per in specs:
         relay.udp.append(SourceUdpRoute(route, per, relay.sel, relay.rng))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    relay.start()
-    listed = " ".join(f"{k}={h}:{p}" for k, (h, p) in relay.addresses)
-    print(f"READY relay {listed}", flush=True)
-    while not stop.wait(1.0):
-        pass
-    relay.close()
-    return 0
+    return serve(relay)
 
 
 if __name__ == "__main__":

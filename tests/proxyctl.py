@@ -219,13 +219,17 @@ class Proxy:
         self.path = workdir / f"edgeproxy-{cfg.uid}.toml"
         self.path.write_text(cfg.render())
         self.stderr_path = workdir / f"proxy-{cfg.uid}.stderr"
+        self._spawn([sys.executable, "-m", "proxy.cli", "run", "-c", str(self.path)], REPO, env())
+
+    def _spawn(self, argv: list[str], cwd: Path, environ: dict[str, str]) -> None:
+        """Start the master in its own session and wait for its READY line."""
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.path)],
-            cwd=REPO,
+            argv,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            env=env(),
+            env=environ,
             start_new_session=True,
         )
         assert self.proc.stdout is not None
@@ -304,22 +308,40 @@ class Proxy:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the master, wait, then kill its whole session if it lingers."""
-        rc = self.proc.poll()
-        if rc is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-            try:
-                rc = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = None
-        # Workers may outlive a dead master; the session is ours alone.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
+        rc = stop_session(self.proc, sig, timeout)
         self.reader.close()
         self._stderr.close()
         return rc
+
+
+def stop_session(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int | None:
+    """Signal `proc`, wait up to `timeout`, then SIGKILL its whole session (children such as
+    workers may outlive it; the session is the test's alone). Its exit status, or None."""
+    rc = proc.poll()
+    if rc is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+    return rc
+
+
+def stop_proxies(proxies: list[Proxy]) -> None:
+    """Stop every proxy, remove the shared memory it may have left (a killed master, a test's
+    own table writer) and print the tail of its stderr for the report."""
+    for p in proxies:
+        rc = p.stop()
+        for seg in Path("/dev/shm").glob(f"edgeproxy-test-{p.cfg.uid}*"):
+            seg.unlink(missing_ok=True)
+        err = p.stderr()
+        print(f"--- proxy {p.cfg.uid} pid {p.proc.pid} exit {rc}; stderr ({len(err)} chars):")
+        print(err[-20000:])
 
 
 def _proc_net_tcp() -> list[tuple[int, str, str, str]]:
@@ -379,7 +401,12 @@ class Client:
     """One raw TCP connection to the proxy with a read buffer kept across responses."""
 
     def __init__(
-        self, port: int, timeout: float = 5.0, rcvbuf: int | None = None, sndbuf: int | None = None
+        self,
+        port: int,
+        timeout: float = 5.0,
+        rcvbuf: int | None = None,
+        sndbuf: int | None = None,
+        host: str = HOST,
     ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
@@ -390,7 +417,7 @@ class Client:
         self.sock.settimeout(timeout)
         self.timeout = timeout
         try:
-            self.sock.connect((HOST, port))
+            self.sock.connect((host, port))
         except OSError:
             self.sock.close()
             raise

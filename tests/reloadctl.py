@@ -26,12 +26,9 @@ from typing import Any
 
 from proxyctl import (
     HOST,
-    READY_TIMEOUT,
     REPO,
-    LineReader,
     Proxy,
     ProxyConfig,
-    ProxyStartError,
 )
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -236,30 +233,12 @@ class TreeProxy(Proxy):
             self.path.write_text(render(cfg))
         tag = uuid.uuid4().hex[:6]
         self.stderr_path = workdir / f"proxy-{cfg.uid}-{tag}.stderr"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115  # closed in stop()
         self.env = self.base_env()
         self.env.update(extra_env or {})
         argv = [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.path)]
         if takeover is not None:
             argv += ["--takeover", takeover]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=self.env,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        self.reader = LineReader(self.proc.stdout)
-        self.ready_line = self.reader.wait_for("READY", READY_TIMEOUT)
-        if self.ready_line is None:
-            rc = self.proc.poll()
-            self.stop()
-            raise ProxyStartError(
-                f"proxy printed no READY within {READY_TIMEOUT}s (exit {rc});\n"
-                f"stdout: {self.reader.all!r}\nstderr:\n{self.stderr()}"
-            )
+        self._spawn(argv, root, self.env)
 
     def base_env(self) -> dict[str, str]:
         e = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "PYTHONPATH")}
@@ -278,17 +257,6 @@ class TreeProxy(Proxy):
             timeout=timeout,
             check=False,
         )
-
-
-def stop_all(proxies: list[Proxy]) -> None:
-    """Stop every proxy; print the tail of each one's stderr for the report."""
-    for p in proxies:
-        rc = p.stop()
-        for seg in Path("/dev/shm").glob(f"edgeproxy-test-{p.cfg.uid}*"):
-            seg.unlink(missing_ok=True)
-        err = p.stderr()
-        print(f"--- proxy {p.cfg.uid} pid {p.proc.pid} exit {rc}; stderr ({len(err)} chars):")
-        print(err[-20000:])
 
 
 # -- processes ------------------------------------------------------------------

@@ -52,24 +52,6 @@ def node_id(n: int) -> str:
 # -- raw HTTP client to any loopback address -------------------------------------------
 
 
-class HostClient(Client):
-    """proxyctl.Client (same response framing) connected to `host:port`."""
-
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(timeout)
-        self.timeout = timeout
-        try:
-            self.sock.connect((host, port))
-        except OSError:
-            self.sock.close()
-            raise
-        self.buf = b""
-        self.recv_size = 1 << 20
-        self.read_delay = 0.0
-
-
 def request_bytes(
     method: str = "GET",
     path: str = "/",
@@ -99,7 +81,7 @@ def request_bytes(
 
 
 def one_request(host: str, port: int, raw: bytes, timeout: float = 10.0) -> Response:
-    with HostClient(host, port, timeout=timeout) as c:
+    with Client(port, timeout=timeout, host=host) as c:
         c.send(raw)
         return c.response()
 
@@ -406,7 +388,7 @@ def run_clients(
 
     def client(k: int) -> None:
         out = results[k]
-        conn: HostClient | None = None
+        conn: Client | None = None
         with contextlib.suppress(threading.BrokenBarrierError):
             start.wait()
         try:
@@ -418,7 +400,7 @@ def run_clients(
                 raw = request_bytes("GET", path, [("X-Request-Id", rid)])
                 try:
                     if conn is None:
-                        conn = HostClient(host, port, timeout=10)
+                        conn = Client(port, timeout=10, host=host)
                     conn.send(raw)
                     r = conn.response()
                 except (OSError, EOFError, AssertionError, ValueError) as e:
@@ -453,10 +435,10 @@ class Held:
     """Requests held open in flight (slow ones), each on its own connection."""
 
     def __init__(self) -> None:
-        self.conns: list[HostClient] = []
+        self.conns: list[Client] = []
 
     def open(self, host: str, port: int, raw: bytes) -> None:
-        c = HostClient(host, port, timeout=30)
+        c = Client(port, timeout=30, host=host)
         self.conns.append(c)
         c.send(raw)
 

@@ -9,7 +9,6 @@ on a real Consul the kill -9 bound would be 2 x TTL + 1 s.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from test_pinger_etcd_fleet import (
     scenario_routing,
     store_fleet,
 )
-
-
-@pytest.fixture
-def consul() -> Iterator[ConsulDouble]:
-    """The Consul double on a free 127.0.0.1 port, sessions down to a 1 s TTL."""
-    d = ConsulDouble(session_ttl_min=1.0)
-    d.start()
-    yield d
-    d.close()
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -89,15 +88,6 @@ def test_consul_index_rules_and_durations() -> None:
         parse_duration("10")
     assert prefix_end(b"/p/") == b"/p0"
     assert prefix_end(b"a\xff") == b"b"
-
-
-@pytest.fixture
-def consul() -> Iterator[ConsulDouble]:
-    """The Consul double with a 1 s minimum session TTL."""
-    d = ConsulDouble(session_ttl_min=1.0)
-    d.start()
-    yield d
-    d.close()
 
 
 def test_consul_renew_honours_a_longer_ttl(consul: ConsulDouble) -> None:

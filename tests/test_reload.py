@@ -29,6 +29,7 @@ from proxyctl import (
     ProxyStartError,
     Upstream,
     request_bytes,
+    stop_proxies,
     wait_until,
 )
 from reloadctl import (
@@ -39,7 +40,6 @@ from reloadctl import (
     copy_tree,
     fields,
     hup,
-    stop_all,
     wait_generation,
 )
 from upstream import pattern_sha256
@@ -71,7 +71,7 @@ def tree_proxy(
         return p
 
     yield make
-    stop_all(started)
+    stop_proxies(started)
 
 
 def generation(p: Proxy) -> int:
