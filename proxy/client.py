@@ -1,4 +1,4 @@
-"""The client side of the request path: one asyncio.Protocol per accepted connection.
+"""The client side of the request path: one asyncio protocol per accepted connection.
 
 Owns parsing client requests (httptools), answering them in order, framing
 bodies both ways, backpressure, tunnels and client-side timeouts. It asks the
@@ -38,8 +38,8 @@ from proxy.request import Request
 from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from proxy.context import WorkerContext
     from proxy.routing import Target
-    from proxy.worker import WorkerContext
 
 # Reasons to stop reading from the client (a bit each).
 P_QUEUE: Final = 1  # a pipelined request waits for its turn
@@ -49,8 +49,10 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_BUFFER: Final = 256 * 1024
 
 
-class ClientConnection(UpstreamEvents, asyncio.Protocol):
-    """HTTP/1.1 towards one client; at most one exchange in flight, others queued."""
+class ClientConnection(UpstreamEvents):
+    """HTTP/1.1 towards one client; at most one exchange in flight, others queued.
+
+    An asyncio protocol by its methods, not by inheritance (see UpstreamConnection)."""
 
     __slots__ = (
         "backhaul",

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Final, cast
 from proxy.headers import CHUNK_END, CHUNKED, NO_BODY, chunk
 from proxy.request import Request
 from proxy.routing import MAX_TRIES
-from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, UpstreamConnection
+from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
 
 if TYPE_CHECKING:
     from proxy.client import ClientConnection
+    from proxy.context import WorkerContext
     from proxy.routing import Target
-    from proxy.worker import WorkerContext
 
 # Deadline kinds of a client connection.
 D_NONE: Final = 0
@@ -34,32 +34,45 @@ P_UPSTREAM: Final = 2  # stop reading the client: the upstream's write buffer is
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
-class UpstreamEvents:
-    """Mixed into ClientConnection: its handlers of proxy.upstream.Exchange events."""
+class UpstreamEvents(Exchange):
+    """ClientConnection's base: its handlers of proxy.upstream.Exchange events.
 
-    if TYPE_CHECKING:
-        ctx: WorkerContext
-        transport: asyncio.Transport | None
-        queue: deque[Request]
-        up: UpstreamConnection | None
-        out: list[bytes | memoryview]
-        resp_framing: int
-        resp_keep: bool
-        sink_fd: int
-        tunnel: bool
-        backhaul: bool
-        deadline: float
-        dkind: int
+    Declares the connection's attributes it uses and the methods it calls, which
+    ClientConnection defines."""
 
-        def local_response(
-            self, r: Request, status: int, text: str, extra: bytes = b""
-        ) -> None: ...
-        def finish(self, r: Request, status: int) -> None: ...
-        def dispatch(self, r: Request, target: Target) -> None: ...
-        def send_body(self, r: Request, up: UpstreamConnection) -> None: ...
-        def abort(self) -> None: ...
-        def pause(self, why: int) -> None: ...
-        def resume(self, why: int) -> None: ...
+    ctx: WorkerContext
+    transport: asyncio.Transport | None
+    queue: deque[Request]
+    up: UpstreamConnection | None
+    out: list[bytes | memoryview]
+    resp_framing: int
+    resp_keep: bool
+    sink_fd: int
+    tunnel: bool
+    backhaul: bool
+    deadline: float
+    dkind: int
+
+    def local_response(self, r: Request, status: int, text: str, extra: bytes = b"") -> None:
+        raise NotImplementedError
+
+    def finish(self, r: Request, status: int) -> None:
+        raise NotImplementedError
+
+    def dispatch(self, r: Request, target: Target) -> None:
+        raise NotImplementedError
+
+    def send_body(self, r: Request, up: UpstreamConnection) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def pause(self, why: int) -> None:
+        raise NotImplementedError
+
+    def resume(self, why: int) -> None:
+        raise NotImplementedError
 
     def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
         r = self.queue[0]
@@ -220,7 +233,7 @@ class UpstreamEvents:
         return r.method in _IDEMPOTENT and r.replayable and r.complete and r.tries < MAX_TRIES
 
 
-class Abandoned:
+class Abandoned(Exchange):
     """The exchange of a client that left: the answer is read and dropped, then counted."""
 
     __slots__ = ("ctx", "r")

@@ -10,7 +10,7 @@ retries: it reports what happened and the client connection decides.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -21,20 +21,46 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
-class Exchange(Protocol):
-    """What an upstream connection reports to (the client side of an exchange)."""
+class Exchange:
+    """What an upstream connection reports to (the client side of an exchange).
 
-    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None: ...
-    def upstream_interim(self, head: bytes) -> None: ...
-    def upstream_continue(self) -> None: ...
-    def upstream_body(self, data: bytes | memoryview) -> None: ...
-    def upstream_flush(self) -> None: ...
-    def upstream_end(self, up: UpstreamConnection) -> None: ...
-    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None: ...
-    def upstream_lost(self, up: UpstreamConnection, why: str) -> None: ...
-    def upstream_pause(self, paused: bool) -> None: ...
-    def upstream_timed_out(self) -> None: ...
-    def upstream_sink(self) -> int: ...
+    A base class rather than a typing.Protocol: compiled, a call through it is a
+    direct call, not a method lookup (see setup.py)."""
+
+    __slots__ = ()
+
+    def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
+        raise NotImplementedError
+
+    def upstream_interim(self, head: bytes) -> None:
+        raise NotImplementedError
+
+    def upstream_continue(self) -> None:
+        raise NotImplementedError
+
+    def upstream_body(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def upstream_flush(self) -> None:
+        raise NotImplementedError
+
+    def upstream_end(self, up: UpstreamConnection) -> None:
+        raise NotImplementedError
+
+    def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
+        raise NotImplementedError
+
+    def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
+        raise NotImplementedError
+
+    def upstream_pause(self, paused: bool) -> None:
+        raise NotImplementedError
+
+    def upstream_timed_out(self) -> None:
+        raise NotImplementedError
+
+    def upstream_sink(self) -> int:
+        raise NotImplementedError
 
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
@@ -51,8 +77,11 @@ LOST_MID_RESPONSE = "lost_mid_response"
 BAD_RESPONSE = "bad_response"
 
 
-class UpstreamConnection(asyncio.BufferedProtocol, ResponseHead):
-    """One TCP connection to a target; at most one exchange at a time."""
+class UpstreamConnection(ResponseHead):
+    """One TCP connection to a target; at most one exchange at a time.
+
+    An asyncio buffered protocol by its methods (get_buffer, buffer_updated), not by
+    inheritance: compiled, a native class cannot derive from asyncio's classes."""
 
     __slots__ = (
         "body_seen",
@@ -94,7 +123,7 @@ class UpstreamConnection(asyncio.BufferedProtocol, ResponseHead):
         self.reused = False
         self.tunnel = False
 
-    # asyncio.Protocol -----------------------------------------------------
+    # asyncio.BufferedProtocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
@@ -403,11 +432,10 @@ class Pool:
 
     async def connect(self, key: str, host: str, port: int, timeout: float) -> UpstreamConnection:
         """A fresh connection; raises OSError or TimeoutError."""
+        up = UpstreamConnection(self, key)
         async with asyncio.timeout(timeout):
-            _, proto = await self.loop.create_connection(
-                lambda: UpstreamConnection(self, key), host, port
-            )
-        return proto
+            await self.loop.create_connection(_factory(up), host, port)
+        return up
 
     def sweep(self, now: float) -> list[UpstreamConnection]:
         """Close idle connections past their age; return busy ones past their deadline."""
@@ -424,3 +452,10 @@ class Pool:
     def close_all(self) -> None:
         for up in list(self.open):
             up.close()
+
+
+def _factory(proto: object) -> Callable[[], Any]:
+    """A protocol factory for loop.create_connection/create_server: our protocols are
+    asyncio protocols by their methods (uvloop and asyncio call them by name), which
+    asyncio's type hints cannot see."""
+    return lambda: proto

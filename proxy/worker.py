@@ -9,9 +9,7 @@ Run as `python -m proxy.worker` with a JSON bootstrap on stdin.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
-import random
 import signal
 import socket
 import sys
@@ -20,117 +18,23 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.client import ClientConnection
-from proxy.config import Config, loads
+from proxy.config import loads
+from proxy.context import WorkerContext
 from proxy.metrics import (
-    BAD_REQUEST_STATUSES,
     DRAINING,
-    RETRY_REASONS,
     SERVING,
-    UPSTREAM_ERROR_STATUSES,
     WorkerStats,
 )
-from proxy.routing import Routing
 from proxy.statsblock import StatsBlock
-from proxy.upstream import Pool
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
 if TYPE_CHECKING:
-    from proxy.request import Request
-    from proxy.routing import Target
+    pass
 
 TICK = 0.1  # deadline sweep period, seconds
 PUBLISH = 1.0  # stats publish period, seconds
 FEEDBACK_MAX_AGE = 2.0  # seconds a backhaul load report outranks the table
-
-
-class WorkerContext:
-    """Everything a connection needs from its worker."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        config: Config,
-        stats: WorkerStats,
-        cells: InflightCells | None,
-    ) -> None:
-        self.loop = loop
-        self.config = config
-        self.timeouts = config.timeouts
-        self.limits = config.limits
-        self.quiet_period = config.workers.quiet_period
-        self.app_index = {a.name: i for i, a in enumerate(config.apps)}
-        self.no_app = len(config.apps)
-        self.routing = Routing(config, cells, random.Random(), stats.retries)
-        self.routing.attach()
-        self.pool = Pool(loop, config.pool.max_idle, config.pool.idle_timeout, loop.time)
-        self.clients: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.draining = False
-        self.stats = stats
-        self.inflight = 0
-
-    # accounting ------------------------------------------------------------
-    def done(self, r: Request, status: int) -> None:
-        if r.slot >= 0:
-            self.routing.release(r)
-        s = self.stats
-        app = r.app if r.app >= 0 else len(self.config.apps)
-        cls = status // 100
-        if 1 <= cls <= 5:
-            s.requests[app * 5 + cls - 1] += 1
-        if r.started:
-            s.observe_response(self.loop.time() - r.started)
-
-    def bad_request(self, status: int) -> None:
-        if status in BAD_REQUEST_STATUSES:
-            self.stats.bad_requests[BAD_REQUEST_STATUSES.index(status)] += 1
-
-    def upstream_error(self, status: int) -> None:
-        self.stats.upstream_errors[UPSTREAM_ERROR_STATUSES.index(status)] += 1
-
-    def stats_retry(self, why: str) -> None:
-        self.stats.retries[RETRY_REASONS.index(why)] += 1
-
-    # upstream connections -----------------------------------------------------
-    def connect(self, client: ClientConnection, r: Request, target: Target) -> None:
-        task = self.loop.create_task(self._connect(client, r, target))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _connect(self, client: ClientConnection, r: Request, target: Target) -> None:
-        t0 = self.loop.time()
-        try:
-            up = await self.pool.connect(
-                target.key, target.host, target.port, target.connect_timeout
-            )
-        except TimeoutError:
-            client.connect_failed(r, "connect_timeout")
-        except OSError:
-            client.connect_failed(r, "connect_refused")
-        else:
-            self.stats.observe_connect(self.loop.time() - t0)
-            client.attach(r, up)
-
-    # housekeeping ----------------------------------------------------------------
-    def sweep(self) -> None:
-        now = self.loop.time()
-        for c in list(self.clients):
-            d = c.deadline
-            if d and now >= d:
-                c.on_deadline(now)
-        for up in self.pool.sweep(now):
-            ex = up.exchange
-            up.abort()
-            if ex is not None:
-                ex.upstream_timed_out()
-
-    def drain(self) -> None:
-        self.draining = True
-        now = self.loop.time()
-        for c in list(self.clients):
-            c.drain(now)
 
 
 class Worker:
@@ -172,7 +76,7 @@ class Worker:
             sock.setblocking(False)
             backhaul = lst["kind"] == "backhaul"
             srv = await loop.create_server(
-                functools.partial(ClientConnection, self.ctx, backhaul),
+                self.ctx.client_factory(backhaul),
                 sock=sock,
                 backlog=4096,
                 start_serving=True,
