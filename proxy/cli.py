@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from proxy import __version__
+from proxy import __version__, build
 from proxy.config import ConfigError, control_path, load
 
 DEFAULT_CONFIG = os.environ.get("EDGEPROXY_CONFIG", "/etc/edgeproxy/edgeproxy.toml")
@@ -42,7 +42,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     m = out["master"]
-    print(f"master pid {m['pid']}  generation {m['generation']}  version {m['version']}")
+    print(
+        f"master pid {m['pid']}  generation {m['generation']}  version {m['version']}"
+        f"  ({m['build']})"
+    )
     cols = ("pid", "slot", "gen", "state", "conns", "inflight", "requests")
     print("{:>8} {:>4} {:>4} {:<9} {:>6} {:>8} {:>9}".format(*cols))
     for w in out["workers"]:
@@ -148,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
         prog="edgeproxy",
         description="A global edge HTTP proxy: the closest, least loaded instance, no queues.",
     )
-    p.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
+    p.add_argument("--version", action="version", version=f"edgeproxy {__version__} ({build()})")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:

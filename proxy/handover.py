@@ -77,7 +77,8 @@ class Handover:
 
 
 def code_fingerprint() -> str:
-    """A digest of the installed code (file names, sizes, mtimes) and the interpreter."""
+    """A digest of the installed code (file names, sizes, mtimes: sources and the
+    compiled request path) and the interpreter."""
     h = hashlib.sha256(sys.executable.encode())
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for pkg in PACKAGES:
@@ -85,7 +86,7 @@ def code_fingerprint() -> str:
         if not os.path.isdir(root):
             continue
         for name in sorted(os.listdir(root)):
-            if name.endswith(".py"):
+            if name.endswith((".py", ".so")):
                 try:
                     st = os.stat(os.path.join(root, name))
                 except OSError:

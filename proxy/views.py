@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from proxy import __version__
+from proxy import __version__, build
 from proxy.metrics import Aggregator, Snapshot, SnapshotError
 from shm.errors import ShmError
 from shm.reader import TableReader
@@ -62,6 +62,7 @@ class MasterViews:
                 "pid": os.getpid(),
                 "generation": self.generation,
                 "version": __version__,
+                "build": build(),
                 "config": self.config_path,
                 "uptime": round(time.time() - self.started, 1),
                 "stopping": self.stopping,

@@ -7,9 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from build_check import stale_compiled
 from consul_double import ConsulDouble
 from etcd_harness import EtcdCluster, require_etcd
 from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies
+
+
+def pytest_report_header() -> str:
+    import proxy
+
+    return f"edgeproxy: {proxy.build()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stale = stale_compiled()
+    if stale:
+        raise pytest.UsageError(
+            f"the compiled request path is older than {', '.join(stale)}: the tests would "
+            "run the old code. Rebuild it (./dev build, or ./dev test does it)."
+        )
 
 
 @pytest.fixture(scope="module")

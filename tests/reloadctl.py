@@ -193,7 +193,8 @@ class Wrk:
 
 
 def copy_tree(dst: Path) -> Path:
-    """Copy the installed code (proxy/, shm/, pinger/, setup.cfg) to `dst`."""
+    """Copy the installed code (proxy/, shm/, pinger/ with the compiled request path
+    when there is one, setup.cfg) to `dst`."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for pkg in ("proxy", "shm", "pinger"):
         shutil.copytree(REPO / pkg, dst / pkg, ignore=ignore)

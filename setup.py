@@ -1,0 +1,41 @@
+"""Build of edgeproxy: the request path is compiled to C with mypyc when it can be.
+
+Everything else is in setup.cfg. The modules below are plain, mypy-strict Python
+(they also run as they are); mypyc turns them into C extensions, which cuts the
+Python time of a proxied request by about 40 % (README, "Compiled request path").
+EDGEPROXY_PURE=1 builds a pure-Python package instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+# The request path: per-request code and what it calls per request.
+COMPILED = [
+    "proxy/client.py",
+    "proxy/context.py",
+    "proxy/exchange.py",
+    "proxy/headers.py",
+    "proxy/metrics.py",
+    "proxy/request.py",
+    "proxy/router.py",
+    "proxy/routing.py",
+    "proxy/splice.py",
+    "proxy/static_table.py",
+    "proxy/upstream.py",
+    "shm/inflight.py",
+    "shm/reader.py",
+]
+
+
+def ext_modules() -> list[object]:
+    if os.environ.get("EDGEPROXY_PURE") == "1":
+        return []
+    from mypyc.build import mypycify
+
+    return list(mypycify(COMPILED, opt_level="3", group_name="proxy.native"))
+
+
+setup(ext_modules=ext_modules())
