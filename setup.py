@@ -14,6 +14,7 @@ from setuptools import setup
 
 # The request path: per-request code and what it calls per request.
 COMPILED = [
+    "proxy/batch.py",
     "proxy/client.py",
     "proxy/context.py",
     "proxy/exchange.py",

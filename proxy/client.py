@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # Reasons to stop reading from the client (a bit each).
 P_QUEUE: Final = 1  # a pipelined request waits for its turn
 P_BUFFER: Final = 4  # body buffered while the upstream connects
+P_REFUSED: Final = 8  # a bad request waits for the answers to the ones before it
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_BUFFER: Final = 256 * 1024
@@ -66,6 +67,8 @@ class ClientConnection(UpstreamEvents):
         "parser",
         "paused",
         "queue",
+        "queued",
+        "refused",
         "req",
         "resp_framing",
         "resp_keep",
@@ -90,7 +93,9 @@ class ClientConnection(UpstreamEvents):
         self.dkind = D_NONE
         self.head_raw = 0
         self.in_head = False
-        self.out: list[bytes | memoryview] = []
+        self.out: list[bytes | memoryview] = []  # response bytes held (proxy.batch)
+        self.queued = False  # in the worker's WriteBatch
+        self.refused: tuple[int, str] | None = None  # a bad request's answer, to come
         self.paused = 0
         self.write_paused = False
         self.resp_framing = NO_BODY
@@ -129,12 +134,12 @@ class ClientConnection(UpstreamEvents):
         for r in queue:
             ctx.done(r, 499 if not r.responded else 200)
         queue.clear()
+        self.out.clear()
         self.transport = None
 
     def eof_received(self) -> bool:
         if self.tunnel and self.up is not None and self.up.transport is not None:
-            if self.up.transport.can_write_eof():
-                self.up.transport.write_eof()
+            self.up.write_eof()
             return True
         # A client that closes while waiting is gone (as nginx and Envoy see it): stop the
         # upstream work now rather than hold the instance until a timeout.
@@ -151,7 +156,7 @@ class ClientConnection(UpstreamEvents):
             self.up.pause_reading(False)
 
     def data_received(self, data: bytes) -> None:
-        if self.dkind == D_LINGER:
+        if self.dkind == D_LINGER or self.refused is not None:
             return
         if self.tunnel:
             up = self.up
@@ -363,6 +368,7 @@ class ClientConnection(UpstreamEvents):
         """Write what the client sent of the body so far; the rest follows as it comes."""
         if r.expect_continue and not r.http10 and not r.complete:
             assert self.transport is not None
+            self.flush_out()
             self.transport.write(_CONTINUE)
             r.expect_continue = False
         if r.body:
@@ -401,6 +407,7 @@ class ClientConnection(UpstreamEvents):
         """Answer `r` from the proxy itself."""
         if self.transport is None:
             return
+        self.flush_out()  # earlier answers first
         up = self.up
         if up is not None:
             self.up = None
@@ -426,6 +433,7 @@ class ClientConnection(UpstreamEvents):
         if t is None:
             return
         if not self.resp_keep:
+            self.flush_out()  # before the close or the half-close
             self.queue.clear()
             if not r.complete:
                 self.linger()
@@ -440,6 +448,9 @@ class ClientConnection(UpstreamEvents):
                 self.resume(P_QUEUE)
             self.start(nxt)
             return
+        if self.refused is not None:
+            self._refuse_now(*self.refused)  # the requests before the bad one are answered
+            return
         self.resume(P_QUEUE)
         ctx = self.ctx
         if ctx.draining:
@@ -453,28 +464,47 @@ class ClientConnection(UpstreamEvents):
         t = self.transport
         assert t is not None
         self.tunnel = False
+        self.flush_out()
         if t.can_write_eof():
             t.write_eof()
-        self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM)
+        self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM | P_REFUSED)
         self.deadline = self.ctx.loop.time() + 2.0
         self.dkind = D_LINGER
 
     def refuse(self, status: int, reason: str) -> None:
-        """A bad request: answer it (if nothing was answered yet) and close."""
-        t = self.transport
-        if t is None:
+        """A bad request: answer it, after the requests pipelined before it, and close."""
+        if self.transport is None:
             return
         r = self.req
         if r is not None and r.responded:
             self.abort()
             return
+        self.ctx.bad_request(status)
+        q = self.queue
+        if r is not None and len(q) > 1 and q[-1] is r:
+            q.pop()  # its body is bad; it waited behind others, so nothing of it was sent
+        if q and q[-1] is not r:
+            # Requests before the bad one are answered first, in order (as nginx and
+            # HAProxy do); nothing more is read from this client.
+            self.refused = (status, reason)
+            self.pause(P_REFUSED)
+            return
+        self._refuse_now(status, reason)
+
+    def _refuse_now(self, status: int, reason: str) -> None:
+        """Answer a bad request and close; one whose body was bad is cut upstream."""
+        t = self.transport
+        assert t is not None
+        self.refused = None
         up = self.up
         if up is not None:
             # The head may have gone upstream: that exchange cannot be finished.
             self.up = None
             up.abort()
-        self.ctx.bad_request(status)
+        for r in self.queue:
+            self.ctx.done(r, status)
         self.queue.clear()
+        self.flush_out()  # earlier answers first
         t.write(simple_response(status, f"edgeproxy: {reason}\n"))
         self.linger()
 
@@ -483,6 +513,7 @@ class ClientConnection(UpstreamEvents):
         if up is not None:
             self.up = None
             up.abort()
+        self.out.clear()
         if self.transport is not None:
             self.transport.abort()
 
@@ -493,6 +524,7 @@ class ClientConnection(UpstreamEvents):
         t = self.transport
         if t is None:
             return
+        self.flush_out()
         if kind in (D_IDLE, D_LINGER):
             t.close()
         elif kind == D_HEAD:

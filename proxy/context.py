@@ -11,6 +11,7 @@ import asyncio
 import random
 from typing import TYPE_CHECKING, Any
 
+from proxy.batch import WriteBatch
 from proxy.client import ClientConnection
 from proxy.metrics import BAD_REQUEST_STATUSES, RETRY_REASONS, UPSTREAM_ERROR_STATUSES
 from proxy.routing import Routing
@@ -45,7 +46,10 @@ class WorkerContext:
         self.no_app = len(config.apps)
         self.routing = Routing(config, cells, random.Random(), stats.retries)
         self.routing.attach()
-        self.pool = Pool(loop, config.pool.max_idle, config.pool.idle_timeout, loop.time)
+        self.batch = WriteBatch(loop)
+        self.pool = Pool(
+            loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
+        )
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False

@@ -30,6 +30,7 @@ D_HEAD: Final = 2  # reading a request head: 408
 D_REQUEST: Final = 3  # a whole request: 504 (or cut)
 D_LINGER: Final = 4  # half-closed after an early response: close
 
+HOLD_MAX: Final = 65536  # response bytes held for one client until the iteration ends
 P_UPSTREAM: Final = 2  # stop reading the client: the upstream's write buffer is full
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -48,6 +49,7 @@ class UpstreamEvents(Exchange):
     resp_framing: int
     resp_keep: bool
     sink_fd: int
+    queued: bool
     tunnel: bool
     backhaul: bool
     deadline: float
@@ -99,6 +101,7 @@ class UpstreamEvents(Exchange):
         self.out.append(head)  # goes out with the first body bytes: one write
 
     def upstream_interim(self, head: bytes) -> None:
+        self.flush_out()
         if self.transport is not None:
             self.transport.write(head)
 
@@ -113,10 +116,11 @@ class UpstreamEvents(Exchange):
     def upstream_sink(self) -> int:
         """The client's socket if the response body may go straight into it now, else -1:
         nothing of ours is waiting to be written, and the body passes unchanged."""
+        if self.out:
+            self.flush_out()  # the head and the first bytes go first, now
         t = self.transport
         if (
-            self.out
-            or t is None
+            t is None
             or self.resp_framing == CHUNKED
             or t.get_write_buffer_size()
             or t.is_closing()
@@ -126,7 +130,25 @@ class UpstreamEvents(Exchange):
         return self.sink_fd
 
     def upstream_flush(self) -> None:
-        """Write what one upstream read produced, in one call."""
+        """What one upstream read produced is complete: written when the loop's
+        iteration ends, with the other connections' output (proxy.batch). Once
+        HOLD_MAX bytes are held they are written at once, so that a slow client's
+        backpressure still stops the upstream reads of a long body."""
+        out = self.out
+        if not out:
+            return
+        held = 0
+        for data in out:
+            held += len(data)
+        if held >= HOLD_MAX:
+            self.flush_out()
+        elif not self.queued:
+            self.queued = True
+            self.ctx.batch.add_client(self)
+
+    def flush_out(self) -> None:
+        """Write what is held for the client now, in one call."""
+        self.queued = False
         out = self.out
         if not out:
             return
@@ -179,7 +201,7 @@ class UpstreamEvents(Exchange):
         r = self.queue[0]
         self.deadline = 0.0
         self.dkind = D_NONE
-        self.upstream_flush()
+        self.flush_out()
         if early and self.transport is not None:
             self.transport.write(early)
         if not r.tunnel:  # upstream switched protocols we did not ask for
@@ -191,11 +213,13 @@ class UpstreamEvents(Exchange):
             return
         r = self.queue[0]
         if self.tunnel and r.tunnel and r.responded:
-            self.upstream_flush()
+            self.flush_out()
             if self.transport is not None:
                 self.transport.close()
             return
-        self.out.clear()
+        # What is held belongs to answered requests (and to this one's answer when it
+        # responded, which is then cut): it goes out first.
+        self.flush_out()
         if r.responded:
             # Part of the response is out: the client must see a cut, not a lie.
             self.ctx.done(r, 502)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from proxy import splice
+from proxy.batch import WriteBatch
 from proxy.headers import ResponseHead
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ class Exchange:
     def upstream_sink(self) -> int:
         raise NotImplementedError
 
+    def flush_out(self) -> None:
+        """Write what is held for the client now (proxy.batch)."""
+        raise NotImplementedError
+
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
 _MAX_HEAD = 65536  # a response head larger than this is refused (502)
@@ -96,6 +101,7 @@ class UpstreamConnection(ResponseHead):
         "keep_alive",
         "key",
         "parser",
+        "pending",
         "pool",
         "raw_left",
         "reused",
@@ -122,6 +128,7 @@ class UpstreamConnection(ResponseHead):
         self.keep_alive = False
         self.reused = False
         self.tunnel = False
+        self.pending = b""  # a request head held until the loop iteration ends (batch)
 
     # asyncio.BufferedProtocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -286,12 +293,33 @@ class UpstreamConnection(ResponseHead):
         self.raw_left = 0
         self.head_acc = b""
         self.deadline = deadline
-        assert self.transport is not None
-        self.transport.write(head)
+        if self.pending:
+            self.pending += head
+        else:
+            self.pending = head
+            self.pool.batch.add_upstream(self)
+
+    def flush_out(self) -> None:
+        """Write the held request head now (the batch, or a write that must follow it)."""
+        head = self.pending
+        if head:
+            self.pending = b""
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(head)
 
     def write(self, data: bytes) -> None:
+        if self.pending:
+            self.flush_out()
         assert self.transport is not None
         self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """Half-close towards the instance (a tunnel whose client half-closed)."""
+        self.flush_out()
+        t = self.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
 
     def close(self) -> None:
         self.keep_alive = False
@@ -387,8 +415,10 @@ class Pool:
         max_idle: int,
         idle_timeout: float,
         clock: Callable[[], float],
+        batch: WriteBatch | None = None,
     ) -> None:
         self.loop = loop
+        self.batch = batch if batch is not None else WriteBatch(loop)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.clock = clock

@@ -124,6 +124,27 @@ def test_pipelined_bytes_split_byte_by_byte(proxy: Proxy) -> None:
         assert c.response().json()["path"] == "/b2"
 
 
+def test_pipelined_proxied_and_own_answers_keep_their_order(proxy: Proxy) -> None:
+    """Proxied answers (written when the worker's loop iteration ends) and the proxy's own
+    answers (404, then a 400 that closes) to pipelined requests leave in request order."""
+    raw = (
+        request_bytes("GET", "/o1")
+        + request_bytes("GET", "/o2", host="nope.test")
+        + request_bytes("GET", "/o3")
+        + request_bytes("GET", "/o4")
+        + request_bytes("GET", "/o5", host="nope.test")
+        + b"GET /o6 HTTP/1.1\r\nUser-Agent: t\r\n\r\n"  # no Host: 400, then close
+    )
+    for _ in range(20):
+        with Client(proxy.port) as c:
+            c.send(raw)
+            got = [c.response() for _ in range(6)]
+            c.expect_clean_close()
+        assert [r.status for r in got] == [200, 404, 200, 200, 404, 400], got
+        assert [got[i].json()["path"] for i in (0, 2, 3)] == ["/o1", "/o3", "/o4"], got
+        assert b"nope.test" in got[1].body and b"nope.test" in got[4].body, got
+
+
 def test_content_length_request_body_arrives_intact(proxy: Proxy) -> None:
     """A Content-Length request body reaches the upstream byte for byte."""
     body = os.urandom(300_000)

@@ -1,0 +1,63 @@
+"""Writes held to the end of the event loop's iteration, then made together.
+
+Owns the list of connections with output waiting and the one callback per loop
+iteration that writes it. A worker handles every connection that became ready
+in one epoll round before anything is written, so the app instances and the
+clients are woken once for a burst of requests or responses instead of once
+per write, and the worker is not preempted by each of those wakeups in the
+middle of its round. It must not decide what is written or in which order for
+one connection: the connections keep their own output and flush it first
+whenever they write anything directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.upstream import Exchange, UpstreamConnection
+
+
+class WriteBatch:
+    """One worker's connections with output held until the loop iteration ends."""
+
+    __slots__ = ("armed", "clients", "loop", "upstreams")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.upstreams: list[UpstreamConnection] = []
+        self.clients: list[Exchange] = []
+        self.armed = False
+
+    def add_upstream(self, up: UpstreamConnection) -> None:
+        """`up` holds a request head: write it with the others of this iteration."""
+        self.upstreams.append(up)
+        if not self.armed:
+            self._arm()
+
+    def add_client(self, client: Exchange) -> None:
+        """`client` holds response bytes: write them with the others of this iteration."""
+        self.clients.append(client)
+        if not self.armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        self.armed = True
+        # Ready callbacks run after the I/O callbacks of this iteration, before the next
+        # poll: everything that became ready in one epoll round is handled first.
+        self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write everything held: requests to the instances first, then the responses."""
+        self.armed = False
+        ups = self.upstreams
+        if ups:
+            self.upstreams = []
+            for up in ups:
+                up.flush_out()
+        clients = self.clients
+        if clients:
+            self.clients = []
+            for c in clients:
+                c.flush_out()
