@@ -115,7 +115,8 @@ class UpstreamEvents(Exchange):
 
     def upstream_sink(self) -> int:
         """The client's socket if the response body may go straight into it now, else -1:
-        nothing of ours is waiting to be written, and the body passes unchanged."""
+        what is held for the client is written first and the transport took all of it,
+        and the body passes unchanged."""
         if self.out:
             self.flush_out()  # the head and the first bytes go first, now
         t = self.transport
