@@ -16,7 +16,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.upstream import Exchange, UpstreamConnection
+    from proxy.exchange import UpstreamEvents
+    from proxy.upstream import UpstreamConnection
 
 
 class WriteBatch:
@@ -27,7 +28,7 @@ class WriteBatch:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.upstreams: list[UpstreamConnection] = []
-        self.clients: list[Exchange] = []
+        self.clients: list[UpstreamEvents] = []
         self.armed = False
 
     def add_upstream(self, up: UpstreamConnection) -> None:
@@ -36,7 +37,7 @@ class WriteBatch:
         if not self.armed:
             self._arm()
 
-    def add_client(self, client: Exchange) -> None:
+    def add_client(self, client: UpstreamEvents) -> None:
         """`client` holds response bytes: write them with the others of this iteration."""
         self.clients.append(client)
         if not self.armed:

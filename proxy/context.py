@@ -54,7 +54,6 @@ class WorkerContext:
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.stats = stats
-        self.inflight = 0
 
     # accounting ------------------------------------------------------------
     def done(self, r: Request, status: int) -> None:

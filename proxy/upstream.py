@@ -63,10 +63,6 @@ class Exchange:
     def upstream_sink(self) -> int:
         raise NotImplementedError
 
-    def flush_out(self) -> None:
-        """Write what is held for the client now (proxy.batch)."""
-        raise NotImplementedError
-
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
 _MAX_HEAD = 65536  # a response head larger than this is refused (502)
