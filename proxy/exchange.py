@@ -113,12 +113,18 @@ class UpstreamEvents(Exchange):
         else:
             self.out.append(data)
 
-    def upstream_sink(self) -> int:
+    def upstream_sink(self, held_max: int) -> int:
         """The client's socket if the response body may go straight into it now, else -1:
-        what is held for the client is written first and the transport took all of it,
-        and the body passes unchanged."""
-        if self.out:
-            self.flush_out()  # the head and the first bytes go first, now
+        the transport has nothing buffered, and the body passes unchanged. What is held
+        for the client stays held (upstream_held hands it over, to go first), unless it
+        is over `held_max` bytes: then it is written now."""
+        out = self.out
+        if out:
+            held = 0
+            for data in out:
+                held += len(data)
+            if held > held_max:
+                self.flush_out()
         t = self.transport
         if (
             t is None
@@ -129,6 +135,13 @@ class UpstreamEvents(Exchange):
         ):
             return -1
         return self.sink_fd
+
+    def upstream_held(self) -> list[bytes | memoryview]:
+        """Hand over what is held for the client (the caller sends it before the body)."""
+        out = self.out
+        if out:
+            self.out = []
+        return out
 
     def upstream_flush(self) -> None:
         """What one upstream read produced is complete: written when the loop's
@@ -299,5 +312,8 @@ class Abandoned(Exchange):
     def upstream_timed_out(self) -> None:
         self.ctx.done(self.r, 499)
 
-    def upstream_sink(self) -> int:
+    def upstream_sink(self, held_max: int) -> int:
         return -1
+
+    def upstream_held(self) -> list[bytes | memoryview]:
+        return []

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _F_SETPIPE_SZ: Final = 1031  # fcntl.F_SETPIPE_SZ (Linux)
 _F_GETPIPE_SZ: Final = 1032
@@ -43,34 +46,58 @@ class Splicer:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def move(self, src: int, dst: int, want: int) -> tuple[int, bytes]:
-        """Move up to `want` bytes from socket `src` to socket `dst`.
+    def move(
+        self, src: int, dst: int, want: int, head: Sequence[bytes | memoryview] = ()
+    ) -> tuple[int, bytes]:
+        """Move `head` (bytes the caller holds for `dst`), then up to `want` bytes from
+        socket `src`, to socket `dst`, in order.
 
-        Returns (delivered, stuck): `delivered` bytes reached `dst`; `stuck` were taken
-        from `src` but `dst` would not take them now (the caller must write them itself,
+        The head goes through the pipe with the first bytes from `src`, so that `dst`
+        sends them together (one transmit, one wake-up of the reader). It must fit in
+        the pipe (`cap`); the caller checks.
+
+        Returns (taken, stuck): `taken` bytes were taken from `src`; `stuck` is the tail
+        of head + taken that `dst` would not take now (the caller must write it itself,
         in order, before anything else). It stops early when `src` has nothing more to
         give right now, hits EOF or fails: its transport sees that on its next read.
         """
-        delivered = 0
-        splice = os.splice
-        while want > 0:
+        taken = 0
+        inpipe = 0
+        if head:
+            total = 0
+            for b in head:
+                total += len(b)
             try:
-                n = splice(src, self.w, min(want, self.cap), flags=_FLAGS)
+                inpipe = os.writev(self.w, head)
             except OSError:
-                return delivered, b""
-            if n <= 0:
-                return delivered, b""  # EOF: the transport reports it
-            want -= n
-            sent = 0
-            while sent < n:
+                inpipe = 0
+            if inpipe < total:  # cannot happen when it fits: the pipe is empty between calls
+                if inpipe:
+                    self._drain(inpipe)
+                return 0, b"".join(head)
+        splice = os.splice
+        cap = self.cap
+        while True:
+            if want > 0 and inpipe < cap:
                 try:
-                    sent += splice(self.r, dst, n - sent, flags=_FLAGS)
+                    n = splice(src, self.w, min(want, cap - inpipe), flags=_FLAGS)
+                except OSError:
+                    n = 0  # nothing to read now (or a failure its transport will see)
+                if n > 0:
+                    want -= n
+                    taken += n
+                    inpipe += n
+                else:
+                    want = 0  # EOF, or nothing more now: push what the pipe holds
+            if not inpipe:
+                return taken, b""
+            while inpipe:
+                try:
+                    inpipe -= splice(self.r, dst, inpipe, flags=_FLAGS)
                 except OSError:
                     # The client's socket is full (or broken): what it did not take comes
                     # back out of the pipe, for the transport to write or to fail on.
-                    return delivered + sent, self._drain(n - sent)
-            delivered += n
-        return delivered, b""
+                    return taken, self._drain(inpipe)
 
     def _drain(self, n: int) -> bytes:
         parts: list[bytes] = []

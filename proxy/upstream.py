@@ -60,15 +60,21 @@ class Exchange:
     def upstream_timed_out(self) -> None:
         raise NotImplementedError
 
-    def upstream_sink(self) -> int:
+    def upstream_sink(self, held_max: int) -> int:
+        raise NotImplementedError
+
+    def upstream_held(self) -> list[bytes | memoryview]:
         raise NotImplementedError
 
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
 _MAX_HEAD = 65536  # a response head larger than this is refused (502)
-# A response's first read is this small, so a big body is still in the socket once the
-# head is parsed and can be spliced; later reads (chunked, tunnels) take up to READ_SIZE.
+# A response's first read takes the head and a small or mid-size body whole (one read).
+# On a connection whose last body was big it takes little more than the head, so that
+# most of the body is still in the socket once the head is parsed, and is spliced: it
+# does not pass through this process. Later reads (chunked, tunnels) take up to READ_SIZE.
 HEAD_READ = 16384
+HEAD_READ_BIG = 2048
 READ_SIZE = 262144
 SPLICE_MIN = 16384  # body bytes left after a read worth a splice (else: an ordinary read)
 
@@ -85,6 +91,7 @@ class UpstreamConnection(ResponseHead):
     inheritance: compiled, a native class cannot derive from asyncio's classes."""
 
     __slots__ = (
+        "big",
         "body_seen",
         "cur_head",
         "deadline",
@@ -124,6 +131,7 @@ class UpstreamConnection(ResponseHead):
         self.keep_alive = False
         self.reused = False
         self.tunnel = False
+        self.big = False  # the last response's body was worth splicing
         self.pending = b""  # a request head held until the loop iteration ends (batch)
 
     # asyncio.BufferedProtocol -----------------------------------------------------
@@ -159,7 +167,9 @@ class UpstreamConnection(ResponseHead):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         pool = self.pool
-        return pool.read_all if self.head_done or self.tunnel else pool.read_head
+        if self.head_done or self.tunnel:
+            return pool.read_all
+        return pool.read_head_big if self.big else pool.read_head
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(self.pool.read_all[:nbytes]))
@@ -215,9 +225,8 @@ class UpstreamConnection(ResponseHead):
         if seen >= 0 and self.exchange is ex and self.content_length > seen:
             # Head parsed, body unfinished: the rest of it goes past the parser.
             self.raw_left = self.content_length - seen
-        ex.upstream_flush()
-        if self.raw_left >= SPLICE_MIN and self.exchange is ex:
-            self._splice(ex)
+        if self.raw_left < SPLICE_MIN or self.exchange is not ex or not self._splice(ex):
+            ex.upstream_flush()
 
     def _feed(self, ex: Exchange, data: bytes, rest: memoryview | None) -> bool:
         """Parse `data`; False when the exchange went elsewhere (tunnel, bad response)."""
@@ -245,9 +254,8 @@ class UpstreamConnection(ResponseHead):
         if n < left:
             self.raw_left = left - n
             ex.upstream_body(data)
-            ex.upstream_flush()
-            if left - n >= SPLICE_MIN:
-                self._splice(ex)
+            if left - n < SPLICE_MIN or not self._splice(ex):
+                ex.upstream_flush()
             return
         if n > left:
             self.keep_alive = False  # bytes past the body: this connection is done
@@ -256,25 +264,29 @@ class UpstreamConnection(ResponseHead):
         ex.upstream_flush()
         self._raw_end()
 
-    def _splice(self, ex: Exchange) -> None:
-        """Move what the socket holds of the body straight into the client's socket."""
+    def _splice(self, ex: Exchange) -> bool:
+        """Move what the socket holds of the body straight into the client's socket,
+        after what is held for the client (the head, the first body bytes): they leave
+        together. False when the body cannot go that way now (nothing was taken)."""
         sp = self.pool.splicer
         if sp is None or self.fd < 0:
-            return
-        dst = ex.upstream_sink()
+            return False
+        dst = ex.upstream_sink(sp.cap >> 1)
         if dst < 0:
-            return
-        moved, stuck = sp.move(self.fd, dst, self.raw_left)
-        left = self.raw_left - moved - len(stuck)
+            return False
+        taken, stuck = sp.move(self.fd, dst, self.raw_left, ex.upstream_held())
+        left = self.raw_left - taken
         self.raw_left = left
         if stuck:
             ex.upstream_body(stuck)  # the client's socket is full: the transport buffers
             ex.upstream_flush()
         if left == 0 and self.exchange is ex:
             self._raw_end()
+        return True
 
     def _raw_end(self) -> None:
         self.raw_left = 0
+        self.big = self.content_length >= SPLICE_MIN
         self.parser = httptools.HttpResponseParser(self)  # it never saw the body's bytes
         self._finish()
 
@@ -383,6 +395,7 @@ class UpstreamConnection(ResponseHead):
     def on_message_complete(self) -> None:
         if self.exchange is None or self.parser.get_status_code() < 200:
             return
+        self.big = False
         self._finish()
 
     def _finish(self) -> None:
@@ -426,6 +439,7 @@ class Pool:
         buf = memoryview(bytearray(READ_SIZE))
         self.read_all = buf
         self.read_head = buf[:HEAD_READ]
+        self.read_head_big = buf[:HEAD_READ_BIG]
         self.splicer = splice.Splicer() if splice.available() else None
 
     def get(self, key: str) -> UpstreamConnection | None:

@@ -1,5 +1,6 @@
 """proxy.splice.Splicer on real loopback TCP sockets: bytes arrive whole and in order,
-a full client socket hands the rest back, EOF and a reset source stop the loop."""
+the caller's held bytes go first, a full client socket hands the rest back, EOF and a
+reset source stop the loop."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def test_moves_what_the_source_holds_and_stops_at_want(sockets) -> None:
     moved_total = 0
     # The source may hold the bytes in pieces: splice until `want` is reached.
     for _ in range(1000):
-        moved, stuck = sp.move(up_r.fileno(), cl_w.fileno(), 100_000 - moved_total)
+        taken, stuck = sp.move(up_r.fileno(), cl_w.fileno(), 100_000 - moved_total)
         assert stuck == b""
-        moved_total += moved
+        moved_total += taken
         if moved_total == 100_000:
             break
     assert moved_total == 100_000
@@ -79,21 +80,71 @@ def test_a_full_client_socket_gives_the_rest_back_in_order(sockets) -> None:
     body = os.urandom(size)
     up_w.setblocking(False)
     sent = 0
-    stuck_all = bytearray()
-    moved_total = 0
+    stuck_all = b""
+    taken_total = 0
     for _ in range(10_000):
         if sent < size:
             with contextlib.suppress(BlockingIOError):
                 sent += up_w.send(body[sent : sent + 65536])
-        want = size - moved_total - len(stuck_all)
-        moved, stuck = sp.move(up_r.fileno(), cl_w.fileno(), want)
-        moved_total += moved
-        if stuck:
-            stuck_all += stuck
+        taken, stuck_all = sp.move(up_r.fileno(), cl_w.fileno(), size - taken_total)
+        taken_total += taken
+        if stuck_all:
             break
     assert stuck_all, "a 4 KiB client buffer never filled"
-    delivered = read_exactly(cl_r, moved_total)
-    assert delivered + bytes(stuck_all) == body[: moved_total + len(stuck_all)]
+    delivered = read_exactly(cl_r, taken_total - len(stuck_all))
+    assert delivered + stuck_all == body[:taken_total]
+    assert sp.move(up_r.fileno(), cl_w.fileno(), 0) == (0, b"")  # the pipe was left empty
+    sp.close()
+
+
+def test_held_bytes_go_first_then_the_body(sockets) -> None:
+    up_w, up_r, cl_w, cl_r = sockets
+    sp = Splicer()
+    head = [b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n", memoryview(b"first bytes")]
+    body = os.urandom(50_000 - len(b"first bytes"))
+    up_w.sendall(body + b"NEXT")
+    taken, stuck = sp.move(up_r.fileno(), cl_w.fileno(), len(body), head)
+    assert stuck == b""
+    taken_total = taken
+    for _ in range(1000):
+        if taken_total == len(body):
+            break
+        taken, stuck = sp.move(up_r.fileno(), cl_w.fileno(), len(body) - taken_total)
+        assert stuck == b""
+        taken_total += taken
+    expected = b"".join(head) + body
+    assert read_exactly(cl_r, len(expected)) == expected
+    assert up_r.recv(16) == b"NEXT"
+    sp.close()
+
+
+def test_held_bytes_go_even_when_the_source_has_nothing(sockets) -> None:
+    _, up_r, cl_w, cl_r = sockets
+    sp = Splicer()
+    assert sp.move(up_r.fileno(), cl_w.fileno(), 1000, [b"head ", b"and more"]) == (0, b"")
+    assert read_exactly(cl_r, 13) == b"head and more"
+    sp.close()
+
+
+def test_held_bytes_a_full_client_socket_refuses_come_back_first(sockets) -> None:
+    up_w, up_r, cl_w, cl_r = sockets
+    cl_w.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    cl_r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sp = Splicer()
+    # Fill the client's path until the socket takes nothing more.
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(10_000):
+            filler += cl_w.send(b"f" * 65536)
+    head = [b"H" * 3000]
+    up_w.sendall(b"b" * 20_000)
+    taken, stuck = sp.move(up_r.fileno(), cl_w.fileno(), 20_000, head)
+    assert stuck, "the full client socket took everything"
+    whole = b"H" * 3000 + b"b" * taken
+    sent = len(whole) - len(stuck)
+    assert stuck == whole[sent:]  # the tail, in order
+    assert read_exactly(cl_r, filler + sent) == b"f" * filler + whole[:sent]
+    assert sp.move(up_r.fileno(), cl_w.fileno(), 0) == (0, b"")  # the pipe was left empty
     sp.close()
 
 
