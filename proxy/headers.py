@@ -261,6 +261,12 @@ _RESP_SPECIAL: Final = re.compile(
     rb":[ \t]*([^\r\n]*)"
 )
 _CONTENT_LENGTH: Final = b"\r\ncontent-length:"
+_CONNECTION: Final = b"\r\nconnection:"
+# The fields of _RESP_SPECIAL that heads rarely carry (all but Connection, which most
+# do): a head with none of them takes take()'s short path.
+_RESP_RARE: Final = re.compile(
+    rb"\r\n(?:transfer-encoding|keep-alive|te|trailer|upgrade|proxy-|x-edgeproxy-)"
+)
 
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 
@@ -309,6 +315,17 @@ class ResponseHead:
         if at >= 0:  # llhttp refused a second one
             at += len(_CONTENT_LENGTH)
             self.content_length = int(block[at : low.find(b"\r\n", at)])  # each field ends in CRLF
+        if _RESP_RARE.search(low) is None:
+            # The short path: at most one Connection field, a plain one, to drop.
+            at = low.find(_CONNECTION)
+            if at < 0:
+                self.fields = block[2:]
+                return
+            end = low.find(b"\r\n", at + len(_CONNECTION))
+            value = low[at + len(_CONNECTION) : end].strip(b" \t")
+            if value in _PLAIN_CONNECTION and low.find(_CONNECTION, end) < 0:
+                self.fields = block[2:at] + block[end:] if at else block[end + 2 :]
+                return
         kept: list[bytes] | None = None
         pos = 0
         for m in _RESP_SPECIAL.finditer(low):

@@ -80,7 +80,7 @@ class Splicer:
         while True:
             if want > 0 and inpipe < cap:
                 try:
-                    n = splice(src, self.w, min(want, cap - inpipe), flags=_FLAGS)
+                    n = splice(src, self.w, min(want, cap - inpipe), None, None, _FLAGS)
                 except OSError:
                     n = 0  # nothing to read now (or a failure its transport will see)
                 if n > 0:
@@ -93,7 +93,7 @@ class Splicer:
                 return taken, b""
             while inpipe:
                 try:
-                    inpipe -= splice(self.r, dst, inpipe, flags=_FLAGS)
+                    inpipe -= splice(self.r, dst, inpipe, None, None, _FLAGS)
                 except OSError:
                     # The client's socket is full (or broken): what it did not take comes
                     # back out of the pipe, for the transport to write or to fail on.

@@ -355,10 +355,7 @@ class UpstreamConnection(ResponseHead):
             else:
                 t.resume_reading()
 
-    # httptools callbacks ----------------------------------------------------
-    def on_message_begin(self) -> None:
-        pass
-
+    # httptools callbacks (only those it needs: httptools skips a missing one) ------
     def on_headers_complete(self) -> None:
         p = self.parser
         status = p.get_status_code()

@@ -113,3 +113,47 @@ def test_kept_fields_match_the_line_model(fields: list[tuple[bytes, bytes]], n: 
     h.take(head_of(fields))
     assert h.content_length == n
     assert h.fields == model_kept(fields)
+
+
+PLAIN = st.sampled_from([b"keep-alive", b"Keep-Alive", b"close", b"CLOSE", b"upgrade", b"close "])
+COMMON = st.sampled_from(
+    [b"Server", b"Date", b"Content-Type", b"ETag", b"Set-Cookie", b"Connectionx", b"X-A"]
+)
+
+
+@given(
+    st.lists(st.tuples(COMMON, VALUES), max_size=8),
+    st.integers(0, 8),
+    st.one_of(st.none(), PLAIN),
+    st.integers(0, 10**9),
+)
+def test_plain_connection_among_common_fields(
+    fields: list[tuple[bytes, bytes]], at: int, conn: bytes | None, n: int
+) -> None:
+    """The usual head (common fields, at most one plain Connection anywhere, first or
+    last included): the Connection field is dropped, everything else kept in order."""
+    fields = [*fields, (b"Content-Length", b"%d" % n)]
+    if conn is not None:
+        fields.insert(min(at, len(fields)), (b"Connection", conn))
+    h = ResponseHead()
+    h.take(head_of(fields))
+    assert h.content_length == n
+    assert h.fields == model_kept(fields)
+    assert h.conn_tokens is None and not h.chunked and h.upgrade == b""
+
+
+def test_connection_as_the_only_or_the_first_field() -> None:
+    h = ResponseHead()
+    h.take(head_of([(b"Connection", b"close")]))
+    assert h.fields == b"" and h.content_length == -1
+    h.take(head_of([(b"Connection", b"keep-alive"), (b"Date", b"today")]))
+    assert h.fields == b"Date: today\r\n"
+    h.take(head_of([(b"Date", b"today"), (b"Connection", b"keep-alive")]))
+    assert h.fields == b"Date: today\r\n"
+
+
+def test_two_connection_fields_are_both_read() -> None:
+    """A second Connection field after a plain one still names fields to drop."""
+    h = ResponseHead()
+    h.take(head_of([(b"Connection", b"close"), (b"Date", b"d"), (b"Connection", b"X-Secret")]))
+    assert h.fields == b"Date: d\r\n" and h.conn_tokens == [b"x-secret"]
