@@ -35,6 +35,12 @@ def sockets() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, soc
         s.close()
 
 
+def small_buffers(sender: socket.socket, receiver: socket.socket) -> None:
+    """4 KiB socket buffers: the client's path fills up quickly."""
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
 def read_exactly(s: socket.socket, n: int) -> bytes:
     out = bytearray()
     s.settimeout(5)
@@ -73,8 +79,7 @@ def test_nothing_to_read_is_drained_with_nothing_moved(sockets) -> None:
 
 def test_a_full_client_socket_gives_the_rest_back_in_order(sockets) -> None:
     up_w, up_r, cl_w, cl_r = sockets
-    cl_w.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    cl_r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    small_buffers(cl_w, cl_r)
     sp = Splicer()
     size = 2_000_000
     body = os.urandom(size)
@@ -128,8 +133,7 @@ def test_held_bytes_go_even_when_the_source_has_nothing(sockets) -> None:
 
 def test_held_bytes_a_full_client_socket_refuses_come_back_first(sockets) -> None:
     up_w, up_r, cl_w, cl_r = sockets
-    cl_w.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    cl_r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    small_buffers(cl_w, cl_r)
     sp = Splicer()
     # Fill the client's path until the socket takes nothing more.
     filler = 0
