@@ -60,7 +60,7 @@ class WorkerContext:
         if r.slot >= 0:
             self.routing.release(r)
         s = self.stats
-        app = r.app if r.app >= 0 else len(self.config.apps)
+        app = r.app if r.app >= 0 else self.no_app
         cls = status // 100
         if 1 <= cls <= 5:
             s.requests[app * 5 + cls - 1] += 1
