@@ -7,6 +7,7 @@ It must not open sockets or touch any running state: loading is pure.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ T = TypeVar("T")
 STRATEGIES = ("closest", "leastload")
 STORES = ("none", "etcd", "consul")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
@@ -74,6 +76,7 @@ class TimeoutsConfig:
     client_idle: float  # keep-alive idle between requests
     request: float  # a whole request, first byte to last response byte
     abandoned: float = 2.0  # an instance's answer awaited (and counted) after its client left
+    tunnel_idle: float = 600.0  # an upgraded connection (WebSocket) with no byte either way
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,18 @@ class LimitsConfig:
     max_header_bytes: int
     max_headers: int
     replay_body_bytes: int  # request bodies kept for a retry
+    max_connections: int = 8192  # client connections per worker; accepting pauses at the cap
+    response_buffer: int = 262144  # response bytes held for a slow client before backpressure
+    pipeline_depth: int = 16  # requests one connection may queue before reading pauses
+    pipeline_bytes: int = 262144  # bytes (heads and bodies) they may hold before it pauses
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    # Clients whose X-Forwarded-*/Forwarded fields are kept (appended to); others' replaced.
+    forwarded_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Upgrade protocols that may become a tunnel (lower-case tokens; h2c never).
+    upgrade: frozenset[str] = frozenset({"websocket"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +178,7 @@ class Config:
     instances: tuple[InstanceConfig, ...]
     peers: tuple[PeerConfig, ...]
     hosts: Mapping[str, str] = field(default_factory=dict)  # lower-case host -> app
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -335,6 +351,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "pinger",
             "cluster",
             "table",
+            "trust",
             "app",
             "instance",
             "peer",
@@ -381,6 +398,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         "client_idle": 60.0,
         "request": 300.0,
         "abandoned": 2.0,
+        "tunnel_idle": 600.0,
     }
     timeouts = TimeoutsConfig(**{n: t.positive(n, float, defaults[n]) for n in names})
 
@@ -390,7 +408,12 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         max_header_bytes=lim.positive("max_header_bytes", int, 65536),
         max_headers=lim.positive("max_headers", int, 100),
         replay_body_bytes=lim.positive("replay_body_bytes", int, 1 << 20),
+        max_connections=lim.positive("max_connections", int, 8192),
+        response_buffer=lim.positive("response_buffer", int, 262144),
+        pipeline_depth=lim.positive("pipeline_depth", int, 16),
+        pipeline_bytes=lim.positive("pipeline_bytes", int, 262144),
     )
+    trust = _trust(top.table("trust"))
 
     p = top.table("pool")
     p.check_keys(PoolConfig.__slots__)
@@ -477,7 +500,26 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         instances=instances,
         peers=peers,
         hosts=hosts,
+        trust=trust,
     )
+
+
+def _trust(r: _Reader) -> TrustConfig:
+    r.check_keys(("forwarded_from", "upgrade"))
+    nets = []
+    for i, raw in enumerate(r.get("forwarded_from", list, [])):
+        try:
+            nets.append(ipaddress.ip_network(raw, strict=False))
+        except (TypeError, ValueError):
+            raise r.fail(f"forwarded_from[{i}]", f"{raw!r} is not an address or CIDR") from None
+    protos = []
+    for i, raw in enumerate(r.get("upgrade", list, ["websocket"])):
+        if not isinstance(raw, str) or not _TOKEN_RE.match(raw):
+            raise r.fail(f"upgrade[{i}]", f"{raw!r} is not a protocol token")
+        if raw.lower().startswith("h2c"):
+            raise r.fail(f"upgrade[{i}]", "h2c is never tunnelled (HTTP/2 is the proxy's own)")
+        protos.append(raw.lower())
+    return TrustConfig(forwarded_from=tuple(nets), upgrade=frozenset(protos))
 
 
 def _unique(items: list[T], key: Callable[[T], str], what: str, path: str, prefix: str) -> None:
