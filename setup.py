@@ -21,6 +21,7 @@ COMPILED = [
     "proxy/headers.py",
     "proxy/metrics.py",
     "proxy/request.py",
+    "proxy/request_head.py",
     "proxy/router.py",
     "proxy/routing.py",
     "proxy/splice.py",

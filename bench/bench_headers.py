@@ -9,7 +9,8 @@ from __future__ import annotations
 import httptools
 import pytest
 
-from proxy.headers import RequestHead, ResponseHead
+from proxy.headers import ResponseHead
+from proxy.request_head import FWD_APPEND, Front, RequestHead
 
 REQ = (
     b"GET /index.html?x=1 HTTP/1.1\r\nHost: bench.test\r\nUser-Agent: wrk\r\n"
@@ -28,6 +29,9 @@ RESP_HEADERS = [
 ]
 
 
+FRONT = Front(FWD_APPEND, b"127.0.0.1", b"http", b"8080")  # a trusted client: X-F-F appended
+
+
 class _Sink(RequestHead):
     __slots__ = ()
 
@@ -41,7 +45,8 @@ def test_request_head_parse_filter_build(benchmark: pytest.FixtureRequest) -> No
     def run() -> bytes:
         head = _Sink()
         httptools.HttpRequestParser(head).feed_data(REQ)
-        return head.build(b"GET", b"127.0.0.1", 0, False)
+        head.decide(b"GET", "1.1", False, True, frozenset())
+        return head.build(FRONT)
 
     out = benchmark(run)  # type: ignore[operator]
     assert b"X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n" in out
@@ -64,7 +69,8 @@ def test_request_head_filter_build_only(benchmark: pytest.FixtureRequest) -> Non
         head.on_url(b"/index.html?x=1")
         for n, v in fields:
             head.on_header(n, v)
-        return head.build(b"GET", b"127.0.0.1", 0, False)
+        head.decide(b"GET", "1.1", False, True, frozenset())
+        return head.build(FRONT)
 
     out = benchmark(run)  # type: ignore[operator]
     assert out.startswith(b"GET /index.html?x=1 HTTP/1.1\r\n")

@@ -21,6 +21,8 @@ from proxy.exchange import (
     D_LINGER,
     D_NONE,
     D_REQUEST,
+    D_TUNNEL,
+    P_UPGRADE,
     P_UPSTREAM,
     Abandoned,
     UpstreamEvents,
@@ -35,6 +37,7 @@ from proxy.headers import (
     simple_response,
 )
 from proxy.request import Request
+from proxy.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
 from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -45,6 +48,9 @@ if TYPE_CHECKING:
 P_QUEUE: Final = 1  # a pipelined request waits for its turn
 P_BUFFER: Final = 4  # body buffered while the upstream connects
 P_REFUSED: Final = 8  # a bad request waits for the answers to the ones before it
+P_BACKLOG: Final = 32  # parsing stopped at the pipelining bound; what was read waits
+
+_HEAD_END: Final = b"\r\n\r\n"
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_BUFFER: Final = 256 * 1024
@@ -57,12 +63,14 @@ class ClientConnection(UpstreamEvents):
 
     __slots__ = (
         "backhaul",
+        "backlog",
         "ctx",
         "deadline",
         "dkind",
+        "front",
         "head_raw",
+        "in_body",
         "in_head",
-        "ip",
         "out",
         "parser",
         "paused",
@@ -88,7 +96,9 @@ class ClientConnection(UpstreamEvents):
         self.queue: deque[Request] = deque()
         self.req: Request | None = None  # the request being parsed
         self.up: UpstreamConnection | None = None
-        self.ip = b""
+        self.front = Front(FWD_SET, b"unknown", b"http", b"0")
+        self.backlog = b""  # read but not yet parsed: past the pipelining bound
+        self.in_body = False  # the parser is inside a request body
         self.deadline = 0.0
         self.dkind = D_NONE
         self.head_raw = 0
@@ -104,13 +114,26 @@ class ClientConnection(UpstreamEvents):
 
     # asyncio.Protocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast("asyncio.Transport", transport)
-        peer = self.transport.get_extra_info("peername")
-        self.ip = str(peer[0]).encode() if peer else b"unknown"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and self.ctx.pool.splicer is not None:
-            self.sink_fd = sock.fileno()
+        t = self.transport = cast("asyncio.Transport", transport)
         ctx = self.ctx
+        peer = t.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "unknown"
+        local = t.get_extra_info("sockname")
+        port = str(local[1]).encode() if local else b"0"
+        if self.backhaul:
+            mode = FWD_KEEP
+        elif ctx.trusted_forwarder(ip):
+            mode = FWD_APPEND
+        else:
+            mode = FWD_SET
+        self.front = Front(mode, ip.encode(), b"http", port)
+        # A response that fits is taken from the instance at full speed, whatever the
+        # client's pace (the instance's slot frees as soon as it is done); past this, the
+        # client's pace holds the instance back.
+        t.set_write_buffer_limits(high=ctx.limits.response_buffer)
+        sock = t.get_extra_info("socket")
+        if sock is not None and ctx.pool.splicer is not None:
+            self.sink_fd = sock.fileno()
         ctx.clients.add(self)
         self.deadline = ctx.loop.time() + ctx.timeouts.client_header
         self.dkind = D_HEAD
@@ -128,7 +151,8 @@ class ClientConnection(UpstreamEvents):
                 # (its slot under the hard limit) until it answers, for a short grace.
                 # One that is already answering is cut: it stops on its next write.
                 queue.popleft()
-                up.abandon(Abandoned(ctx, r), ctx.loop.time() + ctx.timeouts.abandoned)
+                deadline = ctx.loop.time() + ctx.timeouts.abandoned
+                up.abandon(Abandoned(ctx, r, deadline), deadline)
             else:
                 up.abort()
         for r in queue:
@@ -162,33 +186,104 @@ class ClientConnection(UpstreamEvents):
             up = self.up
             if up is not None:
                 up.write(data)
-            elif self.queue:
-                self.queue[0].body.append(data)
+                self.deadline = self.ctx.loop.time() + self.ctx.timeouts.tunnel_idle
             return
+        q = self.queue
+        if q and q[-1].tunnel:
+            # After an upgrade head nothing is relayed until the instance answers 101:
+            # held (reading is paused, so at most one read), then dropped with the
+            # connection if the answer is anything else.
+            q[-1].early += data
+            return
+        if self.backlog:
+            self.backlog += data
+            return
+        self.parse(data)
+
+    def parse(self, data: bytes) -> None:
+        """Feed the parser at most one request head at a time, so that parsing stops as
+        soon as the connection has queued as much as it may (pipelining is bounded)."""
+        n = len(data)
+        pos = 0
+        while pos < n:
+            if len(self.queue) > 1 and self.over_pipeline():
+                self.backlog = data[pos:]
+                self.pause(P_BACKLOG)
+                return
+            r = self.req
+            if self.in_body and r is not None and r.framing == LENGTH:
+                end = pos + r.content_length - r.body_size  # exactly the rest of the body
+            else:
+                e = data.find(_HEAD_END, pos)
+                end = n if e < 0 else e + 4
+            if end >= n:
+                end = n
+                piece = data if pos == 0 else data[pos:]
+            else:
+                piece = data[pos:end]
+            if not self.feed(piece):
+                q = self.queue
+                if end < n and q and q[-1].tunnel and not self.tunnel:
+                    q[-1].early += data[end:]  # held until the instance answers 101
+                return
+            if self.refused is not None or self.dkind == D_LINGER or self.transport is None:
+                return
+            pos = end
+
+    def feed(self, data: bytes) -> bool:
+        """Parse `data`; False when the rest of what was read is not for the parser."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0] :]
             r = self.queue[-1] if self.queue else None
-            if r is not None:
-                rest = data[e.args[0] :]
-                if rest:
-                    r.body.append(rest)
-            self.tunnel = True  # everything after the head belongs to the tunnel
+            if r is not None and r.tunnel:
+                r.early = rest
+                self.pause(P_UPGRADE)  # until the instance answers the upgrade
+                return False
+            # An upgrade that is not granted: served as an ordinary request, and what
+            # follows its head is the next request (a piece holds at most one head).
+            self.parser = httptools.HttpRequestParser(self)
+            return self.feed(rest) if rest else True
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, HeadError):
                 self.refuse(cause.status, cause.reason)
-            else:
-                raise
+                return False
+            raise
         except httptools.HttpParserError as e:
             self.refuse(400, f"malformed request: {e.args[0] if e.args else 'bad syntax'}")
-        else:
-            if self.in_head:
-                # httptools holds an unfinished header line until it ends: bound it.
-                nl = data.rfind(b"\n")
-                self.head_raw = len(data) - nl - 1 if nl >= 0 else self.head_raw + len(data)
-                if self.head_raw > self.ctx.limits.max_header_bytes:
-                    self.refuse(431, "request head too large")
+            return False
+        if self.in_head:
+            # httptools holds an unfinished header line until it ends: bound it.
+            nl = data.rfind(b"\n")
+            self.head_raw = len(data) - nl - 1 if nl >= 0 else self.head_raw + len(data)
+            if self.head_raw > self.ctx.limits.max_header_bytes:
+                self.refuse(431, "request head too large")
+                return False
+        return True
+
+    def over_pipeline(self) -> bool:
+        """The requests waiting behind the one in flight hold as much as they may."""
+        lim = self.ctx.limits
+        q = self.queue
+        if len(q) > lim.pipeline_depth:
+            return True
+        held = 0
+        for r in q:
+            if not r.sent:
+                held += r.size + r.body_size
+        return held > lim.pipeline_bytes
+
+    def parse_backlog(self) -> None:
+        """Answers went out: parse what was read past the pipelining bound."""
+        data = self.backlog
+        if not data or self.transport is None or self.over_pipeline():
+            return
+        self.backlog = b""
+        self.parse(data)
+        if not self.backlog:
+            self.resume(P_BACKLOG)
 
     # httptools callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
@@ -204,8 +299,15 @@ class ClientConnection(UpstreamEvents):
         self.req.on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.req is not None
-        self.req.on_header(name, value)
+        r = self.req
+        assert r is not None
+        if self.in_head:
+            r.on_header(name, value)
+            return
+        # A trailer field (after a chunked body): not forwarded, but bounded like a head.
+        r.size += len(name) + len(value) + 4
+        if r.size > r.max_bytes:
+            raise HeadError(431, "request trailer too large")
 
     def on_headers_complete(self) -> None:
         r = self.req
@@ -213,23 +315,17 @@ class ClientConnection(UpstreamEvents):
         self.in_head = False
         self.head_raw = 0
         p = self.parser
-        r.method = p.get_method()
-        r.keep_alive = p.should_keep_alive()
-        r.http10 = p.get_http_version() == "1.0"
-        if p.should_upgrade():
-            r.tunnel = True
-            r.keep_alive = False
-        if r.chunked:
-            r.framing = CHUNKED
-        elif r.content_length > 0:
-            r.framing = LENGTH
-        else:
-            r.framing = NO_BODY
+        r.decide(
+            p.get_method(),
+            p.get_http_version(),
+            p.should_upgrade(),
+            p.should_keep_alive(),
+            self.ctx.upgrades,
+        )
+        if r.framing == NO_BODY:
             r.complete = not r.tunnel
-        if not r.host and not r.http10:
-            raise HeadError(400, "missing Host header")
-        if r.tunnel and r.method == b"CONNECT":
-            raise HeadError(400, "CONNECT is not supported")
+        else:
+            self.in_body = True
         self.queue.append(r)
         if len(self.queue) == 1:
             self.start(r)
@@ -257,6 +353,7 @@ class ClientConnection(UpstreamEvents):
     def on_message_complete(self) -> None:
         r = self.req
         assert r is not None
+        self.in_body = False
         if r.tunnel:
             return
         r.complete = True
@@ -302,7 +399,7 @@ class ClientConnection(UpstreamEvents):
         if target is None:
             self.local_response(r, status, why, b"Retry-After: 1\r\n" if status == 503 else b"")
             return
-        r.base_head = r.build(r.method, self.ip, r.framing, r.tunnel)
+        r.base_head = r.build(self.front)
         self.dispatch(r, target)
 
     def start_backhauled(self, r: Request) -> None:
@@ -321,7 +418,7 @@ class ClientConnection(UpstreamEvents):
             extra = b"X-Edgeproxy-Reject: full\r\nX-Edgeproxy-Load: %d\r\nRetry-After: 1\r\n" % load
             self.local_response(r, 503, f"edgeproxy: instance {iid!r} is full\n", extra)
             return
-        r.base_head = r.build(r.method, self.ip, r.framing, r.tunnel)
+        r.base_head = r.build(self.front)
         self.dispatch(r, target)
 
     def dispatch(self, r: Request, target: Target) -> None:
@@ -442,6 +539,8 @@ class ClientConnection(UpstreamEvents):
             return
         # That exchange's upstream no longer holds us back.
         self.resume(P_UPSTREAM | P_BUFFER)
+        if self.backlog:
+            self.ctx.loop.call_soon(self.parse_backlog)  # after this answer is on its way
         if self.queue:
             nxt = self.queue[0]
             if len(self.queue) == 1:
@@ -464,10 +563,11 @@ class ClientConnection(UpstreamEvents):
         t = self.transport
         assert t is not None
         self.tunnel = False
+        self.backlog = b""
         self.flush_out()
         if t.can_write_eof():
             t.write_eof()
-        self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM | P_REFUSED)
+        self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM | P_REFUSED | P_BACKLOG | P_UPGRADE)
         self.deadline = self.ctx.loop.time() + 2.0
         self.dkind = D_LINGER
 
@@ -538,6 +638,13 @@ class ClientConnection(UpstreamEvents):
                 self.local_response(r, 504, "edgeproxy: request took too long\n")
             else:
                 self.abort()
+        elif kind == D_TUNNEL:
+            # No byte either way for [timeouts] tunnel_idle: both sides are closed.
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.abort()
+            t.close()
 
     def upstream_timed_out(self) -> None:
         """The upstream sent no response head in time."""

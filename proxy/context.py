@@ -8,6 +8,7 @@ touch listeners or the process: proxy.worker does.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -50,10 +51,22 @@ class WorkerContext:
         self.pool = Pool(
             loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
         )
+        self.upgrades = config.trust.upgrade  # protocols an Upgrade may switch to
+        self.forwarders = config.trust.forwarded_from
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.stats = stats
+
+    def trusted_forwarder(self, ip: str) -> bool:
+        """Whether a client at `ip` may pass on forwarding fields ([trust] forwarded_from)."""
+        if not self.forwarders:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.forwarders)
 
     # accounting ------------------------------------------------------------
     def done(self, r: Request, status: int) -> None:

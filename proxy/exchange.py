@@ -13,7 +13,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
-from proxy.headers import CHUNK_END, CHUNKED, NO_BODY, chunk
+from proxy.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk
 from proxy.request import Request
 from proxy.routing import MAX_TRIES
 from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
@@ -29,9 +29,11 @@ D_IDLE: Final = 1  # keep-alive, between requests: close quietly
 D_HEAD: Final = 2  # reading a request head: 408
 D_REQUEST: Final = 3  # a whole request: 504 (or cut)
 D_LINGER: Final = 4  # half-closed after an early response: close
+D_TUNNEL: Final = 5  # an upgraded connection with no byte either way: close both sides
 
 HOLD_MAX: Final = 65536  # response bytes held for one client until the iteration ends
 P_UPSTREAM: Final = 2  # stop reading the client: the upstream's write buffer is full
+P_UPGRADE: Final = 16  # an upgrade request waits for the instance's answer (101 or not)
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
@@ -85,7 +87,6 @@ class UpstreamEvents(Exchange):
             if up.reject and not r.force:
                 r.rejected = True  # swallow this answer; upstream_end retries elsewhere
                 return
-        r.responded = True
         keep = (
             self.resp_keep and r.keep_alive and not self.ctx.draining and (r.complete or r.tunnel)
         )
@@ -95,6 +96,12 @@ class UpstreamEvents(Exchange):
             load = max(0, self.ctx.routing.load_of(t) - 1)
             extra = b"X-Edgeproxy-Load: %d\r\n" % load
         head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
+        if framing == BAD_CODING:
+            self.local_response(
+                r, 502, "edgeproxy: the upstream used a transfer coding HTTP/1.0 cannot carry\n"
+            )
+            return
+        r.responded = True
         self.resp_framing = framing
         self.resp_keep = keep
         r.status = status
@@ -213,13 +220,30 @@ class UpstreamEvents(Exchange):
 
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
         r = self.queue[0]
-        self.deadline = 0.0
-        self.dkind = D_NONE
         self.flush_out()
-        if early and self.transport is not None:
-            self.transport.write(early)
         if not r.tunnel:  # upstream switched protocols we did not ask for
             self.abort()
+            return
+        if early and self.transport is not None:
+            self.transport.write(early)
+        # Only now may the client's bytes after its upgrade head reach the instance.
+        self.tunnel = True
+        held = r.early
+        if held:
+            r.early = b""
+            up.write(held)
+        ctx = self.ctx
+        self.deadline = ctx.loop.time() + ctx.timeouts.tunnel_idle
+        self.dkind = D_TUNNEL
+        self.resume(P_UPGRADE)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        """Bytes from the instance through an upgraded connection."""
+        t = self.transport
+        if t is not None:
+            self.flush_out()
+            t.write(data)
+            self.deadline = self.ctx.loop.time() + self.ctx.timeouts.tunnel_idle
 
     def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
         self.up = None
@@ -235,7 +259,9 @@ class UpstreamEvents(Exchange):
         # responded, which is then cut): it goes out first.
         self.flush_out()
         if r.responded:
-            # Part of the response is out: the client must see a cut, not a lie.
+            # Part of the response is out: the client must see a cut, not a lie. Counted
+            # here, once (the close must not count it again).
+            self.queue.popleft()
             self.ctx.done(r, 502)
             self.abort()
             return
@@ -274,14 +300,17 @@ class UpstreamEvents(Exchange):
 class Abandoned(Exchange):
     """The exchange of a client that left: the answer is read and dropped, then counted."""
 
-    __slots__ = ("ctx", "r")
+    __slots__ = ("ctx", "deadline", "r")
 
-    def __init__(self, ctx: WorkerContext, r: Request) -> None:
+    def __init__(self, ctx: WorkerContext, r: Request, deadline: float) -> None:
         self.ctx = ctx
         self.r = r
+        self.deadline = deadline  # the answer is read until then, not longer
 
     def upstream_head(self, up: UpstreamConnection, status: int, keep_alive: bool) -> None:
-        pass
+        # An answer that has begun is still bounded by the grace: an endless one (events,
+        # a stream) must not hold the instance's slot and the connection forever.
+        up.deadline = self.deadline
 
     def upstream_interim(self, head: bytes) -> None:
         pass
@@ -290,6 +319,9 @@ class Abandoned(Exchange):
         pass
 
     def upstream_body(self, data: bytes | memoryview) -> None:
+        pass
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
         pass
 
     def upstream_flush(self) -> None:

@@ -1,41 +1,16 @@
-"""Header work of the request path: httptools header callbacks in, head bytes out.
+"""Header work of the request path: response heads, framing, the proxy's own answers.
 
-Owns the hop-by-hop rules, X-Forwarded-* and Via, framing decisions and the
-internal headers that clients may neither send nor see. Sans-io: no sockets,
-no clock. It must stay allocation-lean: header fields are forwarded as the
-bytes they arrived as, joined once.
+Owns the constants both directions share (framing kinds, internal header
+names), the response head filter (hop-by-hop rules, framing decided by the
+proxy) and the proxy's own simple responses; proxy.request_head owns the
+request side. Sans-io: no sockets, no clock. It must stay allocation-lean:
+header fields are forwarded as the bytes they arrived as, joined once.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Final
-
-# Headers that never cross the proxy (RFC 9110 7.6.1) plus what we re-frame.
-_REQ_DROP: Final = frozenset(
-    {
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-    }
-)
-
-# Every request field name that is not simply forwarded (besides proxy-* and x-edgeproxy-*).
-_REQ_SPECIAL: Final = _REQ_DROP | {
-    b"host",
-    b"connection",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"via",
-    b"upgrade",
-    b"expect",
-    b"content-length",
-    b"transfer-encoding",
-}
 
 _STATUS: Final = {n: str(n).encode() for n in range(100, 600)}
 
@@ -52,6 +27,7 @@ NO_BODY: Final = 0
 LENGTH: Final = 1
 CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
+BAD_CODING: Final = -1  # a response the client cannot be sent (a coding HTTP/1.0 lacks)
 
 VIA: Final = b"1.1 edgeproxy"
 CRLF: Final = b"\r\n"
@@ -67,171 +43,9 @@ class HeadError(Exception):
         self.reason = reason
 
 
-def _connection_tokens(value: bytes) -> list[bytes]:
+def connection_tokens(value: bytes) -> list[bytes]:
+    """The lower-cased tokens of a Connection (or Upgrade) field value."""
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
-
-
-class RequestHead:
-    """One request's header fields, filtered as they arrive.
-
-    `on_header` is httptools' callback; `build` makes the head for the upstream.
-    """
-
-    __slots__ = (
-        "chunked",
-        "conn_tokens",
-        "content_length",
-        "count",
-        "expect_continue",
-        "force",
-        "host",
-        "instance",
-        "max_bytes",
-        "max_count",
-        "parts",
-        "prefer",
-        "size",
-        "upgrade",
-        "url",
-        "via",
-        "xff",
-        "xfh",
-        "xfp",
-    )
-
-    def __init__(self, max_count: int = 100, max_bytes: int = 65536) -> None:
-        self.max_count = max_count
-        self.max_bytes = max_bytes
-        self.reset()
-
-    def reset(self) -> None:
-        self.parts: list[bytes] = []
-        self.url = b""
-        self.host = b""
-        self.xff = b""
-        self.xfp = b""
-        self.xfh = b""
-        self.via = b""
-        self.upgrade = b""
-        self.conn_tokens: list[bytes] | None = None
-        self.expect_continue = False
-        self.chunked = False
-        self.content_length = -1
-        self.force = b""
-        self.prefer = b""
-        self.instance = b""
-        self.count = 0
-        self.size = 0
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.size += len(url)
-        if self.size > self.max_bytes:
-            raise HeadError(431, "request head too large")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        self.size += len(name) + len(value) + 4
-        if self.count > self.max_count:
-            raise HeadError(431, "too many header fields")
-        if self.size > self.max_bytes:
-            raise HeadError(431, "request head too large")
-        lname = name.lower()
-        if lname in _REQ_SPECIAL or lname[:6] == b"proxy-" or lname[:12] == INTERNAL_PREFIX:
-            self._special(lname, name, value)
-        else:
-            self.parts += (name, b": ", value, CRLF)  # most fields: forwarded as they came
-
-    def _special(self, lname: bytes, name: bytes, value: bytes) -> None:
-        if lname == b"host":
-            if self.host:
-                raise HeadError(400, "more than one Host header")
-            self.host = value
-            self.parts += (name, b": ", value, CRLF)
-        elif lname in _REQ_DROP or lname.startswith(b"proxy-"):
-            pass
-        elif lname == b"connection":
-            toks = _connection_tokens(value)
-            self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
-        elif lname == b"x-forwarded-for":
-            self.xff = value if not self.xff else self.xff + b", " + value
-        elif lname == b"x-forwarded-proto":
-            self.xfp = value
-        elif lname == b"x-forwarded-host":
-            self.xfh = value
-        elif lname == b"via":
-            self.via = value if not self.via else self.via + b", " + value
-        elif lname == b"upgrade":
-            self.upgrade = value
-        elif lname == b"expect":
-            if value.lower() != b"100-continue":
-                raise HeadError(417, "only Expect: 100-continue is supported")
-            self.expect_continue = True
-        elif lname == b"content-length":
-            self.content_length = int(value)
-            self.parts += (name, b": ", value, CRLF)
-        elif lname == b"transfer-encoding":
-            self.chunked = True  # re-framed by the proxy; llhttp validated it
-        elif lname.startswith(INTERNAL_PREFIX):
-            if lname == FORCE_INSTANCE:
-                self.force = value.strip()
-            elif lname == PREFER_INSTANCE:
-                self.prefer = value.strip()
-            elif lname == TARGET_INSTANCE:
-                self.instance = value.strip()
-
-    def hostname(self) -> str:
-        """The Host without port, lower-cased (what apps are keyed by)."""
-        h = self.host
-        if h.startswith(b"["):
-            end = h.find(b"]")
-            h = h[: end + 1] if end > 0 else h
-        else:
-            colon = h.rfind(b":")
-            if colon >= 0:
-                h = h[:colon]
-        return h.decode("latin-1").lower()
-
-    def build(
-        self,
-        method: bytes,
-        client_ip: bytes,
-        framing: int,
-        tunnel: bool,
-        proto: bytes = b"http",
-        extra: bytes = b"",
-    ) -> bytes:
-        """The head to send upstream (HTTP/1.1)."""
-        parts = self.parts
-        toks = self.conn_tokens
-        if toks:
-            named = {t for t in toks if t not in (b"close", b"keep-alive", b"upgrade")}
-            if named:
-                parts = _drop_named(parts, named)
-        xff = self.xff + b", " + client_ip if self.xff else client_ip
-        via = self.via + b", " + VIA if self.via else VIA
-        out = [method, b" ", self.url or b"/", b" HTTP/1.1\r\n", *parts]
-        out += (
-            b"X-Forwarded-For: ",
-            xff,
-            b"\r\nX-Forwarded-Proto: ",
-            self.xfp or proto,
-            b"\r\nX-Forwarded-Host: ",
-            self.xfh or self.host,
-            b"\r\nVia: ",
-            via,
-            CRLF,
-        )
-        if tunnel:
-            out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, CRLF)
-        if framing == CHUNKED:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        elif framing == LENGTH:
-            pass  # Content-Length travelled with the other fields
-        if extra:
-            out.append(extra)
-        out.append(CRLF)
-        return b"".join(out)
 
 
 def _drop_named_lines(fields: bytes, named: set[bytes]) -> bytes:
@@ -242,15 +56,6 @@ def _drop_named_lines(fields: bytes, named: set[bytes]) -> bytes:
         if line and line[: line.find(b":")].strip().lower() not in named
     ]
     return b"".join(out)
-
-
-def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:
-    """Drop the fields that a Connection header named (rare path)."""
-    out: list[bytes] = []
-    for i in range(0, len(parts), 4):
-        if parts[i].lower() not in named:
-            out += parts[i : i + 4]
-    return out
 
 
 # Response fields the proxy acts on, besides Content-Length, matched in the lower-cased
@@ -269,6 +74,9 @@ _RESP_RARE: Final = re.compile(
 )
 
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Connection tokens never obeyed: the framing is the proxy's (RFC 9110 7.6.1 lets a proxy
+# drop what Connection names, never the message's own framing).
+_KEEP_FIELDS: Final = _PLAIN_CONNECTION | {b"content-length", b"transfer-encoding"}
 
 
 class ResponseHead:
@@ -276,6 +84,7 @@ class ResponseHead:
 
     __slots__ = (
         "chunked",
+        "codings",
         "conn_tokens",
         "content_length",
         "fields",
@@ -293,6 +102,7 @@ class ResponseHead:
         self.reason = b""
         self.content_length = -1
         self.chunked = False
+        self.codings = b""
         self.conn_tokens: list[bytes] | None = None
         self.upgrade = b""
         self.reject = False
@@ -302,6 +112,7 @@ class ResponseHead:
         """Fill from a whole head (status line to the empty line), as llhttp validated it."""
         self.content_length = -1
         self.chunked = False
+        self.codings = b""
         self.conn_tokens = None
         self.upgrade = b""
         self.reject = False
@@ -337,10 +148,16 @@ class ResponseHead:
             if lname == b"connection":
                 value = m.group(2).rstrip(b" \t")
                 if value not in _PLAIN_CONNECTION:  # names fields to drop
-                    toks = _connection_tokens(value)
+                    toks = connection_tokens(value)
                     self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens + toks
             elif lname == b"transfer-encoding":
-                self.chunked = m.group(2).rstrip(b" \t").endswith(b"chunked")
+                # The body is decoded from chunked and framed again by the proxy; any other
+                # coding stays on it and is declared again (RFC 9112 6.1).
+                toks = connection_tokens(block[m.start(2) : pos])
+                if self.codings:
+                    toks = [*connection_tokens(self.codings), *toks]
+                self.chunked = bool(toks) and toks[-1] == b"chunked"
+                self.codings = b", ".join(toks[:-1] if self.chunked else toks)
             elif lname == b"upgrade":
                 self.upgrade = block[m.start(2) : pos].rstrip(b" \t")  # as sent, not lowered
             elif lname == REJECT:
@@ -366,7 +183,7 @@ class ResponseHead:
         fields = self.fields
         toks = self.conn_tokens
         if toks:
-            named = {t for t in toks if t not in (b"close", b"keep-alive", b"upgrade")}
+            named = {t for t in toks if t not in _KEEP_FIELDS}
             if named:
                 fields = _drop_named_lines(fields, named)
         code = _STATUS.get(status) or str(status).encode()
@@ -381,7 +198,12 @@ class ResponseHead:
         if no_body or status < 200 or status in (204, 304):
             framing = NO_BODY
         elif self.chunked or self.content_length < 0:
-            if client_http10:
+            if self.codings:
+                if client_http10:
+                    return b"", BAD_CODING, False  # HTTP/1.0 has no transfer codings
+                framing = CHUNKED
+                out += (b"Transfer-Encoding: ", self.codings, b", chunked\r\n")
+            elif client_http10:
                 framing = UNTIL_CLOSE
                 keep = False
             else:
@@ -407,14 +229,18 @@ def chunk(data: bytes | memoryview) -> bytes:
 _REASONS: Final = {
     400: b"Bad Request",
     404: b"Not Found",
+    405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
     417: b"Expectation Failed",
+    421: b"Misdirected Request",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 

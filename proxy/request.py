@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy.headers import NO_BODY, RequestHead
+from proxy.request_head import RequestHead
 
 if TYPE_CHECKING:
     from proxy.routing import Target
@@ -24,12 +24,9 @@ class Request(RequestHead):
         "body",
         "body_size",
         "complete",
-        "framing",
+        "early",
         "head_bytes",
         "hold",
-        "http10",
-        "keep_alive",
-        "method",
         "rejected",
         "replayable",
         "responded",
@@ -40,19 +37,14 @@ class Request(RequestHead):
         "target",
         "tried",
         "tries",
-        "tunnel",
     )
 
     def __init__(self, max_count: int, max_bytes: int) -> None:
         RequestHead.__init__(self, max_count, max_bytes)
-        self.method = b""
-        self.keep_alive = True
-        self.http10 = False
-        self.framing = NO_BODY
         self.body: list[bytes] = []  # framed bytes not yet written upstream
         self.body_size = 0
         self.complete = False
-        self.tunnel = False
+        self.early = b""  # client bytes after an upgrade head, held until the 101
         self.head_bytes = b""
         self.sent = False  # head written to an upstream
         self.hold = False  # body held until the upstream says 100 Continue (backhaul)

@@ -51,6 +51,9 @@ class Exchange:
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
         raise NotImplementedError
 
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
     def upstream_lost(self, up: UpstreamConnection, why: str) -> None:
         raise NotImplementedError
 
@@ -78,6 +81,11 @@ HEAD_READ_BIG = 2048
 READ_SIZE = 262144
 SPLICE_MIN = 16384  # body bytes left after a read worth a splice (else: an ordinary read)
 
+
+class _StrayResponseError(Exception):
+    """Bytes that parse as a second response where only one was asked for."""
+
+
 # Why an upstream connection failed (the client side maps these to a status).
 LOST_BEFORE_RESPONSE = "reset_before_response"
 LOST_MID_RESPONSE = "lost_mid_response"
@@ -103,6 +111,7 @@ class UpstreamConnection(ResponseHead):
         "head_only",
         "keep_alive",
         "key",
+        "msg_done",
         "parser",
         "pending",
         "pool",
@@ -132,6 +141,7 @@ class UpstreamConnection(ResponseHead):
         self.reused = False
         self.tunnel = False
         self.big = False  # the last response's body was worth splicing
+        self.msg_done = False  # the parser completed a response: ended once the feed returns
         self.pending = b""  # a request head held until the loop iteration ends (batch)
 
     # asyncio.BufferedProtocol -----------------------------------------------------
@@ -184,8 +194,7 @@ class UpstreamConnection(ResponseHead):
             self._relay_raw(ex, data)
             return
         if self.tunnel:
-            ex.upstream_body(data)
-            ex.upstream_flush()
+            ex.upstream_tunnel_data(data)
             return
         self.got_bytes = True
         rest: memoryview | None = None
@@ -229,7 +238,11 @@ class UpstreamConnection(ResponseHead):
             ex.upstream_flush()
 
     def _feed(self, ex: Exchange, data: bytes, rest: memoryview | None) -> bool:
-        """Parse `data`; False when the exchange went elsewhere (tunnel, bad response)."""
+        """Parse `data`; False when the exchange went elsewhere (tunnel, bad response).
+
+        A response is ended only once the parser has returned: bytes after it in the same
+        read (a second response, garbage) then make this connection unusable, and can
+        never reach the exchange that follows, this client's or another's."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -238,8 +251,13 @@ class UpstreamConnection(ResponseHead):
                 ex.upstream_tunnel(self, early + rest if rest is not None else early)
             return False
         except httptools.HttpParserError:
-            self._bad(ex)
-            return False
+            if not self.msg_done:
+                self._bad(ex)
+                return False
+            self.keep_alive = False  # the response stands; what followed it does not
+        if self.msg_done:
+            self.msg_done = False
+            self._finish()
         return True
 
     def _bad(self, ex: Exchange) -> None:
@@ -357,6 +375,8 @@ class UpstreamConnection(ResponseHead):
 
     # httptools callbacks (only those it needs: httptools skips a missing one) ------
     def on_headers_complete(self) -> None:
+        if self.msg_done:
+            raise _StrayResponseError  # a second response in the read that ended the first
         p = self.parser
         status = p.get_status_code()
         self.take(self.cur_head)
@@ -381,7 +401,7 @@ class UpstreamConnection(ResponseHead):
         if self.head_only and status >= 200:
             # httptools cannot be told that a HEAD response has no body.
             self.parser = httptools.HttpResponseParser(self)
-            self._finish()
+            self.msg_done = True
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
@@ -393,7 +413,7 @@ class UpstreamConnection(ResponseHead):
         if self.exchange is None or self.parser.get_status_code() < 200:
             return
         self.big = False
-        self._finish()
+        self.msg_done = True
 
     def _finish(self) -> None:
         ex = self.exchange

@@ -168,6 +168,7 @@ class ProxyConfig:
     extra_instances: list[dict[str, str]] = field(default_factory=list)
     extra_apps: list[dict[str, Any]] = field(default_factory=list)
     table_extra: dict[str, Any] = field(default_factory=dict)
+    trust: dict[str, Any] = field(default_factory=dict)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -191,6 +192,8 @@ class ProxyConfig:
             out += _section("limits", self.limits)
         if self.pool:
             out += _section("pool", self.pool)
+        if self.trust:
+            out += _section("trust", self.trust)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
