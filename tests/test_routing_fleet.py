@@ -344,3 +344,31 @@ def test_client_internal_headers_never_reach_the_instance(clean: Fleet, route: s
     assert not internal, f"internal headers reached the instance: {internal}"
     assert ["X-Request-Id", f"h-{route}"] in seen, seen
     assert not [n for n, _ in r.headers if n.lower().startswith("x-edgeproxy-")], r
+
+
+FORWARDING = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port")
+
+
+def test_a_backhauled_request_carries_the_same_forwarding_fields_as_a_local_one(
+    clean: Fleet,
+) -> None:
+    """The peer keeps what the edge set: the instance across the backhaul sees the same
+    X-Forwarded-* as a local one (the client's address once), and a client's spoofed
+    values reach neither."""
+    spoof = [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "evil.test"),
+        ("X-Forwarded-Port", "1"),
+        ("Forwarded", "for=203.0.113.9"),
+    ]
+    got = {}
+    for route, extra in (("local", []), ("backhaul", [(FORCE, N3)])):
+        r = clean[2].request(request_bytes("GET", "/headers", [*spoof, *extra]))
+        assert r.status == 200, r
+        seen = json.loads(r.body)["headers"]
+        got[route] = sorted((k.lower(), v) for k, v in seen if k.lower() in FORWARDING)
+        assert not [k for k, _ in seen if k.lower() == "forwarded"], seen
+    assert got["backhaul"] == got["local"], got
+    assert dict(got["local"])["x-forwarded-for"] == "127.0.0.1", got
+    assert len(got["local"]) == len(FORWARDING), got
