@@ -7,7 +7,8 @@ clients are woken once for a burst of requests or responses instead of once
 per write, and the worker is not preempted by each of those wakeups in the
 middle of its round. It must not decide what is written or in which order for
 one connection: the connections keep their own output and flush it first
-whenever they write anything directly.
+whenever they write anything directly. A write that raises closes its own
+connection only: the others' writes of the iteration still happen.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from proxy.exchange import UpstreamEvents
     from proxy.upstream import UpstreamConnection
 
@@ -23,10 +26,15 @@ if TYPE_CHECKING:
 class WriteBatch:
     """One worker's connections with output held until the loop iteration ends."""
 
-    __slots__ = ("armed", "clients", "loop", "upstreams")
+    __slots__ = ("armed", "clients", "failed", "loop", "upstreams")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        failed: Callable[[Exception], None] | None = None,
+    ) -> None:
         self.loop = loop
+        self.failed = failed  # told of a write that raised (the connection is then aborted)
         self.upstreams: list[UpstreamConnection] = []
         self.clients: list[UpstreamEvents] = []
         self.armed = False
@@ -56,9 +64,21 @@ class WriteBatch:
         if ups:
             self.upstreams = []
             for up in ups:
-                up.flush_out()
+                try:
+                    up.flush_out()
+                except Exception as e:
+                    self._fail(e)
+                    up.abort()
         clients = self.clients
         if clients:
             self.clients = []
             for c in clients:
-                c.flush_out()
+                try:
+                    c.flush_out()
+                except Exception as e:
+                    self._fail(e)
+                    c.abort()
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failed is not None:
+            self.failed(exc)

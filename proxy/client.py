@@ -134,13 +134,13 @@ class ClientConnection(UpstreamEvents):
         sock = t.get_extra_info("socket")
         if sock is not None and ctx.pool.splicer is not None:
             self.sink_fd = sock.fileno()
-        ctx.clients.add(self)
+        ctx.opened(self)
         self.deadline = ctx.loop.time() + ctx.timeouts.client_header
         self.dkind = D_HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self.ctx
-        ctx.clients.discard(self)
+        ctx.closed(self)
         up = self.up
         queue = self.queue
         if up is not None:

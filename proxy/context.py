@@ -10,11 +10,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import sys
 from typing import TYPE_CHECKING, Any
 
 from proxy.batch import WriteBatch
 from proxy.client import ClientConnection
-from proxy.metrics import BAD_REQUEST_STATUSES, RETRY_REASONS, UPSTREAM_ERROR_STATUSES
+from proxy.faults import Faults
+from proxy.metrics import (
+    BAD_REQUEST_STATUSES,
+    RETRY_REASONS,
+    UPSTREAM_ERROR_STATUSES,
+    WHERE_BATCH,
+    WHERE_SWEEP,
+)
 from proxy.routing import Routing
 from proxy.upstream import Pool
 
@@ -45,9 +53,10 @@ class WorkerContext:
         self.quiet_period = config.workers.quiet_period
         self.app_index = {a.name: i for i, a in enumerate(config.apps)}
         self.no_app = len(config.apps)
-        self.routing = Routing(config, cells, random.Random(), stats.retries)
+        self.routing = Routing(config, cells, random.Random(), stats)
         self.routing.attach()
-        self.batch = WriteBatch(loop)
+        self.faults = Faults(stats.internal_errors, loop.time, sys.stderr)
+        self.batch = WriteBatch(loop, self.batch_failed)
         self.pool = Pool(
             loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
         )
@@ -57,6 +66,37 @@ class WorkerContext:
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.stats = stats
+        # [limits] max_connections: client (not peer) connections of this worker. At the
+        # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
+        # `on_accepting(True)` to resume (proxy.worker owns the listeners).
+        self.max_connections = config.limits.max_connections
+        self.client_count = 0
+        self.accepting = True
+        self.on_accepting: Callable[[bool], None] | None = None
+
+    # connections -------------------------------------------------------------
+    def opened(self, c: ClientConnection) -> None:
+        """`c` was accepted (its connection_made)."""
+        self.clients.add(c)
+        self.stats.accepted += 1
+        if not c.backhaul:
+            self.client_count += 1
+            if self.client_count >= self.max_connections and self.accepting:
+                self.accepting = False
+                if self.on_accepting is not None:
+                    self.on_accepting(False)
+
+    def closed(self, c: ClientConnection) -> None:
+        """`c` is gone (its connection_lost)."""
+        if c not in self.clients:
+            return
+        self.clients.discard(c)
+        if not c.backhaul:
+            self.client_count -= 1
+            if self.client_count < self.max_connections and not self.accepting:
+                self.accepting = True
+                if self.on_accepting is not None:
+                    self.on_accepting(True)
 
     def trusted_forwarder(self, ip: str) -> bool:
         """Whether a client at `ip` may pass on forwarding fields ([trust] forwarded_from)."""
@@ -116,19 +156,45 @@ class WorkerContext:
 
     # housekeeping ----------------------------------------------------------------
     def sweep(self) -> None:
+        """Act on every deadline that passed. An exception for one connection is reported
+        and closes that connection; the others' deadlines are still handled."""
         now = self.loop.time()
         for c in list(self.clients):
             d = c.deadline
             if d and now >= d:
-                c.on_deadline(now)
+                try:
+                    c.on_deadline(now)
+                except Exception as e:
+                    self.faults.report(WHERE_SWEEP, e, "a client deadline")
+                    _abort(c)
         for up in self.pool.sweep(now):
             ex = up.exchange
-            up.abort()
-            if ex is not None:
-                ex.upstream_timed_out()
+            try:
+                up.abort()
+                if ex is not None:
+                    ex.upstream_timed_out()
+            except Exception as e:
+                self.faults.report(WHERE_SWEEP, e, "an upstream deadline")
+                _abort(up)
+                if isinstance(ex, ClientConnection):
+                    _abort(ex)
+
+    def batch_failed(self, exc: Exception) -> None:
+        """A held write raised (proxy.batch closes that connection)."""
+        self.faults.report(WHERE_BATCH, exc, "a held write")
 
     def drain(self) -> None:
         self.draining = True
         now = self.loop.time()
         for c in list(self.clients):
             c.drain(now)
+
+
+def _abort(conn: Any) -> None:
+    """Close a connection that raised; one that cannot even be aborted loses its transport."""
+    try:
+        conn.abort()
+    except Exception:
+        t = getattr(conn, "transport", None)
+        if t is not None:
+            t.abort()

@@ -18,14 +18,29 @@ import msgpack
 
 from proxy import __version__
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NCLASS = len(STATUS_CLASSES)
 NO_APP = "_none"  # label of requests that matched no app; not a valid app name
 RETRY_REASONS = ("reject", "connect_refused", "connect_timeout", "reset_before_response")
 RETRY_REJECT, RETRY_CONNECT_REFUSED, RETRY_CONNECT_TIMEOUT, RETRY_RESET = range(4)
-BAD_REQUEST_STATUSES = (400, 408, 431)
-BAD_400, BAD_408, BAD_431 = range(3)
+BAD_REQUEST_STATUSES = (400, 408, 417, 431, 501)
+BAD_400, BAD_408, BAD_417, BAD_431, BAD_501 = range(5)
+# Why routing answered a request itself (no instance took it). "all_full": every candidate
+# left is at its hard limit, or was tried and found full (a remote "full" reject, or a local
+# admission another worker won): 503 + Retry-After. "all_failed": every candidate left was
+# tried and failed (refused, timed out, reset): 502. "no_instances": the app has none (503).
+# "not_found": no such app or forced instance in the routing table (404).
+NO_PICK_REASONS = ("all_full", "all_failed", "no_instances", "not_found")
+NO_PICK_ALL_FULL, NO_PICK_ALL_FAILED, NO_PICK_NO_INSTANCES, NO_PICK_NOT_FOUND = range(4)
+# Admissions refused on a local instance at its hard limit, by whose request it was: this
+# node's own ("edge": the router moves on to the next candidate; nothing was sent, so it is
+# neither a retry nor an upstream error) or a peer's backhauled one ("peer": answered "full").
+ADMISSION_SOURCES = ("edge", "peer")
+ADMIT_EDGE, ADMIT_PEER = range(2)
+# Where a worker caught an exception of its own code (proxy.faults).
+INTERNAL_WHERE = ("callback", "sweep", "batch", "loop")
+WHERE_CALLBACK, WHERE_SWEEP, WHERE_BATCH, WHERE_LOOP = range(4)
 UPSTREAM_ERROR_STATUSES = (502, 504)
 UPSTREAM_502, UPSTREAM_504 = range(2)
 WORKER_STATES = ("starting", "serving", "draining")
@@ -45,14 +60,19 @@ class WorkerStats:
     """
 
     __slots__ = (
+        "accept_paused_seconds",
+        "accept_pauses",
         "accepted",
+        "admissions_refused",
         "apps",
         "bad_requests",
         "connect_buckets",
         "connect_sum",
         "generation",
         "inflight",
+        "internal_errors",
         "no_app",
+        "no_pick",
         "open_connections",
         "pid",
         "requests",
@@ -80,7 +100,12 @@ class WorkerStats:
         self.retries = [0] * len(RETRY_REASONS)
         self.bad_requests = [0] * len(BAD_REQUEST_STATUSES)
         self.upstream_errors = [0] * len(UPSTREAM_ERROR_STATUSES)
+        self.no_pick = [0] * len(NO_PICK_REASONS)
+        self.admissions_refused = [0] * len(ADMISSION_SOURCES)
+        self.internal_errors = [0] * len(INTERNAL_WHERE)
         self.accepted = 0
+        self.accept_pauses = 0  # times accepting paused at [limits] max_connections
+        self.accept_paused_seconds = 0.0  # time spent paused (the worker adds the current pause)
         self.open_connections = 0
         self.inflight = 0
         self.upstream_idle = 0
@@ -119,6 +144,11 @@ class WorkerStats:
                 self.open_connections,
                 self.inflight,
                 self.upstream_idle,
+                self.no_pick,
+                self.admissions_refused,
+                self.internal_errors,
+                self.accept_pauses,
+                self.accept_paused_seconds,
             )
         )
         return data
@@ -149,6 +179,11 @@ class Snapshot:
     open_connections: int
     inflight: int
     upstream_idle: int
+    no_pick: tuple[int, ...]
+    admissions_refused: tuple[int, ...]
+    internal_errors: tuple[int, ...]
+    accept_pauses: int
+    accept_paused_seconds: float
 
     @property
     def state_name(self) -> str:
@@ -175,10 +210,11 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raw = msgpack.unpackb(data, use_list=True, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as e:
         raise SnapshotError(f"not a snapshot: {e}") from None
-    if not isinstance(raw, list) or len(raw) != 20 or raw[0] != SNAPSHOT_VERSION:
+    if not isinstance(raw, list) or len(raw) != 25 or raw[0] != SNAPSHOT_VERSION:
         raise SnapshotError(f"not a version {SNAPSHOT_VERSION} snapshot")
     (_, pid, slot, gen, state, apps, requests, cb, cbuckets, csum, rb, rbuckets, rsum,
-     retries, bad, upstream, accepted, open_c, inflight, idle) = raw  # fmt: skip
+     retries, bad, upstream, accepted, open_c, inflight, idle, no_pick, refused, internal,
+     pauses, paused_s) = raw  # fmt: skip
     pid, slot, gen, state = _ints([pid, slot, gen, state], 4, "pid/slot/generation/state")
     if state >= len(WORKER_STATES):
         raise SnapshotError(f"unknown worker state {state}")
@@ -205,14 +241,33 @@ def decode_snapshot(data: bytes) -> Snapshot:
         open_connections=gauges[1],
         inflight=gauges[2],
         upstream_idle=gauges[3],
+        no_pick=_ints(no_pick, len(NO_PICK_REASONS), "no pick"),
+        admissions_refused=_ints(refused, len(ADMISSION_SOURCES), "admissions refused"),
+        internal_errors=_ints(internal, len(INTERNAL_WHERE), "internal errors"),
+        accept_pauses=_ints([pauses], 1, "accept pauses")[0],
+        accept_paused_seconds=_number(paused_s, "accept paused seconds"),
     )
 
 
 class _Totals:
     """Counters summed over many snapshots, keyed by label values rather than index."""
 
-    __slots__ = ("accepted", "bad", "connect", "connect_sum", "requests", "response",
-                 "response_sum", "retries", "upstream")  # fmt: skip
+    __slots__ = (
+        "accept_paused_seconds",
+        "accept_pauses",
+        "accepted",
+        "admissions",
+        "bad",
+        "connect",
+        "connect_sum",
+        "internal",
+        "no_pick",
+        "requests",
+        "response",
+        "response_sum",
+        "retries",
+        "upstream",
+    )  # fmt: skip
 
     def __init__(self, apps: Iterable[str] = ()) -> None:
         self.requests: dict[str, list[int]] = {a: [0] * NCLASS for a in apps}
@@ -224,7 +279,12 @@ class _Totals:
         self.retries = [0] * len(RETRY_REASONS)
         self.bad = [0] * len(BAD_REQUEST_STATUSES)
         self.upstream = [0] * len(UPSTREAM_ERROR_STATUSES)
+        self.no_pick = [0] * len(NO_PICK_REASONS)
+        self.admissions = [0] * len(ADMISSION_SOURCES)
+        self.internal = [0] * len(INTERNAL_WHERE)
         self.accepted = 0
+        self.accept_pauses = 0
+        self.accept_paused_seconds = 0.0
 
     def copy(self) -> _Totals:
         t = _Totals()
@@ -238,9 +298,14 @@ class _Totals:
         _add(self.retries, other.retries)
         _add(self.bad, other.bad)
         _add(self.upstream, other.upstream)
+        _add(self.no_pick, other.no_pick)
+        _add(self.admissions, other.admissions)
+        _add(self.internal, other.internal)
         self.connect_sum += other.connect_sum
         self.response_sum += other.response_sum
         self.accepted += other.accepted
+        self.accept_pauses += other.accept_pauses
+        self.accept_paused_seconds += other.accept_paused_seconds
 
     def add(self, s: Snapshot) -> None:
         for i, name in enumerate((*s.apps, NO_APP)):
@@ -251,9 +316,14 @@ class _Totals:
         _add(self.retries, s.retries)
         _add(self.bad, s.bad_requests)
         _add(self.upstream, s.upstream_errors)
+        _add(self.no_pick, s.no_pick)
+        _add(self.admissions, s.admissions_refused)
+        _add(self.internal, s.internal_errors)
         self.connect_sum += s.connect_sum
         self.response_sum += s.response_sum
         self.accepted += s.accepted
+        self.accept_pauses += s.accept_pauses
+        self.accept_paused_seconds += s.accept_paused_seconds
 
 
 def _add(into: list[int], values: Sequence[int]) -> None:
@@ -333,6 +403,12 @@ class Aggregator:
                 out.append(f'edgeproxy_requests_total{{app="{_esc(app)}",class="{cls}"}} {n}')
         _family(out, "connections_accepted_total", "counter", "Client connections accepted.")
         out.append(f"edgeproxy_connections_accepted_total {t.accepted}")
+        _family(out, "accept_pauses_total", "counter",
+                "Times accepting paused at [limits] max_connections.")  # fmt: skip
+        out.append(f"edgeproxy_accept_pauses_total {t.accept_pauses}")
+        _family(out, "accept_paused_seconds_total", "counter",
+                "Time accepting was paused at [limits] max_connections.")  # fmt: skip
+        out.append(f"edgeproxy_accept_paused_seconds_total {t.accept_paused_seconds!r}")
         for name, help_, label, values, counts in (
             ("retries_total", "Upstream attempts retried, by reason.",
              "reason", RETRY_REASONS, t.retries),
@@ -340,6 +416,13 @@ class Aggregator:
              "status", BAD_REQUEST_STATUSES, t.bad),
             ("upstream_errors_total", "Upstream failures, by status sent.",
              "status", UPSTREAM_ERROR_STATUSES, t.upstream),
+            ("no_pick_total", "Requests routing answered itself (no instance took them).",
+             "reason", NO_PICK_REASONS, t.no_pick),
+            ("admissions_refused_total",
+             "Local instance admissions refused at the hard limit, by whose request.",
+             "source", ADMISSION_SOURCES, t.admissions),
+            ("internal_errors_total", "Exceptions caught in a worker's own code, by where.",
+             "where", INTERNAL_WHERE, t.internal),
         ):  # fmt: skip
             _labelled(out, name, help_=help_, label=label, values=values, counts=counts)
         _histogram(out, "upstream_connect_seconds", help_="Upstream connect time.",
@@ -410,7 +493,9 @@ def _histogram(
 
 def block_size_for(n_apps: int, page: int = 4096) -> int:
     """Stats block size that always fits a snapshot of a worker serving `n_apps` apps."""
-    ints = (n_apps + 1) * NCLASS + len(CONNECT_BUCKETS) + len(RESPONSE_BUCKETS) + 32
+    lists = len(RETRY_REASONS) + len(BAD_REQUEST_STATUSES) + len(UPSTREAM_ERROR_STATUSES)
+    lists += len(NO_PICK_REASONS) + len(ADMISSION_SOURCES) + len(INTERNAL_WHERE)
+    ints = (n_apps + 1) * NCLASS + len(CONNECT_BUCKETS) + len(RESPONSE_BUCKETS) + lists + 32
     names = n_apps * 66  # msgpack str header + a name of at most 63 characters
     worst = ints * 9 + names + 1024
     return max(64 * 1024, -(-(worst + 64) // page) * page)

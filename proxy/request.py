@@ -25,6 +25,7 @@ class Request(RequestHead):
         "body_size",
         "complete",
         "early",
+        "full",
         "head_bytes",
         "hold",
         "rejected",
@@ -59,4 +60,5 @@ class Request(RequestHead):
         self.base_head = b""
         self.slot = -1  # in-flight counter slot held on a local instance
         self.tried: set[str] | None = None
+        self.full = 0  # of the tried instances, those found full (routing: 503, not 502)
         self.target: Target | None = None

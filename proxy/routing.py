@@ -13,13 +13,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy.metrics import RETRY_REJECT
+from proxy.metrics import (
+    ADMIT_EDGE,
+    ADMIT_PEER,
+    NO_PICK_ALL_FAILED,
+    NO_PICK_ALL_FULL,
+    NO_PICK_NO_INSTANCES,
+    NO_PICK_NOT_FOUND,
+)
 from proxy.router import Candidate, FullMarks, NoPick, pick
 from shm.errors import ShmError
 from shm.reader import TableReader
 
 if TYPE_CHECKING:
     from proxy.config import Config
+    from proxy.metrics import WorkerStats
     from shm.inflight import InflightCells
 
 FULL_HOLD = 0.1  # seconds an instance that said "full" is avoided by this worker
@@ -51,6 +59,7 @@ class Routed(Protocol):
     force: bytes
     prefer: bytes
     tried: set[str] | None
+    full: int  # how many of `tried` were found full rather than failed
     slot: int
 
 
@@ -71,10 +80,10 @@ class Routing:
         config: Config,
         cells: InflightCells | None,
         rng: random.Random,
-        reject_counter: list[int] | None = None,
+        stats: WorkerStats | None = None,
     ) -> None:
         self.config = config
-        self.reject_counter = reject_counter  # the worker's retries-by-reason counters
+        self.stats = stats  # the worker's counters: no-pick reasons, refused admissions
         self.cells = cells
         self.rng = rng
         self.marks = FullMarks()
@@ -84,7 +93,6 @@ class Routing:
         self.targets: dict[str, Target] = {}
         self.hard: dict[str, int] = {}  # instance id -> hard limit
         self.apps: dict[str, _AppInfo] = {}
-        self.rejects = 0
         self.node = config.node.id
         # The config's view: used while no table can be read.
         self.static: dict[str, list[Candidate]] = {}
@@ -176,9 +184,14 @@ class Routing:
     # choosing ----------------------------------------------------------------------------
     def pick(self, app: str, r: Routed, now: float) -> tuple[Target | None, int, str]:
         """(target, status, reason): status and reason explain a None target."""
+        cands, info = self.view(app)
+        return self.choose(app, cands, info, r, now)
+
+    def view(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
+        """The app's candidates with their loads read now (first half of `pick`)."""
         cands, info = self._candidates(app)
         if info is None:
-            return None, 404, f"edgeproxy: app {app!r} is not in the routing table\n"
+            return cands, None
         cells = self.cells
         targets = self.targets
         for c in cands:
@@ -191,6 +204,17 @@ class Routing:
                         self.reader.load_of(c)  # no cell: the published load it is
             elif not getattr(c, "node_up", True):
                 c.rtt_us = -1  # a node the pinger sees down ranks after every measured one
+        return cands, info
+
+    def choose(
+        self, app: str, cands: Sequence[Any], info: _AppInfo | None, r: Routed, now: float
+    ) -> tuple[Target | None, int, str]:
+        """The second half of `pick`: choose among `view(app)` and admit. Another worker may
+        take a local instance's last slot between the two; admission then finds it full."""
+        if info is None:
+            text = f"edgeproxy: app {app!r} is not in the routing table\n"
+            return self._none(NO_PICK_NOT_FOUND, 404, text)
+        targets = self.targets
         if r.force:
             name = r.force.decode("latin-1")
             for c in cands:
@@ -198,10 +222,12 @@ class Routing:
                     t = targets.get(name)
                     if t is None or (not t.local and not t.port):
                         break
-                    if not self.admit(t, r, c.hard_limit, now):
-                        return None, 503, f"edgeproxy: instance {name!r} is at capacity\n"
+                    if not self._admit(t, r, c.hard_limit, ADMIT_EDGE):
+                        text = f"edgeproxy: instance {name!r} is at capacity\n"
+                        return self._none(NO_PICK_ALL_FULL, 503, text)
                     return t, 0, ""
-            return None, 404, f"edgeproxy: app {app!r} has no instance {name!r}\n"
+            text = f"edgeproxy: app {app!r} has no instance {name!r}\n"
+            return self._none(NO_PICK_NOT_FOUND, 404, text)
         if r.prefer and r.tries == 0:
             name = r.prefer.decode("latin-1")
             for c in cands:
@@ -210,7 +236,7 @@ class Routing:
                     if (
                         t is not None
                         and (t.local or t.port)
-                        and self.admit(t, r, c.hard_limit, now)
+                        and self._admit(t, r, c.hard_limit, ADMIT_EDGE)
                     ):
                         return t, 0, ""
         for _ in range(len(cands) + 1):
@@ -225,19 +251,36 @@ class Routing:
                 if not isinstance(again, NoPick):
                     got = again
             if isinstance(got, NoPick):
-                if got is NoPick.ALL_FULL:
-                    return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
+                # Every candidate is tried or full. Full ones, and tried ones that were found
+                # full, free up soon: "come back later" (RFC 9110 section 15.6.4). Only when
+                # every try failed is it a gateway error (RFC 9110 section 15.6.3).
+                if got is NoPick.ALL_FULL or r.full:
+                    return self._none(NO_PICK_ALL_FULL, 503, _at_capacity(app))
                 if tried:
-                    return None, 502, f"edgeproxy: app {app!r} has no other instance to try\n"
-                return None, 503, f"edgeproxy: app {app!r} has no instance\n"
+                    text = f"edgeproxy: app {app!r} has no other instance to try\n"
+                    return self._none(NO_PICK_ALL_FAILED, 502, text)
+                text = f"edgeproxy: app {app!r} has no instance\n"
+                return self._none(NO_PICK_NO_INSTANCES, 503, text)
             t = targets.get(got.id)
-            if t is not None and (t.local or t.port) and self.admit(t, r, got.hard_limit, now):
-                if not t.local:
-                    # Count what we send until the instance's node reports its load again.
-                    self.marks.feedback(got.id, self.marks.load_of(got, now) + 1, now)
-                return t, 0, ""
-            self.exclude(r, got.id)
-        return None, 503, f"edgeproxy: app {app!r} is at capacity, retry later\n"
+            if t is None or not (t.local or t.port):
+                self.exclude(r, got.id)  # not reachable from here: no address to send to
+                continue
+            if not self._admit(t, r, got.hard_limit, ADMIT_EDGE):
+                # Another worker took the last slot since the loads were read: full.
+                r.full += 1
+                self.exclude(r, got.id)
+                continue
+            if not t.local:
+                # Count what we send until the instance's node reports its load again.
+                self.marks.feedback(got.id, self.marks.load_of(got, now) + 1, now)
+            return t, 0, ""
+        return self._none(NO_PICK_ALL_FULL, 503, _at_capacity(app))
+
+    def _none(self, reason: int, status: int, text: str) -> tuple[Target | None, int, str]:
+        """No instance takes the request: count why, and answer `status` with `text`."""
+        if self.stats is not None:
+            self.stats.no_pick[reason] += 1
+        return None, status, text
 
     def _not_guessed(self, cands: Sequence[Any], tried: set[str] | None, now: float) -> set[str]:
         """Ids the all-full fallback must not pick: tried, local, or recently unreachable."""
@@ -249,6 +292,11 @@ class Routing:
         return skip
 
     def admit(self, t: Target, r: Routed, hard: int, now: float) -> bool:
+        """Count a peer's (backhauled) request on a local instance if it is under its hard
+        limit; False: the caller answers "full"."""
+        return self._admit(t, r, hard, ADMIT_PEER)
+
+    def _admit(self, t: Target, r: Routed, hard: int, source: int) -> bool:
         """Count the request on a local instance if it is under its hard limit."""
         if not t.local or t.slot < 0 or self.cells is None:
             return True
@@ -256,9 +304,8 @@ class Routing:
         cells.inc(t.slot)
         if cells.total(t.slot) > hard:  # counted first, so two workers never both pass
             cells.dec(t.slot)
-            self.rejects += 1
-            if self.reject_counter is not None:
-                self.reject_counter[RETRY_REJECT] += 1
+            if self.stats is not None:
+                self.stats.admissions_refused[source] += 1
             return False  # no mark: the counters say exactly when a slot frees up
         r.slot = t.slot
         return True
@@ -296,14 +343,19 @@ class Routing:
     def retry(
         self, r: Routed, app: str, now: float, unreachable: bool = False
     ) -> tuple[Target | None, int, str]:
-        """The next target after r.target failed before the request reached it."""
+        """The next target after r.target failed before the request reached it:
+        `unreachable` when it could not be reached or failed, else it answered "full"."""
         self.release(r)
         t = r.target
         if unreachable and t is not None:
             self.marks.mark_full(t.instance, now, DOWN_HOLD)  # don't pay a refused connect again
             self.down[t.instance] = now + DOWN_HOLD
+        if not unreachable:
+            r.full += 1  # it answered "full, come back later"
         if r.force or t is None or r.tries >= MAX_TRIES:
-            return None, 502, ""
+            if r.full:
+                return self._none(NO_PICK_ALL_FULL, 503, _at_capacity(app))
+            return self._none(NO_PICK_ALL_FAILED, 502, "")
         self.exclude(r, t.instance)
         return self.pick(app, r, now)
 
@@ -325,3 +377,7 @@ class Routing:
         if self.reader is None:
             return True
         return self.reader.stale(now, self.config.table.stale_after)[0]
+
+
+def _at_capacity(app: str) -> str:
+    return f"edgeproxy: app {app!r} is at capacity, retry later\n"

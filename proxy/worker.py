@@ -23,6 +23,8 @@ from proxy.context import WorkerContext
 from proxy.metrics import (
     DRAINING,
     SERVING,
+    WHERE_CALLBACK,
+    WHERE_LOOP,
     WorkerStats,
 )
 from proxy.statsblock import StatsBlock
@@ -55,6 +57,13 @@ class Worker:
         self.cells = self.attach_cells(boot)
         self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
         self.servers: list[asyncio.Server] = []
+        # Client listeners, kept open for the process's life: pausing at max_connections
+        # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
+        # queue stay (closing a SO_REUSEPORT socket would drop the connections queued on it).
+        self.client_socks: list[socket.socket] = []
+        self.client_servers: list[asyncio.Server] = []
+        self.paused_at = -1.0  # loop time accepting paused, -1 while accepting
+        self.resuming: asyncio.Task[None] | None = None
         self.stop_event = asyncio.Event()
         self.fast = False
         self.drain_deadline = 0.0
@@ -69,19 +78,25 @@ class Worker:
             return None
         return InflightCells(seg, boot["cell"])
 
+    def factory(self, backhaul: bool) -> Any:
+        """The protocol factory of a listener."""
+        return self.ctx.client_factory(backhaul)
+
     async def serve(self) -> None:
         loop = self.loop
+        loop.set_exception_handler(self.on_loop_exception)
         for lst in self.boot["listeners"]:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
-            backhaul = lst["kind"] == "backhaul"
-            srv = await loop.create_server(
-                self.ctx.client_factory(backhaul),
-                sock=sock,
-                backlog=4096,
-                start_serving=True,
-            )
-            self.servers.append(srv)
+            if lst["kind"] == "backhaul":
+                srv = await loop.create_server(
+                    self.factory(True), sock=sock, backlog=4096, start_serving=True
+                )
+                self.servers.append(srv)
+            else:
+                self.client_socks.append(sock)
+        await self.listen_clients()
+        self.ctx.on_accepting = self.on_accepting
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGQUIT, self.on_signal, signal.SIGQUIT)
         loop.add_signal_handler(signal.SIGINT, self.on_signal, signal.SIGINT)
@@ -93,8 +108,7 @@ class Worker:
         loop.call_later(TICK, self.tick)
         loop.call_later(PUBLISH, self.publish_tick)
         await self.stop_event.wait()
-        for srv in self.servers:
-            srv.close()
+        self.close_listeners()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:
@@ -108,9 +122,69 @@ class Worker:
             self.fast = True
             self.stop_event.set()
 
-    def start_drain(self) -> None:
+    def close_listeners(self) -> None:
+        """Stop accepting for good: closes this process's copies of the fds only."""
         for srv in self.servers:
-            srv.close()  # stop accepting: closes this process's copy of the fd only
+            srv.close()
+        self.servers = []
+        self.stop_clients()
+        for sock in self.client_socks:
+            sock.close()
+        self.client_socks = []
+
+    # [limits] max_connections --------------------------------------------------------
+    async def listen_clients(self) -> None:
+        """Accept on every client listener, each through a dup of its fd."""
+        for sock in self.client_socks:
+            srv = await self.loop.create_server(
+                self.factory(False), sock=sock.dup(), backlog=4096, start_serving=True
+            )
+            if not self.ctx.accepting or self.ctx.draining:
+                srv.close()  # paused (or draining) again while this one was being set up
+                continue
+            self.client_servers.append(srv)
+
+    def stop_clients(self) -> None:
+        """Stop polling the client listeners (their dup'ed fds close; the queues stay)."""
+        for srv in self.client_servers:
+            srv.close()
+        self.client_servers = []
+
+    def on_accepting(self, accepting: bool) -> None:
+        """The context's connection count crossed max_connections."""
+        s = self.stats
+        if not accepting:
+            self.stop_clients()
+            if self.paused_at < 0:
+                self.paused_at = self.loop.time()
+                s.accept_pauses += 1
+            return
+        if self.paused_at >= 0:
+            s.accept_paused_seconds += self.loop.time() - self.paused_at
+            self.paused_at = -1.0
+        if self.ctx.draining or not self.client_socks:
+            return
+        if self.resuming is None or self.resuming.done():
+            self.resuming = self.loop.create_task(self.listen_clients())
+
+    # errors --------------------------------------------------------------------------
+    def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception reached the event loop: a protocol callback (the loop closes that
+        transport) or another callback. Counted, and logged at most once per site/period."""
+        exc = context.get("exception")
+        where = WHERE_CALLBACK if "protocol" in context else WHERE_LOOP
+        self.ctx.faults.report(
+            where,
+            exc if isinstance(exc, BaseException) else None,
+            str(context.get("message", "")),
+        )
+        if where == WHERE_CALLBACK:
+            t = context.get("transport")
+            if isinstance(t, asyncio.BaseTransport) and not t.is_closing():
+                t.close()
+
+    def start_drain(self) -> None:
+        self.close_listeners()
         self.ctx.drain()
         self.stats.state = DRAINING
         self.drain_deadline = self.loop.time() + self.config.workers.drain_timeout
@@ -118,7 +192,10 @@ class Worker:
 
     def tick(self) -> None:
         ctx = self.ctx
-        ctx.sweep()
+        try:
+            ctx.sweep()
+        except Exception as e:  # the sweep reports per connection; this is a last resort
+            ctx.faults.report(WHERE_LOOP, e, "the deadline sweep")
         if ctx.routing.reader is None:
             ctx.routing.attach()
         if os.getppid() != self.master_pid and not ctx.draining:
@@ -139,6 +216,10 @@ class Worker:
         s.open_connections = len(self.ctx.clients)
         s.inflight = sum(len(c.queue) for c in self.ctx.clients)
         s.upstream_idle = self.ctx.pool.idle_count
+        if self.paused_at >= 0:  # the pause so far counts: fold it in now
+            now = self.loop.time()
+            s.accept_paused_seconds += now - self.paused_at
+            self.paused_at = now
         if self.block is not None:
             self.block.publish(s.snapshot())
 

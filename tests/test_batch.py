@@ -1,5 +1,6 @@
-"""Writes held to the end of the loop iteration (proxy.batch), with the real client and
-upstream protocols over recording transports and a real uvloop loop (no sockets)."""
+"""Writes held to the end of the loop iteration (proxy.batch), and the deadline sweep,
+with the real client and upstream protocols over recording transports and a real uvloop
+loop (no sockets)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import uvloop
 from proxy.config import loads
 from proxy.context import WorkerContext
 from proxy.exchange import HOLD_MAX
-from proxy.metrics import WorkerStats
+from proxy.metrics import WHERE_BATCH, WHERE_SWEEP, WorkerStats
 from proxy.upstream import UpstreamConnection
 
 CONFIG = """
@@ -183,3 +184,55 @@ def test_held_bytes_are_bounded(world: World) -> None:
     assert len(ct.writes) == 1, [len(w) for w in ct.writes]
     world.end_iteration()
     assert len(ct.writes) == 2 and ct.writes[1] == b"0\r\n\r\n", [len(w) for w in ct.writes]
+
+
+class Finished(Recorder):
+    """A transport whose write end is shut: uvloop raises on write() after write_eof()."""
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("Cannot call write() after write_eof()")
+
+    def writelines(self, lines: list[bytes]) -> None:
+        raise RuntimeError("Cannot call writelines() after write_eof()")
+
+
+def _answered_client(world: World, transport: Recorder) -> object:
+    c = world.ctx.client_factory(False)()
+    c.connection_made(transport)
+    c.data_received(_request("/r"))  # type: ignore[attr-defined]
+    world.end_iteration()
+    up = next(u for u, ut in world.ups if ut.writes and u.exchange is c)
+    up.data_received(RESPONSE)  # held for the end of the iteration
+    return c
+
+
+def test_a_held_write_that_raises_closes_only_its_connection(world: World) -> None:
+    """One client's held write raises: it is counted and that connection closed; the other
+    client's held response is still written at the end of the same iteration."""
+    bad, good = Finished(), Recorder()
+    _answered_client(world, bad)
+    _answered_client(world, good)
+    world.end_iteration()
+    assert len(good.writes) == 1 and good.writes[0].startswith(b"HTTP/1.1 200 OK"), good.writes
+    assert bad.closing
+    assert world.ctx.stats.internal_errors[WHERE_BATCH] == 1
+
+
+def test_sweep_survives_a_deadline_that_raises(world: World) -> None:
+    """A connection whose timeout handling raises is counted and closed; the sweep goes on
+    and the other connections past their deadline still get their 408."""
+    bad = Finished()
+    goods = [Recorder() for _ in range(3)]
+    conns = []
+    for t in [bad, *goods]:
+        c = world.ctx.client_factory(False)()
+        c.connection_made(t)
+        conns.append(c)
+    now = world.loop.time()
+    for c in conns:
+        c.deadline = now - 1.0  # type: ignore[attr-defined]  # past: a request head is late
+    world.ctx.sweep()
+    for t in goods:
+        assert t.writes and t.writes[0].startswith(b"HTTP/1.1 408 "), t.writes
+    assert bad.closing
+    assert world.ctx.stats.internal_errors[WHERE_SWEEP] == 1

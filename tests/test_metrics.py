@@ -16,15 +16,22 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
 import pytest
 
 from proxy.metrics import (
+    ADMIT_EDGE,
+    BAD_417,
     BAD_431,
+    BAD_501,
+    BAD_REQUEST_STATUSES,
     CONNECT_BUCKETS,
     DRAINING,
     NO_APP,
+    NO_PICK_ALL_FULL,
+    NO_PICK_REASONS,
     RESPONSE_BUCKETS,
     RETRY_REASONS,
     RETRY_REJECT,
     SERVING,
     UPSTREAM_504,
+    WHERE_BATCH,
     Aggregator,
     SnapshotError,
     WorkerStats,
@@ -47,7 +54,7 @@ Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
 ALLOWED_LABELS = {"app", "class", "reason", "status", "le", "worker", "generation", "state",
-                  "version"}  # fmt: skip
+                  "version", "source", "where"}  # fmt: skip
 
 
 def parse_exposition(text: str) -> Series:
@@ -117,8 +124,15 @@ def busy_worker(pid: int = 101, slot: int = 0, generation: int = 1) -> WorkerSta
     s.requests[s.no_app * 5 + 404 // 100 - 1] += 1
     s.retries[RETRY_REJECT] += 2
     s.bad_requests[BAD_431] += 1
+    s.bad_requests[BAD_417] += 2
+    s.bad_requests[BAD_501] += 4
     s.upstream_errors[UPSTREAM_504] += 1
+    s.no_pick[NO_PICK_ALL_FULL] += 5
+    s.admissions_refused[ADMIT_EDGE] += 6
+    s.internal_errors[WHERE_BATCH] += 7
     s.accepted += 3
+    s.accept_pauses += 2
+    s.accept_paused_seconds += 1.5
     s.observe_connect(0.001)
     s.observe_connect(0.2)
     for seconds in (0.001, 0.0011, 0.3, 100.0):
@@ -146,6 +160,17 @@ def test_full_path_renders_exact_values() -> None:
     assert value(series, "edgeproxy_retries_total", reason="reject") == 2
     assert value(series, "edgeproxy_retries_total", reason="connect_timeout") == 0
     assert value(series, "edgeproxy_bad_requests_total", status="431") == 1
+    assert value(series, "edgeproxy_bad_requests_total", status="417") == 2
+    assert value(series, "edgeproxy_bad_requests_total", status="501") == 4
+    assert value(series, "edgeproxy_bad_requests_total", status="400") == 0
+    assert value(series, "edgeproxy_no_pick_total", reason="all_full") == 5
+    assert value(series, "edgeproxy_no_pick_total", reason="all_failed") == 0
+    assert value(series, "edgeproxy_admissions_refused_total", source="edge") == 6
+    assert value(series, "edgeproxy_admissions_refused_total", source="peer") == 0
+    assert value(series, "edgeproxy_internal_errors_total", where="batch") == 7
+    assert value(series, "edgeproxy_internal_errors_total", where="sweep") == 0
+    assert value(series, "edgeproxy_accept_pauses_total") == 2
+    assert value(series, "edgeproxy_accept_paused_seconds_total") == 1.5
     assert value(series, "edgeproxy_upstream_errors_total", status="504") == 1
     assert value(series, "edgeproxy_connections_accepted_total") == 3
     assert value(series, "edgeproxy_response_seconds_bucket", le="0.001") == 1  # le is inclusive
@@ -227,17 +252,22 @@ def test_decode_rejects_foreign_bytes() -> None:
     for bad in (
         b"",
         b"\xc1",
-        msgpack.packb([2, *good[1:]]),
+        msgpack.packb([1, *good[1:]]),  # the previous version
         msgpack.packb(good[:-1]),
         msgpack.packb([*good[:6], good[6][:-1], *good[7:]]),
         msgpack.packb([*good[:7], [1.0, *CONNECT_BUCKETS[1:]], *good[8:]]),
         msgpack.packb([*good[:13], [-1, 0, 0, 0], *good[14:]]),
+        msgpack.packb([*good[:14], [0, 0, 0], *good[15:]]),  # a version-1 bad-request list
+        msgpack.packb([*good[:20], [0], *good[21:]]),
+        msgpack.packb([*good[:24], -1.0]),
     ):
         with pytest.raises(SnapshotError):
             decode_snapshot(bad)
     snap = decode_snapshot(msgpack.packb(good))
     assert snap.apps == APPS and len(snap.response_buckets) == len(RESPONSE_BUCKETS) + 1
     assert len(snap.retries) == len(RETRY_REASONS)
+    assert len(snap.bad_requests) == len(BAD_REQUEST_STATUSES)
+    assert len(snap.no_pick) == len(NO_PICK_REASONS)
 
 
 def test_label_values_are_escaped() -> None:

@@ -187,3 +187,52 @@ def test_routing_data_changes_need_no_worker_restart(
         assert p.serving_pids() == pids
     finally:
         _kill(writer)
+
+
+STATUS_LUA = """
+counts = {}
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body) counts[status] = (counts[status] or 0) + 1 end
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("counts")) do io.write(string.format("STATUS %d %d\\n", k, v)) end
+  end
+end
+"""
+
+
+def _series(text: str, name: str) -> dict[str, float]:
+    pat = rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$"
+    return {m[1]: float(m[2]) for m in re.finditer(pat, text, re.M)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(40)
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (./dev test installs it)"
+)
+def test_full_instance_answers_503_never_502_under_wrk(
+    proxy_factory: Callable[..., Proxy], instance: Instance, tmp_path: Path
+) -> None:
+    """32 keep-alive clients on a hard-limit-8 instance behind 2 workers: every refusal is a
+    503 "at capacity" counted as a no-pick, even when two workers race for the last slot."""
+    p = proxy_factory(workers=2, **_limited_app(instance, 8, 8))
+    lua = tmp_path / "status.lua"
+    lua.write_text(STATUS_LUA)
+    out = subprocess.run(
+        ["wrk", "-t1", "-c32", "-d5s", "-s", str(lua), "-H", "Host: limited.test",
+         f"http://{HOST}:{p.port}/?sleep=200"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    got = {int(k): int(v) for k, v in re.findall(r"STATUS (\d+) (\d+)", out)}
+    assert got.get(200, 0) > 0 and got.get(503, 0) > 1000, out
+    assert set(got) <= {200, 503}, got
+    m = p.metrics()
+    assert _series(m, "edgeproxy_upstream_errors_total")['status="502"'] == 0, m
+    assert _series(m, "edgeproxy_retries_total")['reason="reject"'] == 0, m
+    # Every 5xx the proxy counted is a no-pick "all_full" (one snapshot: consistent).
+    five = _series(m, "edgeproxy_requests_total")['app="limited",class="5xx"']
+    no_pick = _series(m, "edgeproxy_no_pick_total")
+    assert five > 0 and no_pick['reason="all_full"'] == five, m
+    assert no_pick['reason="all_failed"'] == 0, m
