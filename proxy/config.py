@@ -298,9 +298,28 @@ def parse_address(raw: str) -> Address:
     return Address(host, int(port))
 
 
+def default_control_dir() -> str:
+    """The private directory of the control socket when `[listen] control` is not set.
+
+    systemd's $RUNTIME_DIRECTORY, else /run/edgeproxy for root, else the user's
+    $XDG_RUNTIME_DIR/edgeproxy or /tmp/edgeproxy-<uid>: never a directory other local
+    users can write, where one could plant a socket of their own. Computed only; the
+    master creates (0700) and checks it before it binds.
+    """
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return runtime.split(":")[0]
+    euid = os.geteuid()
+    if euid == 0:
+        return "/run/edgeproxy"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "edgeproxy")
+    return f"/tmp/edgeproxy-{euid}"
+
+
 def _default_control(node_id: str) -> str:
-    base = os.environ.get("RUNTIME_DIRECTORY") or "/tmp"
-    return os.path.join(base.split(":")[0], f"edgeproxy-{node_id}.sock")
+    return os.path.join(default_control_dir(), f"edgeproxy-{node_id}.sock")
 
 
 def control_path(path: str) -> str:
