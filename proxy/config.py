@@ -21,9 +21,10 @@ STRATEGIES = ("closest", "leastload")
 STORES = ("none", "etcd", "consul")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token
-_HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
-)
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# A host name, or a one-label wildcard: `*` only as the whole leftmost label and at least
+# two labels after it (`*.example.test`; `*.test` would claim a whole top-level domain).
+_HOST_RE = re.compile(rf"^(?=.{{1,253}}$)(\*\.(?=[^.]+\.[^.]))?{_LABEL}(\.{_LABEL})*$")
 
 
 class ConfigError(Exception):
@@ -560,7 +561,10 @@ def _apps(top: _Reader) -> tuple[AppConfig, ...]:
         hosts = []
         for j, raw in enumerate(r.get("hosts", list)):
             if not isinstance(raw, str) or not _HOST_RE.match(raw.lower()):
-                raise r.fail(f"hosts[{j}]", f"{raw!r} is not a valid host name")
+                raise r.fail(
+                    f"hosts[{j}]",
+                    f"{raw!r} is not a valid host name (a wildcard is *. and 2+ labels)",
+                )
             h = raw.lower()
             if h in owner:
                 raise r.fail(f"hosts[{j}]", f"{h!r} already belongs to app {owner[h]!r}")

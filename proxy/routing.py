@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from proxy.metrics import RETRY_REJECT
 from proxy.router import Candidate, FullMarks, NoPick, pick
 from shm.errors import ShmError
+from shm.hosts import app_for_host
 from shm.reader import TableReader
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class Routing:
             if reader.generation != self.gen:
                 self._refresh(reader)
             return app
-        return self.static_hosts.get(host)
+        return app_for_host(self.static_hosts, host)
 
     def _candidates(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
         reader = self.reader
