@@ -331,16 +331,43 @@ def control_path(path: str) -> str:
     except ConfigError:
         pass
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
         return _default_control("local")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:  # mid-edit: salvage the two keys line by line
+        data = _salvage(text, {"listen": "control", "node": "id"})
     listen = data.get("listen")
     node = data.get("node")
     if isinstance(listen, dict) and isinstance(listen.get("control"), str):
         return str(listen["control"])
     node_id = node.get("id") if isinstance(node, dict) else None
     return _default_control(node_id if isinstance(node_id, str) else "local")
+
+
+def _salvage(text: str, wanted: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """`{table: {key: value}}` for the one-line `key = value` entries of `wanted` found
+    under their `[table]` header in a file that does not parse as a whole; each line is
+    parsed alone (TOML), so a syntax error elsewhere costs nothing."""
+    out: dict[str, dict[str, Any]] = {}
+    table = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            table = line.strip("[] \t").split("]")[0].strip()
+            continue
+        key = wanted.get(table)
+        if key is None or not line.startswith(key):
+            continue
+        try:
+            value = tomllib.loads(line).get(key)
+        except tomllib.TOMLDecodeError:
+            continue
+        if value is not None:
+            out.setdefault(table, {})[key] = value
+    return out
 
 
 def load(path: str) -> Config:
