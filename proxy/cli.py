@@ -62,18 +62,34 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     from proxy.control import call
 
+    path = _control_path(args.config)
+    try:
+        master = call(path, "status", timeout=10)["master"]
+    except (OSError, KeyError, TypeError) as e:
+        print(f"edgeproxy: no master answers for {args.config}: {e}", file=sys.stderr)
+        return 1
+    # The master re-reads the file it was started with: checking another one (a copy, a
+    # staging file) would vouch for a config that is not the one about to be loaded.
+    theirs = master.get("config_realpath") or os.path.realpath(str(master.get("config")))
+    if os.path.realpath(args.config) != theirs:
+        print(
+            f"edgeproxy: reload refused: the master (pid {master.get('pid')}) runs {theirs}, "
+            f"not {os.path.realpath(args.config)}; it reloads only its own file",
+            file=sys.stderr,
+        )
+        return 1
     try:
         load(args.config)
     except ConfigError as e:
         print(f"edgeproxy: reload refused: {e}", file=sys.stderr)
         return 2
     try:
-        out: dict[str, Any] = call(_control_path(args.config), "reload", timeout=args.timeout)
+        out: dict[str, Any] = call(path, "reload", timeout=args.timeout)
     except OSError as e:
         print(f"edgeproxy: no master answers for {args.config}: {e}", file=sys.stderr)
         return 1
     if out.get("ok"):
-        print(f"reloaded: generation {out['generation']} serves")
+        print(f"reloaded {theirs}: generation {out['generation']} serves")
         return 0
     print(f"edgeproxy: reload refused: {out.get('error')}", file=sys.stderr)
     return 1
@@ -88,25 +104,38 @@ def cmd_pinger(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import time
 
-    from proxy.static_table import inflight_name
     from shm.dump import table_dump
     from shm.errors import ShmError
     from shm.inflight import InflightSegment
+    from shm.inflight_codec import inflight_segment_name
     from shm.reader import TableReader
 
-    config = load(args.config)
     try:
-        reader = TableReader.attach(config.table)
+        config = load(args.config)
+        table, node = config.table, config.node.id
+    except ConfigError as e:  # mid-edit: read the table the running master uses
+        from proxy.config import TableConfig
+        from proxy.control import call
+
+        try:
+            status = call(_control_path(args.config), "status", timeout=10)
+            table, node = TableConfig(**status["table"]), str(status["node"])
+        except (OSError, KeyError, TypeError) as e2:
+            print(f"{e}\nedgeproxy: and no master answers to say its table: {e2}", file=sys.stderr)
+            return 2
+        print(f"edgeproxy: {e}; showing the running master's table", file=sys.stderr)
+    try:
+        reader = TableReader.attach(table)
     except (ShmError, OSError) as e:
-        print(f"edgeproxy: table {config.table.name!r}: {e}", file=sys.stderr)
+        print(f"edgeproxy: table {table.name!r}: {e}", file=sys.stderr)
         return 1
     try:
-        inflight: InflightSegment | None = InflightSegment.attach(inflight_name(config))
+        inflight: InflightSegment | None = InflightSegment.attach(inflight_segment_name(table.name))
     except (ShmError, OSError):
         inflight = None
-    reader.local_node = config.node.id
+    reader.local_node = node
     try:
-        out = table_dump(reader, time.time(), config.table.stale_after, inflight)
+        out = table_dump(reader, time.time(), table.stale_after, inflight)
     finally:
         reader.close()
         if inflight is not None:

@@ -21,9 +21,10 @@ STRATEGIES = ("closest", "leastload")
 STORES = ("none", "etcd", "consul")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token
-_HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
-)
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# A host name, or a one-label wildcard: `*` only as the whole leftmost label and at least
+# two labels after it (`*.example.test`; `*.test` would claim a whole top-level domain).
+_HOST_RE = re.compile(rf"^(?=.{{1,253}}$)(\*\.(?=[^.]+\.[^.]))?{_LABEL}(\.{_LABEL})*$")
 
 
 class ConfigError(Exception):
@@ -298,9 +299,28 @@ def parse_address(raw: str) -> Address:
     return Address(host, int(port))
 
 
+def default_control_dir() -> str:
+    """The private directory of the control socket when `[listen] control` is not set.
+
+    systemd's $RUNTIME_DIRECTORY, else /run/edgeproxy for root, else the user's
+    $XDG_RUNTIME_DIR/edgeproxy or /tmp/edgeproxy-<uid>: never a directory other local
+    users can write, where one could plant a socket of their own. Computed only; the
+    master creates (0700) and checks it before it binds.
+    """
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return runtime.split(":")[0]
+    euid = os.geteuid()
+    if euid == 0:
+        return "/run/edgeproxy"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "edgeproxy")
+    return f"/tmp/edgeproxy-{euid}"
+
+
 def _default_control(node_id: str) -> str:
-    base = os.environ.get("RUNTIME_DIRECTORY") or "/tmp"
-    return os.path.join(base.split(":")[0], f"edgeproxy-{node_id}.sock")
+    return os.path.join(default_control_dir(), f"edgeproxy-{node_id}.sock")
 
 
 def control_path(path: str) -> str:
@@ -311,16 +331,43 @@ def control_path(path: str) -> str:
     except ConfigError:
         pass
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
         return _default_control("local")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:  # mid-edit: salvage the two keys line by line
+        data = _salvage(text, {"listen": "control", "node": "id"})
     listen = data.get("listen")
     node = data.get("node")
     if isinstance(listen, dict) and isinstance(listen.get("control"), str):
         return str(listen["control"])
     node_id = node.get("id") if isinstance(node, dict) else None
     return _default_control(node_id if isinstance(node_id, str) else "local")
+
+
+def _salvage(text: str, wanted: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """`{table: {key: value}}` for the one-line `key = value` entries of `wanted` found
+    under their `[table]` header in a file that does not parse as a whole; each line is
+    parsed alone (TOML), so a syntax error elsewhere costs nothing."""
+    out: dict[str, dict[str, Any]] = {}
+    table = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            table = line.strip("[] \t").split("]")[0].strip()
+            continue
+        key = wanted.get(table)
+        if key is None or not line.startswith(key):
+            continue
+        try:
+            value = tomllib.loads(line).get(key)
+        except tomllib.TOMLDecodeError:
+            continue
+        if value is not None:
+            out.setdefault(table, {})[key] = value
+    return out
 
 
 def load(path: str) -> Config:
@@ -541,7 +588,10 @@ def _apps(top: _Reader) -> tuple[AppConfig, ...]:
         hosts = []
         for j, raw in enumerate(r.get("hosts", list)):
             if not isinstance(raw, str) or not _HOST_RE.match(raw.lower()):
-                raise r.fail(f"hosts[{j}]", f"{raw!r} is not a valid host name")
+                raise r.fail(
+                    f"hosts[{j}]",
+                    f"{raw!r} is not a valid host name (a wildcard is *. and 2+ labels)",
+                )
             h = raw.lower()
             if h in owner:
                 raise r.fail(f"hosts[{j}]", f"{h!r} already belongs to app {owner[h]!r}")

@@ -1,8 +1,9 @@
 """The master's control socket: status and reload, one JSON line each way.
 
-Owns the wire format (a JSON object per line) and both ends of it: the
-asyncio server inside the master and the blocking client used by the CLI.
-It must not decide anything: it calls the master and relays its answer.
+Owns the wire format (a JSON object per line), both ends of it (the asyncio
+server inside the master, the blocking client used by the CLI) and who may
+speak: the peer's SO_PEERCRED uid, and the private directory of the default
+socket path. It must not decide anything else: it calls the master and relays.
 """
 
 from __future__ import annotations
@@ -11,12 +12,65 @@ import asyncio
 import contextlib
 import os
 import socket
+import stat
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
 
+from proxy.config import default_control_dir
+
 MAX_LINE = 65536
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (socket(7), SO_PEERCRED)
+
+
+class ControlDirError(OSError):
+    """The control socket's private directory exists but is not private to us."""
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create `path` (mode 0700) if missing; refuse it unless it is a real directory owned
+    by our effective uid that grants nothing to group or other.
+
+    Whoever can write the directory can replace the socket with one of their own, and
+    the CLI would hand them its reload and takeover requests.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(path, 0o700)
+    st = os.lstat(path)
+    euid = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlDirError(f"control socket directory {path} is not a directory")
+    if st.st_uid != euid or mode & 0o077:
+        raise ControlDirError(
+            f"control socket directory {path} is owned by uid {st.st_uid} with mode "
+            f"{mode:04o}: it must be ours (uid {euid}) and 0700; fix or remove it"
+        )
+
+
+def prepare_control_dir(path: str) -> None:
+    """Before binding `path`: when it lies in the default private directory, create or
+    check that directory (ControlDirError). A path set in the config is the operator's."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent == os.path.abspath(default_control_dir()):
+        ensure_private_dir(parent)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket, from the kernel."""
+    _pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return int(uid)
+
+
+def peer_allowed(uid: int) -> bool:
+    """Root and the master's own uid may use the socket, for every command (status too:
+    it names pids, paths and listeners). The socket's 0600 mode says the same; this
+    holds even if the file's mode or directory is widened."""
+    return uid in (0, os.geteuid())
 
 
 class Controlled(Protocol):
@@ -74,6 +128,12 @@ def _handler(
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10.0)
+            uid = peer_uid(writer.get_extra_info("socket"))
+            if not peer_allowed(uid):
+                refusal = f"uid {uid} may not use this control socket (root or uid {os.geteuid()})"
+                writer.write(orjson.dumps({"ok": False, "error": refusal}) + b"\n")
+                await writer.drain()
+                return
             try:
                 req = orjson.loads(line)
                 cmd = req.get("cmd") if isinstance(req, dict) else None

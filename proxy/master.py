@@ -24,7 +24,7 @@ import orjson
 
 from proxy.admin import start_admin
 from proxy.config import Config, ConfigError, load, parse_address
-from proxy.control import serve_control
+from proxy.control import ControlDirError, prepare_control_dir, serve_control
 from proxy.handover import (
     Handover,
     ListenerFd,
@@ -493,6 +493,11 @@ def run(config_path: str, takeover: str | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
+    try:
+        prepare_control_dir(config.listen.control)
+    except ControlDirError as e:
+        print(f"edgeproxy: {e}", file=sys.stderr)
+        return 1
     handover = from_env()
     sock = None
     if handover is None and takeover is not None:

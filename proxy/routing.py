@@ -23,6 +23,7 @@ from proxy.metrics import (
 )
 from proxy.router import Candidate, FullMarks, NoPick, pick
 from shm.errors import ShmError
+from shm.hosts import app_for_host
 from shm.reader import TableReader
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class Routing:
             if reader.generation != self.gen:
                 self._refresh(reader)
             return app
-        return self.static_hosts.get(host)
+        return app_for_host(self.static_hosts, host)
 
     def _candidates(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
         reader = self.reader

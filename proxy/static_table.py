@@ -11,9 +11,10 @@ import logging
 import time
 
 from proxy.config import Config
-from shm.errors import ShmError
+from shm.errors import SegmentTrustError, ShmError
 from shm.inflight import InflightWriter
 from shm.inflight_codec import inflight_segment_name
+from shm.reader import TableReader
 from shm.sync import reconcile, static_rows
 from shm.writer import TableWriter
 
@@ -49,6 +50,7 @@ class SharedState:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+            _say_if_untrusted(config)
             return
         try:
             if self.writer is None:
@@ -102,3 +104,17 @@ class SharedState:
             self.writer.close(unlink=unlink)
             self.writer = None
         self.inflight.close(unlink=unlink)
+
+
+def _say_if_untrusted(config: Config) -> None:
+    """Log why the workers will not read a table someone else planted under our name.
+
+    Workers retry the table quietly while it is missing; a segment refused by the
+    owner/mode check would stay refused, so the master says so once per (re)load.
+    """
+    try:
+        TableReader.attach(config.table).close()
+    except SegmentTrustError as e:
+        log.error("table %s: %s (workers route from the config)", config.table.name, e)
+    except (ShmError, OSError):
+        pass

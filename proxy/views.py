@@ -8,6 +8,7 @@ any state: it only reads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -64,11 +65,16 @@ class MasterViews:
                 "version": __version__,
                 "build": build(),
                 "config": self.config_path,
+                "config_realpath": os.path.realpath(self.config_path),
                 "uptime": round(time.time() - self.started, 1),
                 "stopping": self.stopping,
             },
             "workers": workers,
             "listeners": self.listeners.describe(),
+            # What `edgeproxy table` needs to read the table when the file on disk is
+            # mid-edit and does not parse: the running config's node and table.
+            "node": self.config.node.id,
+            "table": dataclasses.asdict(self.config.table),
         }
 
     def read_block(self, w: WorkerProc) -> Snapshot | None:

@@ -33,6 +33,24 @@ class WriterBusyError(ShmError):
         super().__init__(f"shared-memory table {name} is already held by a writer ({who})")
 
 
+class SegmentTrustError(ShmError):
+    """The segment exists but someone we do not trust could have written it.
+
+    A segment must be owned by our effective uid (a reader also accepts root) and grant
+    nothing beyond the owner's read-write and the group's read; anything else means a
+    local user could forge rows or counters. Not retryable until the operator removes it.
+    """
+
+    def __init__(self, name: str, uid: int, mode: int, why: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.mode = mode
+        super().__init__(
+            f"shared-memory segment {name} is owned by uid {uid} with mode {mode:04o}: {why}; "
+            f"refusing to use it (remove /dev/shm{name} if it is not ours)"
+        )
+
+
 class TableFull(ShmError):  # noqa: N818  (the name issue 3 and callers use)
     """A table has no free row; the row was not written and nothing else changed."""
 

@@ -16,6 +16,7 @@ from typing import Final, TypeVar
 from proxy.config import TableConfig
 from shm import codec
 from shm.errors import LayoutMismatchError, SegmentMissingError
+from shm.hosts import app_for_host
 from shm.layout import Layout, table_segment_name
 from shm.segment import Segment, fence
 
@@ -209,7 +210,7 @@ class TableReader:
         g, ng = codec.GEN.unpack_from(self._mm, _GEN_AT)
         if g != self._gen or g ^ ng != _M64:
             self.refresh()
-        return self._hosts.get(host)
+        return app_for_host(self._hosts, host)
 
     def node(self, node_id: str) -> codec.NodeRow | None:
         """The node's row as of the cached topology (call after candidates())."""

@@ -1,9 +1,10 @@
 """The mmap shell of a POSIX shared-memory segment: open, map, lock, unlink.
 
 Owns the file descriptor, the mapping, the writer lock (flock on the shm fd,
-closed in forked children so only the writer process ever holds it) and the
-file mode. It knows nothing about rows; the table and in-flight shells build
-on it. It must not be used on the request path (all of it is setup).
+closed in forked children so only the writer process ever holds it), the file
+mode and the trust check (owner and mode, by fstat, on every open). It knows
+nothing about rows; the table and in-flight shells build on it. It must not be
+used on the request path (all of it is setup).
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from collections.abc import Callable
 
 import posix_ipc
 
-from shm.errors import LayoutMismatchError, SegmentMissingError, WriterBusyError
+from shm.errors import (
+    LayoutMismatchError,
+    SegmentMissingError,
+    SegmentTrustError,
+    WriterBusyError,
+)
 
 MODE = 0o640
+# Group and other bits beyond MODE's: write for anyone but the owner lets a local user
+# forge rows or counters, so a segment that grants any of them is refused.
+_UNTRUSTED_BITS = 0o077 & ~MODE
 
 # Lock fds of writers in this process: a forked child closes its copies at once, so a
 # child (a forked proxy worker, say) never keeps a dead writer's lock alive.
@@ -71,7 +80,7 @@ class Segment:
                 f"shared-memory segment {name} does not exist (yet)"
             ) from None
         try:
-            size = os.fstat(shm.fd).st_size
+            size = check_trusted(name, shm.fd, writer=False).st_size
             if size == 0:
                 raise SegmentMissingError(f"shared-memory segment {name} is not initialised yet")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -91,16 +100,14 @@ class Segment:
         another size raises LayoutMismatchError. A held lock raises WriterBusyError naming
         the pid that `holder_pid` reads from the mapped header.
         """
-        shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREAT, mode=MODE)
+        shm = _create_or_open(name)
         # The lock lives on its own open file description: mmap() dups the fd it maps,
         # and a dup (kept by the mapping, inherited by forks) would hold the lock too.
         fd: int = posix_ipc.SharedMemory(name, flags=0).fd
         try:
-            st = os.fstat(fd)
+            st = check_trusted(name, fd, writer=True)
             if st.st_ino != os.fstat(shm.fd).st_ino:
                 raise WriterBusyError(name, 0)  # unlinked and recreated under us
-            if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & ~MODE:
-                os.fchmod(fd, MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -148,6 +155,44 @@ def unlink(name: str) -> bool:
     except posix_ipc.ExistentialError:
         return False
     return True
+
+
+def check_trusted(name: str, fd: int, *, writer: bool) -> os.stat_result:
+    """fstat `fd` and refuse a segment another local user could have written.
+
+    The owner must be our effective uid (a reader also accepts root, who can write
+    anything anyway) and the mode must grant group/other nothing beyond MODE (group
+    read). SegmentTrustError names the segment, its owner and mode.
+    """
+    st = os.fstat(fd)
+    me = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != me and (writer or st.st_uid != 0):
+        who = "our uid" if writer else "our uid or root"
+        raise SegmentTrustError(name, st.st_uid, mode, f"expected {who} ({me})")
+    if mode & _UNTRUSTED_BITS:
+        raise SegmentTrustError(name, st.st_uid, mode, f"grants more than {MODE:04o}")
+    return st
+
+
+def _create_or_open(name: str) -> posix_ipc.SharedMemory:
+    """Create `name` exclusively (O_EXCL), or open the one that exists.
+
+    An existing segment is only taken over after `check_trusted` (by the caller) shows it
+    is ours: a dead writer's segment keeps its rows and counts for readers and draining
+    workers, so it is adopted, not unlinked. Whoever created it first owns the inode, so
+    a segment a local user planted under our name fails that check and is refused.
+    """
+    for _ in range(3):  # it may vanish between the two calls (unlinked by its owner)
+        try:
+            return posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=MODE)
+        except posix_ipc.ExistentialError:
+            pass
+        try:
+            return posix_ipc.SharedMemory(name, flags=0)
+        except posix_ipc.ExistentialError:
+            continue
+    raise WriterBusyError(name, 0)
 
 
 def _peek_pid(fd: int, holder_pid: Callable[[mmap.mmap], int]) -> int:
