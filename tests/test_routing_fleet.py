@@ -260,6 +260,10 @@ def test_killed_instance_idempotent_requests_retried_elsewhere(clean: Fleet) -> 
     )
     bad = [(o.rid, o.status, o.error, o.body[:120]) for o in out if o.status != 200]
     assert not bad, f"{len(bad)} of {len(out)} GETs failed around the kill: {bad[:5]}"
+    # The dead instance's port refused connections and those GETs were retried elsewhere:
+    # overflow alone (rejects) would not move this counter.
+    refused = after.get("connect_refused", 0.0) - before.get("connect_refused", 0.0)
+    assert refused >= 1, f"no connect-refused retry counted around the kill: {before} -> {after}"
     # Survivors' records: no duplicates, and every 200 they answered is theirs exactly once.
     survivors = [o for o in out if o.instance in (N3, N4)]
     check_delivery(survivors, stats, "kill")
