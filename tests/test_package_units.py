@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from ci_policy import needs
 
 from proxy.config import load
 
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = ("edgeproxy.service", "edgeproxy-pinger.service")
 INSTALL_PATHS = ("/opt/edgeproxy/venv/bin/python", "/usr/bin/edgeproxy")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian package: systemd)"
+needs_analyze = needs(
+    SYSTEMD_ANALYZE is not None, "systemd-analyze not installed (Debian package: systemd)"
 )
 
 

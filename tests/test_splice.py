@@ -13,10 +13,12 @@ import termios
 from collections.abc import Iterator
 
 import pytest
+from ci_policy import skip_or_fail
 
 from proxy.splice import Splicer, available
 
-pytestmark = pytest.mark.skipif(not available(), reason="no os.splice on this platform")
+if not available():
+    skip_or_fail("no os.splice on this platform (Linux, Python >= 3.10)", allow_module_level=True)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_policy import needs
 from proxyctl import REPO, LineReader, Proxy, env
 
 HOST = "127.0.0.1"
@@ -65,9 +66,7 @@ def _limited_app(inst: Instance, soft: int, hard: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    shutil.which("wrk") is None, reason="wrk is not installed (./dev test installs it)"
-)
+@needs(shutil.which("wrk") is not None, "wrk is not installed (./dev test installs it)")
 def test_hard_limit_holds_across_two_workers_under_wrk(
     proxy_factory: Callable[..., Proxy], instance: Instance
 ) -> None:
