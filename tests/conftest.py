@@ -29,6 +29,20 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+PROXY_FIXTURES = frozenset({"proxy_factory", "shared_proxy", "proxy"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a proxy through the fixtures carries the request_path mark, so the
+    pure-Python CI step (`-m request_path`) cannot miss it."""
+    for item in items:
+        uses = PROXY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("request_path") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {sorted(uses)} but is not marked request_path"
+            )
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test marked `needs` whose requirement is missing is skipped, or fails in CI."""
     for mark in item.iter_markers("needs"):

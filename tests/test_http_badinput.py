@@ -8,7 +8,7 @@ import time
 import pytest
 from proxyctl import Client, Proxy, Upstream, request_bytes, wait_until
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(30)]
 
 H = b"Host: hello.test\r\n"
 

@@ -19,7 +19,7 @@ from proxyctl import (
 )
 from upstream import pattern, pattern_sha256
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(30)]
 
 
 def test_get_is_proxied_to_the_instance(proxy: Proxy) -> None:

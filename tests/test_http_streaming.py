@@ -11,7 +11,7 @@ import pytest
 from proxyctl import Client, Proxy, Upstream, request_bytes
 from upstream import pattern, pattern_sha256
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(60)]
 
 MiB = 1 << 20
 # What the workers' resident memory may grow by while one transfer is stalled: a few

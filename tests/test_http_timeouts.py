@@ -11,7 +11,7 @@ import pytest
 from ci_policy import skip_or_fail
 from proxyctl import HOST, Client, Proxy, Upstream, request_bytes
 
-pytestmark = pytest.mark.timeout(40)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(40)]
 
 Factory = Callable[..., Proxy]
 

@@ -16,7 +16,7 @@ import pytest
 from ports import free_port
 from proxyctl import REPO, Client, Proxy, Upstream, env, request_bytes, wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(60)]
 
 Factory = Callable[..., Proxy]
 

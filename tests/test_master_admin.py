@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from proxyctl import Client, Proxy, Upstream, request_bytes, wait_until
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(90)]
 
 Factory = Callable[..., Proxy]
 OK = 'edgeproxy_requests_total{app="hello",class="2xx"}'

@@ -29,6 +29,8 @@ import pytest
 from etcd_harness import EtcdCluster
 from fleet import Fleet, Node, fleet, poll
 
+pytestmark = pytest.mark.request_path
+
 THREE = [("nrt", "nrt"), ("hkg", "hkg"), ("sin", "sin")]
 ONE_WAY = {("nrt", "hkg"): 25.0, ("nrt", "sin"): 35.0, ("hkg", "sin"): 17.0}
 TTL = 3.0

@@ -29,6 +29,8 @@ from routing_fleet import (
     wait_for,
 )
 
+pytestmark = pytest.mark.request_path
+
 N2, N3, N4 = instance_id(2), instance_id(3), instance_id(4)
 FORCE = "X-Edgeproxy-Force-Instance"
 PREFER = "X-Edgeproxy-Prefer-Instance"

@@ -16,6 +16,8 @@ import pytest
 from ci_policy import needs
 from proxyctl import REPO, LineReader, Proxy, env
 
+pytestmark = pytest.mark.request_path
+
 HOST = "127.0.0.1"
 
 
