@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from build_check import stale_compiled
+from ci_policy import skip_or_fail
 from consul_double import ConsulDouble
 from etcd_harness import EtcdCluster, require_etcd
 from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies
@@ -26,6 +27,27 @@ def pytest_configure(config: pytest.Config) -> None:
             f"the compiled request path is older than {', '.join(stale)}: the tests would "
             "run the old code. Rebuild it (./dev build, or ./dev test does it)."
         )
+
+
+PROXY_FIXTURES = frozenset({"proxy_factory", "shared_proxy", "proxy"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a proxy through the fixtures carries the request_path mark, so the
+    pure-Python CI step (`-m request_path`) cannot miss it."""
+    for item in items:
+        uses = PROXY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("request_path") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {sorted(uses)} but is not marked request_path"
+            )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `needs` whose requirement is missing is skipped, or fails in CI."""
+    for mark in item.iter_markers("needs"):
+        if not mark.kwargs["present"]:
+            skip_or_fail(mark.kwargs["reason"])
 
 
 @pytest.fixture(scope="module")

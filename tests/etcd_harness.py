@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
+from ci_policy import skip_or_fail
 from ports import free_port
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -26,9 +26,7 @@ ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 def require_etcd() -> None:
     """Skip without the binary, except in CI where it must be installed."""
     if not os.path.exists(ETCD):
-        if os.environ.get("CI"):
-            pytest.fail(f"etcd-server is not installed ({ETCD})")
-        pytest.skip("etcd-server is not installed")
+        skip_or_fail(f"etcd-server is not installed ({ETCD})")
 
 
 class Member:

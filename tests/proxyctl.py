@@ -281,6 +281,21 @@ class Proxy:
         assert r.status == 200, r
         return r.body.decode()
 
+    def metric(self, series: str) -> float:
+        """The value of one series of /metrics, named exactly as printed
+        (`name{label="v",...}`); 0 when the series is absent."""
+        return metric_value(self.metrics(), series)
+
+    def wait_metric(self, series: str, at_least: float, timeout: float = 5.0) -> float:
+        """Poll /metrics (workers publish their counters about once a second) until
+        `series` reaches `at_least`; its last value either way."""
+        deadline = time.monotonic() + timeout
+        got = self.metric(series)
+        while got < at_least and time.monotonic() < deadline:
+            time.sleep(0.1)
+            got = self.metric(series)
+        return got
+
     def request(self, raw: bytes, method: str = "GET", timeout: float = 5.0) -> Response:
         """Send `raw` on a fresh connection and read one response."""
         with Client(self.port, timeout=timeout) as c:
@@ -600,6 +615,15 @@ def request_bytes(
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def metric_value(text: str, series: str) -> float:
+    """The value of `series` (its exact name and labels) in Prometheus text; 0 if absent."""
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return 0.0
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:

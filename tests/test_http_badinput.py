@@ -6,9 +6,9 @@ import socket
 import time
 
 import pytest
-from proxyctl import Client, Proxy, request_bytes
+from proxyctl import Client, Proxy, Upstream, request_bytes, wait_until
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(30)]
 
 H = b"Host: hello.test\r\n"
 
@@ -161,15 +161,20 @@ def test_bad_chunk_size_in_one_write_is_400(proxy: Proxy) -> None:
     refused(proxy, raw, 400)
 
 
-def test_bad_chunk_size_after_head_was_forwarded_is_400(proxy: Proxy) -> None:
+def test_bad_chunk_size_after_head_was_forwarded_is_400(proxy: Proxy, upstream: Upstream) -> None:
     """A bad chunk size arriving after the head went upstream still gets 400 and a close:
     the instance is still waiting for the body, so no response has started and the fault
     is the client's; 502 would be wrong because the instance never failed."""
     before = proxy.serving_pids()
+    tag = f"badchunk{time.monotonic_ns()}"
     with Client(proxy.port) as c:
         c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c.send(b"POST /c2 HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        time.sleep(0.3)  # the head and first chunk are upstream by now
+        head = f"POST /slowread?pause=0&tag={tag} HTTP/1.1\r\n".encode()
+        c.send(head + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        # The instance has the head and the first chunk before the bad chunk is sent.
+        assert wait_until(
+            lambda: upstream.stats()["tags"].get(tag, {}).get("received") == 5, timeout=5
+        ), f"the instance never got the head and first chunk: {upstream.stats()['tags']}"
         c.send(b"zz\r\nworld\r\n0\r\n\r\n")
         r = c.response()
         assert r.status == 400, r

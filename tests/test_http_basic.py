@@ -8,10 +8,18 @@ import socket
 import time
 
 import pytest
-from proxyctl import Client, Proxy, request_bytes
+from proxyctl import (
+    Client,
+    Proxy,
+    Upstream,
+    _proc_net_tcp,
+    metric_value,
+    request_bytes,
+    wait_until,
+)
 from upstream import pattern, pattern_sha256
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(30)]
 
 
 def test_get_is_proxied_to_the_instance(proxy: Proxy) -> None:
@@ -362,16 +370,37 @@ def test_x_forwarded_for_from_an_untrusted_client_is_replaced(proxy: Proxy) -> N
     assert xff == ["127.0.0.1"], xff
 
 
-def test_silently_closed_pooled_connection_is_not_reused(proxy: Proxy) -> None:
-    """After the instance closes an idle pooled connection, the next GET still succeeds."""
+def test_silently_closed_pooled_connection_is_not_reused(proxy: Proxy, upstream: Upstream) -> None:
+    """After the instance closes an idle pooled connection, the proxy drops it from its pool:
+    the next GETs go on a new upstream connection with no retry of the dead one."""
+    retried = 'edgeproxy_retries_total{reason="reset_before_response"}'
+    ok = 'edgeproxy_requests_total{app="hello",class="2xx"}'
+    m0 = proxy.metrics()
     with Client(proxy.port) as c:
         c.send(request_bytes("GET", "/first?close=1"))
-        assert c.response().status == 200
-        time.sleep(0.3)
+        r0 = c.response()
+        assert r0.status == 200, r0
+        # The instance closed its side; the proxy must close its own (no CLOSE_WAIT left).
+        assert wait_until(lambda: not half_closed_by(upstream), timeout=5), (
+            "the proxy keeps the connection the instance closed"
+        )
         for i in range(3):
             c.send(request_bytes("GET", f"/next{i}"))
             r = c.response()
             assert r.status == 200, r
+            assert r.json()["conn_id"] != r0.json()["conn_id"], r
+    # Once the worker has published these four 2xx, the dead connection was never tried.
+    assert proxy.wait_metric(ok, metric_value(m0, ok) + 4) >= metric_value(m0, ok) + 4
+    assert proxy.metric(retried) == metric_value(m0, retried), proxy.metrics()
+
+
+def half_closed_by(upstream: Upstream) -> list[str]:
+    """Sockets of a process connected to the upstream that the upstream closed (CLOSE_WAIT)."""
+    return [
+        f"{local}->{remote}"
+        for local, remote, st, inode in _proc_net_tcp()
+        if remote == upstream.address and st == "08" and inode != "0"
+    ]
 
 
 def test_connection_close_from_client_is_honoured(proxy: Proxy) -> None:

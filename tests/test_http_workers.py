@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
-from proxyctl import REPO, Client, Proxy, env, request_bytes
+from proxyctl import REPO, Client, Proxy, Upstream, env, request_bytes, wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(60)]
 
 Factory = Callable[..., Proxy]
 
@@ -112,13 +112,16 @@ def test_sigterm_stops_accepting(proxy_factory: Factory) -> None:
         s.connect(("127.0.0.1", p.port))
 
 
-def test_sigint_is_a_fast_stop(proxy_factory: Factory) -> None:
+def test_sigint_is_a_fast_stop(proxy_factory: Factory, upstream: Upstream) -> None:
     """SIGINT stops the master and its workers promptly even with a request hanging."""
     p = proxy_factory(timeouts={"upstream_response": 30})
     pids = [w["pid"] for w in p.workers()]
+    tag = f"sigint{time.monotonic_ns()}"
     with Client(p.port, timeout=10) as c:
-        c.send(request_bytes("GET", "/hang?hold=20"))
-        time.sleep(0.3)
+        c.send(request_bytes("GET", f"/hang?hold=20&tag={tag}"))
+        assert wait_until(lambda: tag in upstream.stats()["tags"], timeout=5), (
+            "the request never reached the instance"
+        )
         t0 = time.monotonic()
         os.kill(p.proc.pid, signal.SIGINT)
         p.proc.wait(timeout=5)
@@ -139,42 +142,46 @@ def _zombie(pid: int) -> bool:
         return False
 
 
+# Each config names a listener port (the test holds it) before or beside its mistake.
+LISTEN = '[listen]\nhttp = ["127.0.0.1:{port}"]\ncontrol = "{sock}"\n'
 BAD_CONFIGS = {
     "hard-below-soft": (
-        '[[app]]\nname = "hello"\nhosts = ["hello.test"]\nsoft_limit = 20\nhard_limit = 5\n',
+        LISTEN + '[[app]]\nname = "hello"\nhosts = ["hello.test"]\nsoft_limit = 20\n'
+        "hard_limit = 5\n",
         "app[0].hard_limit: must be >= soft_limit (20)",
     ),
-    "syntax": ("[node\nid = 1\n", "(syntax): "),
-    "unknown-key": ("[workers]\ncount = 2\nbogus = 1\n", "workers.bogus: unknown key"),
-    "bad-address": ('[listen]\nhttp = ["127.0.0.1"]\n', "listen.http[0]: "),
+    "syntax": (LISTEN + "[workers\ncount = 2\n", "(syntax): "),
+    "unknown-key": (LISTEN + "[workers]\ncount = 2\nbogus = 1\n", "workers.bogus: unknown key"),
+    "bad-address": (
+        '[listen]\nhttp = ["127.0.0.1:{port}", "127.0.0.1"]\ncontrol = "{sock}"\n',
+        "listen.http[1]: ",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_invalid_config_exits_2_with_file_key_problem(tmp_path: Path, name: str) -> None:
-    """`run -c bad.toml` exits 2 with `bad.toml: key: problem` on stderr and binds nothing."""
+    """`run -c bad.toml` exits 2 with `bad.toml: key: problem` on stderr and binds nothing:
+    the listener port it names is held by the test, so a bind would fail with EADDRINUSE
+    instead of the config error."""
     text, expected = BAD_CONFIGS[name]
     port = free_port()
-    base = '[node]\nid = "bad"\n'
-    if name not in ("syntax", "bad-address"):
-        base += f'[listen]\nhttp = ["127.0.0.1:{port}"]\ncontrol = "{tmp_path}/bad.sock"\n'
     path = tmp_path / "bad.toml"
-    path.write_text(text if name == "syntax" else base + text)
-    r = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "run", "-c", str(path)],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=False,
-    )
+    path.write_text('[node]\nid = "bad"\n' + text.format(port=port, sock=tmp_path / "bad.sock"))
+    with socket.create_server(("127.0.0.1", port)):
+        r = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "run", "-c", str(path)],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert f"bad.toml: {expected}" in r.stderr, r.stderr
     assert "READY" not in r.stdout
     assert "Traceback" not in r.stderr, r.stderr
-    with socket.socket() as s:  # nothing was bound
-        s.bind(("127.0.0.1", port))
 
 
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from ci_policy import needs
 
 from proxy.config import load
 
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = ("edgeproxy.service", "edgeproxy-pinger.service")
 INSTALL_PATHS = ("/opt/edgeproxy/venv/bin/python", "/usr/bin/edgeproxy")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian package: systemd)"
+needs_analyze = needs(
+    SYSTEMD_ANALYZE is not None, "systemd-analyze not installed (Debian package: systemd)"
 )
 
 
@@ -163,3 +163,39 @@ def test_maintainer_scripts_parse() -> None:
         path = REPO / "packaging" / "debian" / name
         assert os.access(path, os.X_OK), name
         subprocess.run(["sh", "-n", str(path)], check=True, timeout=10)
+
+
+def _ci_package_paths() -> list[str]:
+    """The PKG_PATHS array of .ci/run (the paths whose change re-runs the package test)."""
+    text = (REPO / ".ci" / "run").read_text()
+    m = re.search(r"^PKG_PATHS=\(([^)]*)\)", text, re.M)
+    assert m is not None, "no PKG_PATHS=(...) in .ci/run"
+    return m.group(1).split()
+
+
+def _build_deb_reads() -> set[str]:
+    """Every repository path that scripts/build-deb names outside its comments (a path
+    with a variable in it counts up to the variable: packaging/debian/$s -> packaging/debian)."""
+    code = "\n".join(
+        line
+        for line in (REPO / "scripts" / "build-deb").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    )
+    found = set()
+    for tok in re.findall(r"[A-Za-z0-9_./$-]+", code):
+        path = tok.split("$", 1)[0].rstrip("/")
+        if path and not path.startswith(("-", "/", ".")) and (REPO / path).exists():
+            found.add(path)
+    return found
+
+
+def test_ci_reruns_the_package_test_for_everything_the_deb_holds() -> None:
+    """Every path scripts/build-deb puts into the deb is under .ci/run's PKG_PATHS, so a
+    change to it (code included) re-runs the package test."""
+    pkg = _ci_package_paths()
+    reads = _build_deb_reads()
+    assert {"proxy", "shm", "pinger", "systemd/edgeproxy.service"} <= reads, reads
+    uncovered = sorted(p for p in reads if not any(p == k or p.startswith(k + "/") for k in pkg))
+    assert not uncovered, f"build-deb reads {uncovered}, which .ci/run's PKG_PATHS leaves out"
+    for own in ("scripts/build-deb", "scripts/test-package", ".ci/run"):
+        assert own in pkg, own

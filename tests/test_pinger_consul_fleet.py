@@ -21,6 +21,8 @@ from test_pinger_etcd_fleet import (
     store_fleet,
 )
 
+pytestmark = pytest.mark.request_path
+
 
 @pytest.mark.slow
 def test_consul_routes_local_then_closest_remote(tmp_path: Path, consul: ConsulDouble) -> None:

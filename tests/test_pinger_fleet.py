@@ -14,6 +14,8 @@ import pytest
 from fleet import Fleet, fleet, poll
 from proxyctl import REPO, env
 
+pytestmark = pytest.mark.request_path
+
 THREE = [("nrt", "nrt"), ("hkg", "hkg"), ("sin", "sin")]
 ONE_WAY = {("nrt", "hkg"): 25.0, ("nrt", "sin"): 35.0, ("hkg", "sin"): 17.0}
 

@@ -298,6 +298,13 @@ def etcd_follower(cluster: EtcdCluster) -> int:
     raise AssertionError("no follower in the cluster")
 
 
+def watch_ports(store: BaseStore) -> set[int]:
+    """The etcd client ports the store's open watch streams are connected to."""
+    http = getattr(store, "http", None)
+    assert http is not None
+    return {c.writer.get_extra_info("peername")[1] for c in http._streams}
+
+
 def test_etcd_frozen_member_is_left_by_the_watch(etcd3: EtcdCluster) -> None:
     """A follower that both stores use first freezes (SIGSTOP: its connections stay up, nothing
     is answered; the leader and the leases are fine). Writes and keepalives move to another
@@ -314,6 +321,8 @@ def test_etcd_frozen_member_is_left_by_the_watch(etcd3: EtcdCluster) -> None:
         # A change seen through the watch: its stream is established before the freeze.
         await a.publish_loads({"a1": 1000}, 0.5)
         await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == 1000, 5)
+        frozen = etcd3.members[f].client_port
+        assert watch_ports(other) == {frozen}, "the watch is not on the member to freeze"
         etcd3.members[f].freeze()
         try:
             t0 = time.monotonic()
@@ -322,8 +331,19 @@ def test_etcd_frozen_member_is_left_by_the_watch(etcd3: EtcdCluster) -> None:
                 n += 1
                 await a.publish_loads({"a1": n}, float(n))
                 await asyncio.sleep(0.1)
-            seen_at = await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == n, 4 * ttl)
-            print(f"frozen member: the last load arrived {seen_at - t0:.1f} s after the freeze")
+            seen_at = await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == n, 8 * ttl)
+            took = seen_at - t0
+            print(f"frozen member: the last load arrived {took:.1f} s after the freeze")
+            # Found stalled within about two TTLs (a probe after a quiet TTL, then a TTL
+            # owed, checked every third of a TTL); four is the generous bound, not a timing.
+            assert took < 4 * ttl, f"the stall took {took:.1f} s to notice (TTL {ttl} s)"
+            # The watch was re-opened on another member.
+            for _ in range(100):
+                ports = watch_ports(other)
+                if ports:
+                    break
+                await asyncio.sleep(0.05)
+            assert ports and frozen not in ports, (ports, frozen)
             assert (getattr(a, "lease", None), getattr(other, "lease", None)) == leases
             assert a.healthy and other.healthy
             await a.close()

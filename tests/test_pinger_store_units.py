@@ -17,7 +17,7 @@ from etcd_harness import EtcdCluster
 from test_pinger_store import Watcher, inst, make_store, node, run
 
 from pinger.consul import ConsulStore, next_index, parse_duration
-from pinger.etcd import EtcdStore, _RelistError, prefix_end
+from pinger.etcd import EtcdStore, prefix_end
 from pinger.store import Backoff, LoadRecord, Records, decode, encode, record_key
 
 
@@ -150,40 +150,112 @@ def test_consul_restart_destroys_the_old_session(consul: ConsulDouble) -> None:
     run(main())
 
 
+class WatchGate:
+    """A TCP relay on 127.0.0.1 between a store and one etcd member that can cut the store's
+    watch streams (a lost connection) and hold a new watch request on its way to etcd
+    until released, so the cluster can move on (writes, a compaction) meanwhile."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.open = asyncio.Event()
+        self.open.set()
+        self.held = 0  # watch requests waiting at the gate
+        self.watches: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        self.open.set()
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+    def cut(self) -> None:
+        """Drop every watch stream's connection, as a network failure would."""
+        for w in self.watches:
+            w.transport.abort()
+        self.watches.clear()
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            sr, sw = await asyncio.open_connection(*self.target)
+        except OSError:
+            cw.transport.abort()
+            return
+        first = await cr.read(65536)
+        if first.startswith(b"POST /v3/watch"):
+            self.watches.append(cw)
+            if not self.open.is_set():
+                self.held += 1
+                await self.open.wait()
+                self.held -= 1
+        sw.write(first)
+        await asyncio.gather(self._pump(cr, sw), self._pump(sr, cw))
+
+    @staticmethod
+    async def _pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except OSError:
+            pass
+        finally:
+            w.transport.abort()
+
+
 def test_etcd_compaction_forces_a_relist(
     etcd1: EtcdCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A watch that would resume below the compacted revision re-lists instead, and stays right."""
+    """A watch that resumes from a revision etcd has compacted away is refused by etcd, and
+    the store re-lists because of it and then sees what was written meanwhile."""
 
     async def main() -> None:
+        gate = WatchGate(etcd1.endpoints[0])
+        via_gate = await gate.start()
         a = make_store("etcd", etcd1.endpoints, "n1")
         await a.start(node("n1", 1), [inst("n1", "a1", 1)])
-        b = make_store("etcd", etcd1.endpoints, "n2")
+        b = make_store("etcd", [via_gate], "n2")
         assert isinstance(b, EtcdStore)
         await b.start(node("n2", 1), [])
         w = Watcher(b)
         await w.until(lambda v: "a1" in v.instances, 5)
+        # The watch stream is lost; the store re-lists and asks for a new watch from the
+        # revision it listed, which waits at the gate.
+        gate.open.clear()
+        gate.cut()
+        for _ in range(200):
+            if gate.held:
+                break
+            await asyncio.sleep(0.02)
+        assert gate.held == 1, "the store opened no new watch after losing its stream"
+        resume_from = b.revision + 1
+        # Meanwhile the cluster moves on and compacts past that revision.
         for n in range(5):
             await a.publish_loads({"a1": n}, float(n))
-        await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == 4, 5)
-        rev = b.revision
-        resp = await b.http.request(
-            "POST", "/v3/kv/compaction", orjson.dumps({"revision": str(rev)})
+        resp = await a.http.request("POST", "/v3/kv/range", orjson.dumps({"key": "AA=="}))
+        head = orjson.loads(resp.body)["header"]["revision"]
+        assert int(head) > resume_from
+        resp = await a.http.request(
+            "POST", "/v3/kv/compaction", orjson.dumps({"revision": head, "physical": True})
         )
         assert resp.status == 200, resp.body
-        # a watch from below the compaction (what a stale revision would ask) is refused ...
-        req = {"create_request": {**b._range, "start_revision": "2"}}
-        with pytest.raises(_RelistError, match="compacted"):
-            await b.http.stream("/v3/watch", orjson.dumps(req), b._on_watch)
-        # ... and the store's own watch, once its stream is lost, re-lists and goes on
-        for conn in list(b.http._streams):
-            conn.close()
-        await a.publish_loads({"a1": 9}, 9.0)
-        await w.until(lambda v: v.loads["a1"].load == 9, 5)
-        assert b.revision >= rev and b.healthy
-        assert any("re-listing" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        gate.open.set()
+        # etcd refuses the watch from below the compaction; the store re-lists for it and
+        # gets the loads written while it was away (the watch could not deliver them).
+        await w.until(lambda v: "a1" in v.loads and v.loads["a1"].load == 4, 5)
+        relists = [r.getMessage() for r in caplog.records if "re-listing" in r.getMessage()]
+        assert any(f"compacted at {head}" in m for m in relists), relists
+        assert b.revision >= int(head) and b.healthy
         await a.close()
         await b.close()
+        await gate.close()
 
     with caplog.at_level(logging.INFO, logger="edgeproxy.store"):
         run(main())

@@ -46,7 +46,7 @@ from upstream import pattern_sha256
 
 from proxy.control import call
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.request_path, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import struct
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,12 +180,57 @@ def _method_source(path: Path, cls: str | None, name: str) -> str:
     return ast.get_source_segment(text, node) or ""
 
 
-def test_reader_inlined_check_matches_codec() -> None:
-    """The check expression inlined in the reader's hot path equals codec.hot_check.
-    Read from the source files: compiled (setup.py), the reader has no Python source."""
+Block = tuple[int, int, int, int, int, int]
+
+
+def _inlined_rejects() -> list[Callable[[Block], bool]]:
+    """The reader's inlined "is this hot block torn" tests, one per place it reads a hot
+    block, as functions of (seq, a, b, c, d, check). Read from the source file: compiled
+    (setup.py), the reader has no Python source at run time."""
     src = _method_source(Path(codec.__file__).with_name("reader.py"), "TableReader", "candidates")
-    check = _method_source(Path(codec.__file__), None, "hot_check")
-    for k in ("0xC2B2AE3D27D4EB4F", "0x165667B19E3779F9", "0x27D4EB2F165667C5"):
-        assert k in src and k in check
-    assert "0x9E3779B97F4A7C15" in src
+    fn = ast.parse(textwrap.dedent(src)).body[0]
+    chks = [
+        n.value
+        for n in ast.walk(fn)
+        if isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["chk"]
+    ]
+    tests = [
+        n.test
+        for n in ast.walk(fn)
+        if isinstance(n, ast.If)
+        and "chk" in {x.id for x in ast.walk(n.test) if isinstance(x, ast.Name)}
+    ]
+    assert len(chks) == len(tests) == 2, "the reader inlines the check for loads and nodes"
+    out = []
+    for chk, test in zip(chks, tests, strict=True):
+        code = (
+            f"lambda s, a, b, x, y, k: (lambda chk: bool({ast.unparse(test)}))({ast.unparse(chk)})"
+        )
+        f = eval(code, {})  # our own source, parsed above
+        out.append(lambda blk, f=f: f(*blk))
+    return out
+
+
+INLINED_REJECTS = _inlined_rejects()
+u64 = st.integers(0, 2**64 - 1)
+
+
+@st.composite
+def hot_blocks(draw: st.DrawFn) -> Block:
+    """A hot block as the reader unpacks it (<QqqqqQ): with its valid check, a check one
+    bit off, or any check."""
+    seq, a, b, c, d = draw(u64), draw(i64), draw(i64), draw(i64), draw(i64)
+    good = codec.hot_check(seq, a, b, c, d)
+    chk = draw(st.one_of(st.just(good), st.integers(0, 63).map(lambda i: good ^ 1 << i), u64))
+    return seq, a, b, c, d, chk
+
+
+@given(hot_blocks())
+def test_reader_inlined_check_matches_codec(blk: Block) -> None:
+    """The check inlined in the reader's hot path rejects exactly the blocks codec rejects
+    (odd seq, or a check word unequal to codec.hot_check)."""
+    seq, a, b, c, d, chk = blk
+    expected = bool(seq & 1 or chk != codec.hot_check(seq, a, b, c, d))
+    for rejects in INLINED_REJECTS:
+        assert rejects(blk) == expected
     assert struct.calcsize("<QqqqqQ") == codec.HOT_SIZE

@@ -4,16 +4,21 @@ reset source stop the loop."""
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import socket
+import termios
 from collections.abc import Iterator
 
 import pytest
+from ci_policy import skip_or_fail
 
 from proxy.splice import Splicer, available
 
-pytestmark = pytest.mark.skipif(not available(), reason="no os.splice on this platform")
+if not available():
+    skip_or_fail("no os.splice on this platform (Linux, Python >= 3.10)", allow_module_level=True)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -41,6 +46,36 @@ def small_buffers(sender: socket.socket, receiver: socket.socket) -> None:
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
 
+def assert_pipe_empty(sp: Splicer) -> None:
+    """The worker's pipe holds no byte (FIONREAD on its read end): the promise that lets
+    one pipe serve every connection."""
+    n = array.array("i", [0])
+    fcntl.ioctl(sp.r, termios.FIONREAD, n, True)
+    assert n[0] == 0, f"{n[0]} bytes left in the pipe between calls"
+
+
+def assert_next_connection_gets_only_its_bytes(sp: Splicer) -> None:
+    """A move for another connection after a stuck one delivers exactly that connection's
+    bytes: nothing a previous client refused leaks into it."""
+    up_w, up_r = tcp_pair()
+    cl_w, cl_r = tcp_pair()
+    with up_w, up_r, cl_w, cl_r:
+        up_r.setblocking(False)
+        cl_w.setblocking(False)
+        body = b"next connection " * 64
+        up_w.sendall(body)
+        taken = 0
+        for _ in range(1000):
+            n, stuck = sp.move(up_r.fileno(), cl_w.fileno(), len(body) - taken)
+            assert stuck == b""
+            taken += n
+            if taken == len(body):
+                break
+        assert taken == len(body)
+        assert read_exactly(cl_r, len(body)) == body
+        assert_pipe_empty(sp)
+
+
 def read_exactly(s: socket.socket, n: int) -> bytes:
     out = bytearray()
     s.settimeout(5)
@@ -52,6 +87,7 @@ def read_exactly(s: socket.socket, n: int) -> bytes:
 
 
 def test_moves_what_the_source_holds_and_stops_at_want(sockets) -> None:
+    """Bytes reach the client whole and in order, and never more than `want` leave the source."""
     up_w, up_r, cl_w, cl_r = sockets
     sp = Splicer()
     body = os.urandom(100_000) + b"NEXT"
@@ -71,6 +107,7 @@ def test_moves_what_the_source_holds_and_stops_at_want(sockets) -> None:
 
 
 def test_nothing_to_read_is_drained_with_nothing_moved(sockets) -> None:
+    """A source with nothing to read moves nothing and hands nothing back."""
     _, up_r, cl_w, _ = sockets
     sp = Splicer()
     assert sp.move(up_r.fileno(), cl_w.fileno(), 1000) == (0, b"")
@@ -78,6 +115,7 @@ def test_nothing_to_read_is_drained_with_nothing_moved(sockets) -> None:
 
 
 def test_a_full_client_socket_gives_the_rest_back_in_order(sockets) -> None:
+    """What a full client socket refuses comes back as the in-order tail; the pipe is left empty."""
     up_w, up_r, cl_w, cl_r = sockets
     small_buffers(cl_w, cl_r)
     sp = Splicer()
@@ -98,11 +136,13 @@ def test_a_full_client_socket_gives_the_rest_back_in_order(sockets) -> None:
     assert stuck_all, "a 4 KiB client buffer never filled"
     delivered = read_exactly(cl_r, taken_total - len(stuck_all))
     assert delivered + stuck_all == body[:taken_total]
-    assert sp.move(up_r.fileno(), cl_w.fileno(), 0) == (0, b"")  # the pipe was left empty
+    assert_pipe_empty(sp)
+    assert_next_connection_gets_only_its_bytes(sp)
     sp.close()
 
 
 def test_held_bytes_go_first_then_the_body(sockets) -> None:
+    """The caller's held bytes reach the client before the spliced body."""
     up_w, up_r, cl_w, cl_r = sockets
     sp = Splicer()
     head = [b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n", memoryview(b"first bytes")]
@@ -124,6 +164,7 @@ def test_held_bytes_go_first_then_the_body(sockets) -> None:
 
 
 def test_held_bytes_go_even_when_the_source_has_nothing(sockets) -> None:
+    """Held bytes are delivered even when the source has nothing to give."""
     _, up_r, cl_w, cl_r = sockets
     sp = Splicer()
     assert sp.move(up_r.fileno(), cl_w.fileno(), 1000, [b"head ", b"and more"]) == (0, b"")
@@ -132,6 +173,7 @@ def test_held_bytes_go_even_when_the_source_has_nothing(sockets) -> None:
 
 
 def test_held_bytes_a_full_client_socket_refuses_come_back_first(sockets) -> None:
+    """Held bytes a full client refuses come back first, in order, and the pipe is left empty."""
     up_w, up_r, cl_w, cl_r = sockets
     small_buffers(cl_w, cl_r)
     sp = Splicer()
@@ -148,11 +190,13 @@ def test_held_bytes_a_full_client_socket_refuses_come_back_first(sockets) -> Non
     sent = len(whole) - len(stuck)
     assert stuck == whole[sent:]  # the tail, in order
     assert read_exactly(cl_r, filler + sent) == b"f" * filler + whole[:sent]
-    assert sp.move(up_r.fileno(), cl_w.fileno(), 0) == (0, b"")  # the pipe was left empty
+    assert_pipe_empty(sp)
+    assert_next_connection_gets_only_its_bytes(sp)
     sp.close()
 
 
 def test_eof_from_the_source_stops_the_loop(sockets) -> None:
+    """EOF on the source ends the loop after every byte before it was delivered."""
     up_w, up_r, cl_w, cl_r = sockets
     sp = Splicer()
     up_w.sendall(b"x" * 5000)
