@@ -18,6 +18,7 @@ from head_check import (
     MODES,
     Violation,
     check_outcome,
+    check_request,
     check_request_bytes,
     check_response,
     check_response_bytes,
@@ -28,7 +29,8 @@ from hostile_heads import requests, responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.request_head import FWD_APPEND, FWD_SET
+from proxy.headers import NO_BODY
+from proxy.request_head import FWD_APPEND, FWD_SET, Front
 
 _FAST = settings(
     max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -185,3 +187,45 @@ def test_no_content_length_on_1xx_or_204(status: bytes) -> None:
     r = drive_response(b"HTTP/1.1 " + status + b"\r\nContent-Length: 5\r\n\r\n")
     assert not isinstance(r, str)
     assert check_response(r, False, True, False) == []
+
+
+# --- the checker itself: a planted fault is caught ---------------------------------------------
+class _Planted:
+    """A RequestHead stand-in whose build() returns a planted head."""
+
+    tunnel = False
+    framing = NO_BODY
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    def build(self, front: Front, extra: bytes = b"") -> bytes:
+        return self.head
+
+
+_GOOD = (
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Custom: 1\r\nX-Forwarded-For: 192.0.2.7\r\n"
+    b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: 8080\r\nX-Forwarded-Host: a\r\n"
+    b"Via: 1.1 edgeproxy\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("planted", "invariant"),
+    [
+        (_GOOD.replace(b"X-Custom: 1\r\n", b"X-Custom: 1\r\nKeep-Alive: 5\r\n"), "hop-by-hop"),
+        (_GOOD.replace(b"Host: a\r\n", b"Host: a\r\nHost: b\r\n"), "one-host"),
+        (_GOOD.replace(b"Host: a\r\n", b"Host: a\r\nTransfer-Encoding: chunked\r\n"), "framing"),
+        (_GOOD.replace(b"X-Custom: 1", b"X-Custom: 2"), "ordinary-fields"),
+        (_GOOD.replace(b"For: 192.0.2.7", b"For: 6.6.6.6"), "forwarding"),
+        (_GOOD.replace(b"X-Custom: 1\r\n", b"X-Custom: 1\n"), "well-formed"),
+        (_GOOD.replace(b"GET / ", b"GET /#x "), "fragment"),
+        (_GOOD.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1), "request-line"),
+    ],
+)
+def test_the_checker_catches_a_planted_fault(planted: bytes, invariant: str) -> None:
+    """A forwarded head with one fault planted in it fails exactly the invariant it breaks."""
+    m = drive(b"GET / HTTP/1.1\r\nHost: a\r\nX-Custom: 1\r\n\r\n").messages[0]
+    assert check_request(m, FWD_SET) == []
+    m.head = _Planted(planted)  # type: ignore[assignment]
+    assert invariant in {v.invariant for v in check_request(m, FWD_SET)}
