@@ -186,6 +186,8 @@ class ResponseHead:
             named = {t for t in toks if t not in _KEEP_FIELDS}
             if named:
                 fields = _drop_named_lines(fields, named)
+        if (status < 200 or status == 204) and self.content_length >= 0:
+            fields = _drop_named_lines(fields, {b"content-length"})  # RFC 9110 8.6
         code = _STATUS.get(status) or str(status).encode()
         out = [b"HTTP/1.1 ", code, b" ", self.reason, CRLF, fields]
         keep = client_keep_alive
@@ -199,8 +201,10 @@ class ResponseHead:
             framing = NO_BODY
         elif self.chunked or self.content_length < 0:
             if self.codings:
-                if client_http10:
-                    return b"", BAD_CODING, False  # HTTP/1.0 has no transfer codings
+                if client_http10 or b"chunked" in connection_tokens(self.codings):
+                    # HTTP/1.0 has no transfer codings; a body chunked before another
+                    # coding cannot be chunked again (RFC 9112 6.1: at most once, last).
+                    return b"", BAD_CODING, False
                 framing = CHUNKED
                 out += (b"Transfer-Encoding: ", self.codings, b", chunked\r\n")
             elif client_http10:

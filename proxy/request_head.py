@@ -161,6 +161,8 @@ class RequestHead:
         lname = name.lower()
         if lname in _SPECIAL or lname[:6] == b"proxy-" or lname[:12] == INTERNAL_PREFIX:
             self._special(lname, value)
+        elif b"_" in lname and _shadows(lname):
+            pass  # X_Forwarded_For and kin: CGI-style stacks read them as the real field
         else:
             self.parts += (name, b": ", value, CRLF)  # most fields: forwarded as they came
 
@@ -223,6 +225,9 @@ class RequestHead:
         if method == b"CONNECT":
             raise HeadError(405, "CONNECT is not supported")
         url = self.url
+        hash_at = url.find(b"#")
+        if hash_at >= 0:
+            url = self.url = url[:hash_at]  # a fragment is the client's own (RFC 9112 3.2.1)
         if url[:1] != b"/":
             if url == b"*":
                 if method != b"OPTIONS":
@@ -254,7 +259,8 @@ class RequestHead:
         # The parser skips the body of an upgrade request: a body here would be ambiguous.
         if body:
             raise HeadError(400, "a request that asks for an upgrade must not have a body")
-        for tok in connection_tokens(self.upgrade):
+        protocols = connection_tokens(self.upgrade)
+        for tok in protocols or (b"",):  # an Upgrade that names nothing grants nothing
             name = tok.split(b"/", 1)[0].decode("latin-1")
             if name not in allowed:
                 self.upgrade = b""  # not granted: served as an ordinary request
@@ -309,7 +315,10 @@ class RequestHead:
             if named:
                 parts = _drop_named(parts, named)
         host = self.host
-        out = [self.method, b" ", self.url, b" HTTP/1.1\r\nHost: ", host, CRLF, *parts]
+        if host:
+            out = [self.method, b" ", self.url, b" HTTP/1.1\r\nHost: ", host, CRLF, *parts]
+        else:  # HTTP/1.0 without one: none is made up
+            out = [self.method, b" ", self.url, b" HTTP/1.1\r\n", *parts]
         mode = front.mode
         if mode == FWD_SET:
             out += (front.tail, b"X-Forwarded-Host: ", host, CRLF, b"Via: ", VIA, CRLF)
@@ -341,6 +350,13 @@ class RequestHead:
             out.append(extra)
         out.append(CRLF)
         return b"".join(out)
+
+
+def _shadows(lname: bytes) -> bool:
+    """Whether a field name with underscores reads as one the proxy owns once a CGI-style
+    server maps `_` to `-` (nginx drops every such field by default)."""
+    dashed = lname.replace(b"_", b"-")
+    return dashed in _SPECIAL or dashed[:6] == b"proxy-" or dashed[:12] == INTERNAL_PREFIX
 
 
 def _drop_named(parts: list[bytes], named: set[bytes]) -> list[bytes]:

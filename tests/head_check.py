@@ -38,11 +38,9 @@ MODE_NAMES = {FWD_SET: "FWD_SET", FWD_APPEND: "FWD_APPEND", FWD_KEEP: "FWD_KEEP"
 VIA = b"1.1 edgeproxy"
 FRONTS = {m: Front(m, FRONT_IP, FRONT_PROTO, FRONT_PORT) for m in MODES}
 
-# Invariants the proxy breaks today, each pinned by an xfail(strict=True) regression test in
-# tests/test_fuzz_heads.py: the properties tolerate exactly these, so that anything new fails.
-KNOWN: frozenset[str] = frozenset(
-    {"fragment", "tunnel-no-protocol", "te-chunked-once", "no-framing-1xx-204"}
-)
+# Invariants the proxy is known to break, each pinned by an xfail(strict=True) regression test
+# in tests/test_fuzz_heads.py: the properties tolerate exactly these (none today).
+KNOWN: frozenset[str] = frozenset()
 
 
 class Violation(NamedTuple):
@@ -241,6 +239,13 @@ def _hop_or_internal(lname: bytes) -> bool:
     return lname in _HOP or lname.startswith((b"proxy-", b"x-edgeproxy-"))
 
 
+def _shadow(lname: bytes) -> bool:
+    """A name with `_` that a CGI-style server reads as a field the proxy owns (`_` -> `-`):
+    never forwarded, as nginx's default drops every underscored field."""
+    dashed = lname.replace(b"_", b"-")
+    return b"_" in lname and (dashed in _OWNED or _hop_or_internal(dashed))
+
+
 def _authority(url: bytes) -> tuple[bytes, bytes] | None:
     """(authority, path-and-query without fragment) of an absolute-form target, else None."""
     if url[:1] == b"/" or url == b"*":
@@ -287,8 +292,13 @@ def check_request(m: Message, mode: int) -> list[Violation]:
         if target != want and _ORIGIN.match(target):
             v.append(Violation("target", f"forwarded {target!r}, client sent {m.url!r}"))
     # 2. Exactly one Host: the authority of an absolute-form target, else the client's.
-    host = _one(fields, b"host", v, "one-host")
     client_hosts = values_of(m.fields, b"host")
+    if absolute or client_hosts:
+        host = _one(fields, b"host", v, "one-host")
+    else:  # HTTP/1.0 without a Host: none is made up
+        host = None
+        if values_of(fields, b"host"):
+            v.append(Violation("one-host", f"a Host was made up: {values_of(fields, b'host')!r}"))
     if len(client_hosts) > 1:
         v.append(Violation("one-host", f"forwarded although the client sent {client_hosts!r}"))
     want_host = absolute[0] if absolute else (client_hosts[0] if client_hosts else b"")
@@ -365,7 +375,10 @@ def check_request(m: Message, mode: int) -> list[Violation]:
     want_fields = [
         (n, val)
         for n, val in m.fields
-        if n.lower() not in _OWNED and not _hop_or_internal(n.lower()) and n.lower() not in named
+        if n.lower() not in _OWNED
+        and not _hop_or_internal(n.lower())
+        and n.lower() not in named
+        and not _shadow(n.lower())
     ]
     got_fields = [
         (n, val)
@@ -519,7 +532,10 @@ def check_response(r: Response, no_body: bool, keep: bool, http10: bool) -> list
     cl_up = values_of(r.fields, b"content-length")
     bodiless = no_body or r.status < 200 or r.status in (204, 304)
     if framing == BAD_CODING:
-        if not (http10 and not bodiless and [t.lower() for t in te_up] not in ([], [b"chunked"])):
+        low = [t.lower() for t in te_up]
+        refusable = http10 and low not in ([], [b"chunked"])  # HTTP/1.0 has no codings
+        refusable = refusable or b"chunked" in low[:-1]  # chunked once, last (RFC 9112 6.1)
+        if bodiless or not refusable:
             v.append(Violation("bad-coding", f"refused for TE {te_up!r}"))
         return v
     try:
@@ -576,12 +592,14 @@ def check_response(r: Response, no_body: bool, keep: bool, http10: bool) -> list
         b"content-length",
         b"transfer-encoding",
     }
+    no_length = r.status < 200 or r.status == 204  # RFC 9110 8.6: no Content-Length
     want_fields = [
         (n, val)
         for n, val in r.fields
         if n.lower() not in _RESP_OWNED
         and not _hop_or_internal(n.lower())
         and n.lower() not in named
+        and not (no_length and n.lower() == b"content-length")
     ]
     got_fields = [(n, val) for n, val in fields if n.lower() not in _RESP_OWNED]
     if got_fields != want_fields:

@@ -5,8 +5,8 @@ proxy.request_head as proxy.client drives it (tests/head_check.py); what the pro
 forward, in each forwarding mode, is read again by httptools and by a strict line scanner
 and checked against the invariants: one request line in origin-form, one Host, one
 framing, no hop-by-hop field, forwarding fields as the mode says, ordinary fields
-unchanged. Upstream response heads go through ResponseHead the same way. Invariants the
-proxy breaks today are in head_check.KNOWN, each pinned below by an xfail(strict) case.
+unchanged. Upstream response heads go through ResponseHead the same way. What the fuzzer
+found broken is pinned below as explicit regression cases.
 """
 
 from __future__ import annotations
@@ -133,11 +133,7 @@ def test_a_refused_upgrade_is_an_ordinary_request_and_the_next_one_follows() -> 
     assert not out.messages[0].head.tunnel and check_outcome(out) == []
 
 
-# --- regressions: invariants the proxy breaks today (flip when fixed) --------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.request_head forwards a fragment in the target (RFC 9112 3.2.1)",
-)
+# --- regressions: invariants the fuzzer found broken, fixed since -------------------------------
 @pytest.mark.parametrize(
     "data",
     [
@@ -150,10 +146,6 @@ def test_no_fragment_is_forwarded(data: bytes) -> None:
     assert check_outcome(drive(data)) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RequestHead.decide grants a tunnel for an Upgrade that names no protocol",
-)
 def test_an_upgrade_that_names_no_protocol_is_not_granted() -> None:
     """`Upgrade: ,` names no protocol, hence none that [trust] upgrade allows: no tunnel."""
     data = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: ,\r\n\r\n"
@@ -161,10 +153,6 @@ def test_an_upgrade_that_names_no_protocol_is_not_granted() -> None:
     assert out.end != "tunnel" and check_outcome(out) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ResponseHead re-chunks a body whose upstream coding list already holds chunked",
-)
 @pytest.mark.parametrize(
     "te",
     [b"chunked, gzip", b"chunked, chunked"],
@@ -177,10 +165,6 @@ def test_chunked_is_applied_once(te: bytes) -> None:
     assert check_response(r, False, True, False) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ResponseHead keeps an instance's Content-Length on a 1xx or 204 response",
-)
 @pytest.mark.parametrize("status", [b"204 No Content", b"103 Early Hints"])
 def test_no_content_length_on_1xx_or_204(status: bytes) -> None:
     """A 1xx or 204 response reaches the client without Content-Length (RFC 9110 8.6)."""
