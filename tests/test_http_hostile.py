@@ -247,6 +247,21 @@ def test_forwarding_fields_from_a_client_are_replaced(px: Proxy, raw: RawInstanc
     assert s.fields("forwarded") == [], s
 
 
+def test_underscored_names_of_owned_fields_are_dropped(px: Proxy, raw: RawInstance) -> None:
+    """X_Forwarded_For and kin, which CGI-style servers read as the real fields, never arrive."""
+    sent = [
+        ("X_Forwarded_For", "198.51.100.1"),
+        ("X_Forwarded_Host", "evil.test"),
+        ("My_Field", "1"),
+    ]
+    r = px.request(request_bytes("GET", "/under#frag", headers=sent))
+    assert r.status == 200, r
+    s = only(raw.wait_requests(1), "/under")
+    assert s.line == b"GET /under HTTP/1.1", s  # and no fragment (RFC 9112 3.2.1)
+    assert "x_forwarded_for" not in s.names() and "x_forwarded_host" not in s.names(), s
+    assert s.fields("my_field") == [b"1"], s  # an ordinary underscored field goes on
+
+
 def test_forwarding_fields_from_a_trusted_client_are_kept(px: Proxy, raw: RawInstance) -> None:
     """A client in [trust] forwarded_from keeps its fields; X-Forwarded-For gets its address."""
     sock = socket.socket()
