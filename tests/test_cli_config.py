@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from proxyctl import REPO, Proxy, env
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.request_path]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

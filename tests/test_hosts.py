@@ -64,6 +64,7 @@ def test_config_accepts_one_label_wildcard(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.request_path
 @pytest.mark.parametrize("writer", ["master", "pinger"], ids=["table", "static"])
 def test_wildcard_routes_end_to_end(
     proxy_factory: Callable[..., Proxy], upstream: Upstream, writer: str

@@ -7,7 +7,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import pytest
 from proxyctl import Client, Proxy, request_bytes, wait_until
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.request_path]
 
 Factory = Callable[..., Proxy]
 

@@ -19,7 +19,7 @@ import pytest
 from proxyctl import Client, Proxy, ProxyConfig, request_bytes, stop_proxies, wait_until
 from raw_instance import RawInstance, Seen
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.request_path]
 
 TRUSTED = "127.0.0.2"  # [trust] forwarded_from of the proxy below
 

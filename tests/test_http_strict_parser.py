@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from proxyctl import Client, Proxy, Upstream
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.request_path]
 
 H = b"Host: hello.test\r\n"
 POST = b"POST /strict HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
