@@ -104,10 +104,10 @@ def cmd_pinger(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import time
 
+    from proxy.config_table import inflight_name, table_layout, table_name
     from shm.dump import table_dump
     from shm.errors import ShmError
     from shm.inflight import InflightSegment
-    from shm.inflight_codec import inflight_segment_name
     from shm.reader import TableReader
 
     try:
@@ -125,12 +125,12 @@ def cmd_table(args: argparse.Namespace) -> int:
             return 2
         print(f"edgeproxy: {e}; showing the running master's table", file=sys.stderr)
     try:
-        reader = TableReader.attach(table)
+        reader = TableReader.attach(table_layout(table), table_name(table))
     except (ShmError, OSError) as e:
         print(f"edgeproxy: table {table.name!r}: {e}", file=sys.stderr)
         return 1
     try:
-        inflight: InflightSegment | None = InflightSegment.attach(inflight_segment_name(table.name))
+        inflight: InflightSegment | None = InflightSegment.attach(inflight_name(table))
     except (ShmError, OSError):
         inflight = None
     reader.local_node = node

@@ -24,6 +24,7 @@ import orjson
 
 from proxy.admin import start_admin
 from proxy.config import Config, ConfigError, load, parse_address
+from proxy.config_table import inflight_name
 from proxy.control import ControlDirError, prepare_control_dir, serve_control
 from proxy.handover import (
     Handover,
@@ -39,7 +40,7 @@ from proxy.handover import (
 from proxy.listeners import ListenerSet, ListenKey, wanted_keys
 from proxy.metrics import Aggregator, block_size_for
 from proxy.notify import sd_notify
-from proxy.static_table import SharedState, inflight_name
+from proxy.static_table import SharedState
 from proxy.statsblock import StatsBlock
 from proxy.views import MasterViews
 from shm.errors import ShmError
@@ -126,7 +127,7 @@ class Master(MasterViews):
             "notify_fd": w,
             "stats_fd": block.fd,
             "cell": cell,
-            "inflight": inflight_name(config),
+            "inflight": inflight_name(config.table),
         }
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Sequence
 from random import Random
-from typing import Final, Protocol, TypeVar
+from typing import Final
 
-CLOSEST: Final = "closest"
-LEASTLOAD: Final = "leastload"
-STRATEGIES: Final = (CLOSEST, LEASTLOAD)
+from proxy.config import CLOSEST, LEASTLOAD, STRATEGIES
+from shm.candidate import Candidate
+
 UNKNOWN_RTT_US: Final = 1 << 62  # rtt_us < 0 (node not measured yet) ranks after every known RTT
 _NOT_YET: Final = UNKNOWN_RTT_US + 1  # "no best yet": above every RTT and every load we rank
 _PROBE_FROM: Final = 8  # leastload: below this many candidates a scan is as cheap as probing
@@ -30,79 +30,6 @@ class NoPick(enum.Enum):
 
     NO_INSTANCES = "no_instances"  # the app has none, or every one was already tried
     ALL_FULL = "all_full"  # every remaining one is at or over its hard limit (or marked full)
-
-
-class CandidateLike(Protocol):
-    """What the router reads of a candidate: `Candidate`, or the table reader's own objects.
-
-    `rtt_us` is ignored for a local instance (it counts as 0); a negative one is unknown.
-    `load_time_us` is when `load` was measured, in µs on the clock of `now` (seconds).
-    """
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def local(self) -> bool: ...
-    @property
-    def load(self) -> int: ...
-    @property
-    def load_time_us(self) -> int: ...
-    @property
-    def soft_limit(self) -> int: ...
-    @property
-    def hard_limit(self) -> int: ...
-    @property
-    def rtt_us(self) -> int: ...
-
-
-C = TypeVar("C", bound=CandidateLike)
-
-
-class Candidate:
-    """One instance of an app as the router sees it; filled (and reused) by the table reader."""
-
-    __slots__ = (
-        "address",
-        "hard_limit",
-        "id",
-        "index",
-        "load",
-        "load_time_us",
-        "local",
-        "node",
-        "rtt_us",
-        "soft_limit",
-    )
-
-    def __init__(
-        self,
-        id: str,
-        node: str,
-        local: bool,
-        load: int,
-        soft_limit: int,
-        hard_limit: int,
-        rtt_us: int,
-        address: tuple[str, int] = ("", 0),
-        index: int = 0,
-        load_time_us: int = 0,
-    ) -> None:
-        self.id = id
-        self.node = node
-        self.local = local
-        self.load = load
-        self.soft_limit = soft_limit
-        self.hard_limit = hard_limit
-        self.rtt_us = rtt_us
-        self.address = address
-        self.index = index  # the reader's slot for this instance (e.g. its in-flight counter)
-        self.load_time_us = load_time_us
-
-    def __repr__(self) -> str:
-        return (
-            f"Candidate({self.id!r}, node={self.node!r}, local={self.local}, load={self.load}, "
-            f"soft={self.soft_limit}, hard={self.hard_limit}, rtt_us={self.rtt_us})"
-        )
 
 
 class FullMarks:
@@ -133,7 +60,7 @@ class FullMarks:
         """Whether the instance is marked full at `now`."""
         return now < self._full.get(instance_id, now)
 
-    def load_of(self, c: CandidateLike, now: float) -> int:
+    def load_of(self, c: Candidate, now: float) -> int:
         """The load the router uses for `c` at `now` (hard limit while marked full)."""
         return _effective_load(c, now, self._full, self._loads)
 
@@ -148,7 +75,7 @@ class FullMarks:
 
 
 def _effective_load(
-    c: CandidateLike, now: float, full: dict[str, float], loads: dict[str, tuple[int, int]]
+    c: Candidate, now: float, full: dict[str, float], loads: dict[str, tuple[int, int]]
 ) -> int:
     load = c.load
     if loads:
@@ -160,7 +87,7 @@ def _effective_load(
     return load
 
 
-def _no_pick(cands: Sequence[CandidateLike], excl: Collection[str] | None) -> NoPick:
+def _no_pick(cands: Sequence[Candidate], excl: Collection[str] | None) -> NoPick:
     """The reason when nothing was eligible: was any candidate left after exclusions?"""
     if excl is None:
         return NoPick.ALL_FULL if cands else NoPick.NO_INSTANCES
@@ -171,14 +98,14 @@ def _no_pick(cands: Sequence[CandidateLike], excl: Collection[str] | None) -> No
 
 
 def pick(
-    cands: Sequence[C],
+    cands: Sequence[Candidate],
     strategy: str,
     rng: Random,
     now: float = 0.0,
     tried: Collection[str] = _NO_TRIED,
     marks: FullMarks | None = None,
     k: int = 2,
-) -> C | NoPick:
+) -> Candidate | NoPick:
     """The instance for a request under the app's `strategy`, or why there is none."""
     if strategy == CLOSEST:
         return pick_closest(cands, rng, now, tried, marks)
@@ -188,12 +115,12 @@ def pick(
 
 
 def pick_closest(
-    cands: Sequence[C],
+    cands: Sequence[Candidate],
     rng: Random,
     now: float = 0.0,
     tried: Collection[str] = _NO_TRIED,
     marks: FullMarks | None = None,
-) -> C | NoPick:
+) -> Candidate | NoPick:
     """Lowest RTT under soft limit; else least loaded under hard, then RTT; random among equals.
 
     One pass, no allocation: the best so far and a count of equals, replaced with
@@ -208,10 +135,10 @@ def pick_closest(
             loads_get = marks._loads.get
     excl = tried if tried else None
     rand = rng.random
-    best: C | None = None  # under soft: lowest RTT
+    best: Candidate | None = None  # under soft: lowest RTT
     best_rtt = _NOT_YET  # above every RTT until `best` is set: nothing is skipped before
     n_best = 0
-    fb: C | None = None  # fallback under hard: least loaded, then lowest RTT
+    fb: Candidate | None = None  # fallback under hard: least loaded, then lowest RTT
     fb_load = fb_rtt = _NOT_YET
     n_fb = 0
     for c in cands:
@@ -251,13 +178,13 @@ def pick_closest(
 
 
 def pick_leastload(
-    cands: Sequence[C],
+    cands: Sequence[Candidate],
     rng: Random,
     now: float = 0.0,
     tried: Collection[str] = _NO_TRIED,
     marks: FullMarks | None = None,
     k: int = 2,
-) -> C | NoPick:
+) -> Candidate | NoPick:
     """Least loaded, then lowest RTT, of a random sample of `k` instances under hard limit.
 
     Beyond a few candidates the sample is drawn by probing random positions (cost
@@ -277,7 +204,7 @@ def pick_leastload(
     if n >= _PROBE_FROM and n > k:
         rand = rng.random
         probed: list[int] = []
-        best: C | None = None
+        best: Candidate | None = None
         best_load = best_rtt = got = 0
         for _ in range(_PROBES_PER_K * k + 4):
             i = int(rand() * n)
@@ -302,14 +229,14 @@ def pick_leastload(
 
 
 def _leastload_scan(
-    cands: Sequence[C],
+    cands: Sequence[Candidate],
     rng: Random,
     now: float,
     excl: Collection[str] | None,
     full: dict[str, float],
     loads: dict[str, tuple[int, int]],
     k: int,
-) -> C | NoPick:
+) -> Candidate | NoPick:
     """`pick_leastload` over every candidate: few of them, or most full or tried.
 
     Reservoir-samples `k` of the eligible ones, then breaks exact ties by reservoir too
@@ -317,7 +244,7 @@ def _leastload_scan(
     """
     rand = rng.random
     marked = bool(full or loads)
-    sample: list[C] = []
+    sample: list[Candidate] = []
     m = 0
     for c in cands:
         if excl is not None and c.id in excl:

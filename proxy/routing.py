@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from proxy.config_table import table_layout, table_name
 from proxy.metrics import (
     ADMIT_EDGE,
     ADMIT_PEER,
@@ -21,7 +22,8 @@ from proxy.metrics import (
     NO_PICK_NO_INSTANCES,
     NO_PICK_NOT_FOUND,
 )
-from proxy.router import Candidate, FullMarks, NoPick, pick
+from proxy.router import FullMarks, NoPick, pick
+from shm.candidate import Candidate
 from shm.errors import ShmError
 from shm.hosts import app_for_host
 from shm.reader import TableReader
@@ -108,7 +110,17 @@ class Routing:
             peer = peers.get(inst.node)
             rtt = 0 if local else int((peer.rtt_ms or 0) * 1000) if peer else -1
             self.static[inst.app].append(
-                Candidate(inst.id, inst.node, local, 0, app.soft_limit, app.hard_limit, rtt)
+                Candidate(
+                    inst.id,
+                    inst.node,
+                    local,
+                    0,
+                    app.soft_limit,
+                    app.hard_limit,
+                    rtt,
+                    address=str(inst.address),
+                    app=inst.app,
+                )
             )
             self.hard[inst.id] = app.hard_limit
             self.targets[inst.id] = self._target(
@@ -121,7 +133,8 @@ class Routing:
         if self.reader is not None:
             return True
         try:
-            self.reader = TableReader.attach(self.config.table, local_node=self.node)
+            t = self.config.table
+            self.reader = TableReader.attach(table_layout(t), table_name(t), self.node)
         except (ShmError, OSError):
             return False
         self.gen = -1
@@ -141,9 +154,17 @@ class Routing:
         host, port = _split(backhaul) if backhaul else ("", 0)
         extra = b"X-Edgeproxy-Instance: " + iid.encode() + b"\r\n"
         return Target(
-            "bh:" + backhaul, iid, app, node, host, port, False, -1,
-            self.config.timeouts.backhaul_connect, extra,
-        )  # fmt: skip
+            "bh:" + backhaul,
+            iid,
+            app,
+            node,
+            host,
+            port,
+            False,
+            -1,
+            self.config.timeouts.backhaul_connect,
+            extra,
+        )
 
     def _refresh(self, reader: TableReader) -> None:
         """The topology moved: rebuild targets and app info from the table."""
@@ -171,7 +192,7 @@ class Routing:
             return app
         return app_for_host(self.static_hosts, host)
 
-    def _candidates(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
+    def _candidates(self, app: str) -> tuple[Sequence[Candidate], _AppInfo | None]:
         reader = self.reader
         if reader is not None:
             # Local instances are counted in the in-flight cells: their published load
@@ -188,7 +209,7 @@ class Routing:
         cands, info = self.view(app)
         return self.choose(app, cands, info, r, now)
 
-    def view(self, app: str) -> tuple[Sequence[Any], _AppInfo | None]:
+    def view(self, app: str) -> tuple[Sequence[Candidate], _AppInfo | None]:
         """The app's candidates with their loads read now (first half of `pick`)."""
         cands, info = self._candidates(app)
         if info is None:
@@ -203,12 +224,12 @@ class Routing:
                         c.load = cells.total(t.slot)  # fresher than any published load
                     elif self.reader is not None:
                         self.reader.load_of(c)  # no cell: the published load it is
-            elif not getattr(c, "node_up", True):
+            elif not c.node_up:
                 c.rtt_us = -1  # a node the pinger sees down ranks after every measured one
         return cands, info
 
     def choose(
-        self, app: str, cands: Sequence[Any], info: _AppInfo | None, r: Routed, now: float
+        self, app: str, cands: Sequence[Candidate], info: _AppInfo | None, r: Routed, now: float
     ) -> tuple[Target | None, int, str]:
         """The second half of `pick`: choose among `view(app)` and admit. Another worker may
         take a local instance's last slot between the two; admission then finds it full."""
@@ -283,7 +304,9 @@ class Routing:
             self.stats.no_pick[reason] += 1
         return None, status, text
 
-    def _not_guessed(self, cands: Sequence[Any], tried: set[str] | None, now: float) -> set[str]:
+    def _not_guessed(
+        self, cands: Sequence[Candidate], tried: set[str] | None, now: float
+    ) -> set[str]:
         """Ids the all-full fallback must not pick: tried, local, or recently unreachable."""
         down = self.down
         skip = set(tried) if tried else set()

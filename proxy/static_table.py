@@ -11,18 +11,14 @@ import logging
 import time
 
 from proxy.config import Config
+from proxy.config_table import inflight_name, static_rows, table_layout, table_name
 from shm.errors import SegmentTrustError, ShmError
 from shm.inflight import InflightWriter
-from shm.inflight_codec import inflight_segment_name
 from shm.reader import TableReader
-from shm.sync import reconcile, static_rows
+from shm.sync import reconcile
 from shm.writer import TableWriter
 
 log = logging.getLogger("edgeproxy.table")
-
-
-def inflight_name(config: Config) -> str:
-    return inflight_segment_name(config.table.name)
 
 
 class SharedState:
@@ -31,7 +27,7 @@ class SharedState:
     def __init__(self, config: Config, reserved: list[int] | None = None) -> None:
         t = config.table
         self.inflight = InflightWriter.create(
-            inflight_name(config), t.max_workers, t.max_local_instances
+            inflight_name(t), t.max_workers, t.max_local_instances
         )
         used = set(reserved or ())  # cells of adopted workers
         self.free_cells = [c for c in range(t.max_workers - 1, -1, -1) if c not in used]
@@ -54,7 +50,7 @@ class SharedState:
             return
         try:
             if self.writer is None:
-                self.writer = TableWriter.open(config.table)
+                self.writer = TableWriter.open(table_layout(config.table), table_name(config.table))
             w = self.writer
             reconcile(w, static_rows(config, w.boot_epoch))
             now = time.time()
@@ -113,7 +109,7 @@ def _say_if_untrusted(config: Config) -> None:
     owner/mode check would stay refused, so the master says so once per (re)load.
     """
     try:
-        TableReader.attach(config.table).close()
+        TableReader.attach(table_layout(config.table), table_name(config.table)).close()
     except SegmentTrustError as e:
         log.error("table %s: %s (workers route from the config)", config.table.name, e)
     except (ShmError, OSError):

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__, build
+from proxy.config_table import table_layout, table_name
 from proxy.metrics import Aggregator, Snapshot, SnapshotError
 from shm.errors import ShmError
 from shm.reader import TableReader
@@ -95,7 +96,8 @@ class MasterViews:
         """The table as the workers see it: stale or not, heartbeat age, writer errors."""
         if self.table_reader is None:
             with contextlib.suppress(ShmError, OSError):
-                self.table_reader = TableReader.attach(self.config.table)
+                t = self.config.table
+                self.table_reader = TableReader.attach(table_layout(t), table_name(t))
         stale, age, store = True, -1.0, "unknown"
         if self.table_reader is not None:
             now = time.time()

@@ -141,13 +141,14 @@ class Node:
     def dump(self) -> dict[str, Any] | None:
         """The same dict as `edgeproxy table --json`, read in this process (fast polls)."""
         from proxy.config import load as load_config
+        from proxy.config_table import table_layout, table_name
         from shm.dump import table_dump
         from shm.errors import ShmError
         from shm.reader import TableReader
 
         cfg = load_config(str(self.config_path))
         try:
-            reader = TableReader.attach(cfg.table, local_node=self.id)
+            reader = TableReader.attach(table_layout(cfg.table), table_name(cfg.table), self.id)
         except (ShmError, OSError):
             return None
         try:

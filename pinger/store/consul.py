@@ -18,19 +18,10 @@ from urllib.parse import quote
 
 import orjson
 
-from pinger.store import (
-    BaseStore,
-    LoadRecord,
-    NodeRecord,
-    Record,
-    Response,
-    SessionLostError,
-    StoreError,
-    decode,
-    encode,
-    json_body,
-    record_key,
-)
+from pinger.store.base import BaseStore
+from pinger.store.errors import SessionLostError, StoreError
+from pinger.store.http import Response, json_body
+from pinger.store.records import LoadRecord, NodeRecord, Record, decode, encode, record_key
 
 log = logging.getLogger("edgeproxy.store.consul")
 

@@ -24,18 +24,10 @@ from typing import Any
 
 import orjson
 
-from pinger.store import (
-    BaseStore,
-    LoadRecord,
-    NodeRecord,
-    Record,
-    SessionLostError,
-    StoreError,
-    decode,
-    encode,
-    json_body,
-    record_key,
-)
+from pinger.store.base import BaseStore
+from pinger.store.errors import SessionLostError, StoreError
+from pinger.store.http import json_body
+from pinger.store.records import LoadRecord, NodeRecord, Record, decode, encode, record_key
 
 log = logging.getLogger("edgeproxy.store.etcd")
 
