@@ -13,7 +13,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from proxy.config import CLOSEST, LEASTLOAD
-from proxy.router import FullMarks, pick
+from proxy.core.router import FullMarks, pick
 from shm.candidate import Candidate
 
 SIZES = (3, 50, 1000)

@@ -25,13 +25,13 @@ def _control_path(config_path: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.master import run
+    from proxy.master.master import run
 
     return run(args.config, args.takeover)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from proxy.control import call
+    from proxy.master.control import call
 
     try:
         out = call(_control_path(args.config), "status", timeout=10)
@@ -60,7 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from proxy.control import call
+    from proxy.master.control import call
 
     path = _control_path(args.config)
     try:
@@ -115,7 +115,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         table, node = config.table, config.node.id
     except ConfigError as e:  # mid-edit: read the table the running master uses
         from proxy.config import TableConfig
-        from proxy.control import call
+        from proxy.master.control import call
 
         try:
             status = call(_control_path(args.config), "status", timeout=10)
@@ -170,7 +170,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo.cluster import run_demo
 
     return run_demo(args.port, args.admin_port, args.instances, args.workers)
 

@@ -17,8 +17,8 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
-CLOSEST: Final = "closest"  # lowest RTT under the soft limit (proxy.router)
-LEASTLOAD: Final = "leastload"  # least loaded of a random sample (proxy.router)
+CLOSEST: Final = "closest"  # lowest RTT under the soft limit (proxy.core.router)
+LEASTLOAD: Final = "leastload"  # least loaded of a random sample (proxy.core.router)
 STRATEGIES: Final = (CLOSEST, LEASTLOAD)
 STORES = ("none", "etcd", "consul")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -44,7 +44,7 @@ from reloadctl import (
 )
 from upstream import pattern_sha256
 
-from proxy.control import call
+from proxy.master.control import call
 
 pytestmark = [pytest.mark.request_path, pytest.mark.timeout(120)]
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import CLOSEST, LEASTLOAD
-from proxy.router import (
+from proxy.core.router import (
     FullMarks,
     NoPick,
     pick,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from proxy.headers import (
+from proxy.core.headers import (
     CHUNKED,
     CRLF,
     FORCE_INSTANCE,

@@ -6,12 +6,8 @@ upstream side share. It must not do I/O or hold references to transports.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from proxy.request_head import RequestHead
-
-if TYPE_CHECKING:
-    from proxy.routing import Target
+from proxy.core.request_head import RequestHead
+from proxy.core.target import Target
 
 
 class Request(RequestHead):

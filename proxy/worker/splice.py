@@ -5,7 +5,7 @@ socket, so a big Content-Length body never becomes a Python object and is
 never copied through user space. The pipe is empty between calls (whatever
 the client could not take is read back out and returned to the caller, who
 writes it the ordinary way), so one pipe serves every connection of a worker.
-It must not decide when splicing is allowed: proxy.upstream does.
+It must not decide when splicing is allowed: proxy.worker.upstream does.
 """
 
 from __future__ import annotations

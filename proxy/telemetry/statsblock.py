@@ -2,7 +2,7 @@
 
 Owns the memfd segment layout (header, seqlock, length, crc32) and the single-writer
 publish / lock-free read protocol. It does not know what the bytes mean (see
-proxy.metrics) and must never be written on a per-request path: a worker publishes
+proxy.telemetry.metrics) and must never be written on a per-request path: a worker publishes
 about once a second from a timer.
 """
 

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from proxy import __version__, build
 from proxy.config_table import table_layout, table_name
-from proxy.metrics import Aggregator, Snapshot, SnapshotError
+from proxy.master.worker_proc import WorkerProc
+from proxy.telemetry.metrics import Aggregator, Snapshot, SnapshotError
 from shm.errors import ShmError
 from shm.reader import TableReader
 
 if TYPE_CHECKING:
     from proxy.config import Config
-    from proxy.listeners import ListenerSet
-    from proxy.master import WorkerProc
-    from proxy.static_table import SharedState
+    from proxy.master.listeners import ListenerSet
+    from proxy.master.static_table import SharedState
 
 
 class MasterViews:

@@ -13,26 +13,26 @@ import random
 import sys
 from typing import TYPE_CHECKING, Any
 
-from proxy.batch import WriteBatch
-from proxy.client import ClientConnection
-from proxy.faults import Faults
-from proxy.metrics import (
+from proxy.telemetry.metrics import (
     BAD_REQUEST_STATUSES,
     RETRY_REASONS,
     UPSTREAM_ERROR_STATUSES,
     WHERE_BATCH,
     WHERE_SWEEP,
 )
-from proxy.routing import Routing
-from proxy.upstream import Pool
+from proxy.worker.batch import WriteBatch
+from proxy.worker.client import ClientConnection
+from proxy.worker.faults import Faults
+from proxy.worker.routing import Routing
+from proxy.worker.upstream import Pool
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from proxy.config import Config
-    from proxy.metrics import WorkerStats
-    from proxy.request import Request
-    from proxy.routing import Target
+    from proxy.core.request import Request
+    from proxy.core.target import Target
+    from proxy.telemetry.metrics import WorkerStats
     from shm.inflight import InflightCells
 
 
@@ -180,7 +180,7 @@ class WorkerContext:
                     _abort(ex)
 
     def batch_failed(self, exc: Exception) -> None:
-        """A held write raised (proxy.batch closes that connection)."""
+        """A held write raised (proxy.worker.batch closes that connection)."""
         self.faults.report(WHERE_BATCH, exc, "a held write")
 
     def drain(self) -> None:

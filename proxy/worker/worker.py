@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy.config import loads
-from proxy.context import WorkerContext
-from proxy.metrics import (
+from proxy.telemetry.metrics import (
     DRAINING,
     SERVING,
     WHERE_CALLBACK,
     WHERE_LOOP,
     WorkerStats,
 )
-from proxy.statsblock import StatsBlock
+from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.context import WorkerContext
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 

@@ -80,18 +80,18 @@ def code_fingerprint() -> str:
     """A digest of the installed code (file names, sizes, mtimes: sources and the
     compiled request path) and the interpreter."""
     h = hashlib.sha256(sys.executable.encode())
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for pkg in PACKAGES:
-        root = os.path.join(here, pkg)
-        if not os.path.isdir(root):
-            continue
-        for name in sorted(os.listdir(root)):
-            if name.endswith((".py", ".so")):
-                try:
-                    st = os.stat(os.path.join(root, name))
-                except OSError:
-                    continue
-                h.update(f"{pkg}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        for root, dirs, files in os.walk(os.path.join(here, pkg)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            rel = os.path.relpath(root, here)
+            for name in sorted(files):
+                if name.endswith((".py", ".so")):
+                    try:
+                        st = os.stat(os.path.join(root, name))
+                    except OSError:
+                        continue
+                    h.update(f"{rel}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
 
@@ -100,7 +100,7 @@ async def preflight(timeout: float = 60.0) -> str | None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import proxy.master, proxy.worker, proxy.cli",
+        "import proxy.master.master, proxy.worker.worker, proxy.cli",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from proxy.exchange import (
+from proxy.core.headers import (
+    CHUNK_END,
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
+    HeadError,
+    chunk,
+    simple_response,
+)
+from proxy.core.request import Request
+from proxy.core.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
+from proxy.worker.exchange import (
     D_HEAD,
     D_IDLE,
     D_LINGER,
@@ -27,22 +38,11 @@ from proxy.exchange import (
     Abandoned,
     UpstreamEvents,
 )
-from proxy.headers import (
-    CHUNK_END,
-    CHUNKED,
-    LENGTH,
-    NO_BODY,
-    HeadError,
-    chunk,
-    simple_response,
-)
-from proxy.request import Request
-from proxy.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
-from proxy.upstream import UpstreamConnection
+from proxy.worker.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxy.context import WorkerContext
-    from proxy.routing import Target
+    from proxy.core.target import Target
+    from proxy.worker.context import WorkerContext
 
 # Reasons to stop reading from the client (a bit each).
 P_QUEUE: Final = 1  # a pipelined request waits for its turn
@@ -103,7 +103,7 @@ class ClientConnection(UpstreamEvents):
         self.dkind = D_NONE
         self.head_raw = 0
         self.in_head = False
-        self.out: list[bytes | memoryview] = []  # response bytes held (proxy.batch)
+        self.out: list[bytes | memoryview] = []  # response bytes held (proxy.worker.batch)
         self.queued = False  # in the worker's WriteBatch
         self.refused: tuple[int, str] | None = None  # a bad request's answer, to come
         self.paused = 0

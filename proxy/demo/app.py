@@ -460,8 +460,8 @@ async def _run(instance_id: str, host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m proxy.demo_app --id hello-1 --listen 127.0.0.1:9001`."""
-    ap = argparse.ArgumentParser(prog="python -m proxy.demo_app", description=__doc__)
+    """`python -m proxy.demo.app --id hello-1 --listen 127.0.0.1:9001`."""
+    ap = argparse.ArgumentParser(prog="python -m proxy.demo.app", description=__doc__)
     ap.add_argument("--id", required=True, help="instance id, echoed in every answer")
     ap.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any)")
     ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",

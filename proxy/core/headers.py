@@ -2,7 +2,7 @@
 
 Owns the constants both directions share (framing kinds, internal header
 names), the response head filter (hop-by-hop rules, framing decided by the
-proxy) and the proxy's own simple responses; proxy.request_head owns the
+proxy) and the proxy's own simple responses; proxy.core.request_head owns the
 request side. Sans-io: no sockets, no clock. It must stay allocation-lean:
 header fields are forwarded as the bytes they arrived as, joined once.
 """

@@ -3,7 +3,7 @@
 Owns what an upstream connection reports (response head and body framing
 towards the client, interim answers, tunnels, "full" rejects turned into
 retries, connections lost before or during an answer) and the exchange of a
-client that already left. It must not parse client bytes: proxy.client does.
+client that already left. It must not parse client bytes: proxy.worker.client does.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
-from proxy.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk
-from proxy.request import Request
-from proxy.routing import MAX_TRIES
-from proxy.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
+from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk
+from proxy.core.request import Request
+from proxy.worker.routing import MAX_TRIES
+from proxy.worker.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxy.client import ClientConnection
-    from proxy.context import WorkerContext
-    from proxy.routing import Target
+    from proxy.core.target import Target
+    from proxy.worker.client import ClientConnection
+    from proxy.worker.context import WorkerContext
 
 # Deadline kinds of a client connection.
 D_NONE: Final = 0
@@ -38,7 +38,7 @@ _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", 
 
 
 class UpstreamEvents(Exchange):
-    """ClientConnection's base: its handlers of proxy.upstream.Exchange events.
+    """ClientConnection's base: its handlers of proxy.worker.upstream.Exchange events.
 
     Declares the connection's attributes it uses and the methods it calls, which
     ClientConnection defines."""
@@ -152,7 +152,7 @@ class UpstreamEvents(Exchange):
 
     def upstream_flush(self) -> None:
         """What one upstream read produced is complete: written when the loop's
-        iteration ends, with the other connections' output (proxy.batch). Once
+        iteration ends, with the other connections' output (proxy.worker.batch). Once
         HOLD_MAX bytes are held they are written at once, so that a slow client's
         backpressure still stops the upstream reads of a long body."""
         out = self.out

@@ -17,16 +17,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from proxy.admin import start_admin
 from proxy.config import Config, ConfigError, load, parse_address
 from proxy.config_table import inflight_name
-from proxy.control import ControlDirError, prepare_control_dir, serve_control
-from proxy.handover import (
+from proxy.master.admin import start_admin
+from proxy.master.control import ControlDirError, prepare_control_dir, serve_control
+from proxy.master.handover import (
     Handover,
     ListenerFd,
     WorkerFd,
@@ -37,12 +36,13 @@ from proxy.handover import (
     receive,
     send,
 )
-from proxy.listeners import ListenerSet, ListenKey, wanted_keys
-from proxy.metrics import Aggregator, block_size_for
-from proxy.notify import sd_notify
-from proxy.static_table import SharedState
-from proxy.statsblock import StatsBlock
-from proxy.views import MasterViews
+from proxy.master.listeners import ListenerSet, ListenKey, wanted_keys
+from proxy.master.notify import sd_notify
+from proxy.master.static_table import SharedState
+from proxy.master.views import MasterViews
+from proxy.master.worker_proc import WorkerProc
+from proxy.telemetry.metrics import Aggregator, block_size_for
+from proxy.telemetry.statsblock import StatsBlock
 from shm.errors import ShmError
 from shm.reader import TableReader
 
@@ -50,23 +50,6 @@ log = logging.getLogger("edgeproxy.master")
 
 READY_TIMEOUT = 30.0
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
-
-
-@dataclass(eq=False)
-class WorkerProc:
-    slot: int
-    generation: int
-    pid: int
-    block: StatsBlock
-    cell: int
-    started: float
-    state: str = "starting"  # starting | serving | draining
-    # Kept so that subprocess never reaps the worker behind the master's back (a
-    # dropped Popen is reaped by the next Popen); None for adopted workers.
-    popen: subprocess.Popen[bytes] | None = None
-    ready: asyncio.Future[bool] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
 class Master(MasterViews):

@@ -104,7 +104,7 @@ def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int
             instances = []
             for i in range(1, count + 1):
                 iid = f"{DEMO_APP}-{i}"
-                p, line = _start([py, "-m", "proxy.demo_app", "--id", iid], "READY")
+                p, line = _start([py, "-m", "proxy.demo.app", "--id", iid], "READY")
                 procs.append(p)
                 instances.append((iid, line.split()[1]))
             path = _config(workdir, port, admin_port, instances)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from proxy.exchange import UpstreamEvents
-    from proxy.upstream import UpstreamConnection
+    from proxy.worker.exchange import UpstreamEvents
+    from proxy.worker.upstream import UpstreamConnection
 
 
 class WriteBatch:

@@ -3,7 +3,7 @@
 Owns where candidates come from (the shared-memory table, or the config while
 there is none), local in-flight accounting (inc on dispatch, dec on the end),
 "full" marks and the tried set of a request. The choice itself is the router
-core's (proxy.router). It must not do network I/O.
+core's (proxy.core.router). It must not do network I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.config_table import table_layout, table_name
-from proxy.metrics import (
+from proxy.core.router import FullMarks, NoPick, pick
+from proxy.core.target import Target
+from proxy.telemetry.metrics import (
     ADMIT_EDGE,
     ADMIT_PEER,
     NO_PICK_ALL_FAILED,
@@ -22,7 +24,6 @@ from proxy.metrics import (
     NO_PICK_NO_INSTANCES,
     NO_PICK_NOT_FOUND,
 )
-from proxy.router import FullMarks, NoPick, pick
 from shm.candidate import Candidate
 from shm.errors import ShmError
 from shm.hosts import app_for_host
@@ -30,28 +31,12 @@ from shm.reader import TableReader
 
 if TYPE_CHECKING:
     from proxy.config import Config
-    from proxy.metrics import WorkerStats
+    from proxy.telemetry.metrics import WorkerStats
     from shm.inflight import InflightCells
 
 FULL_HOLD = 0.1  # seconds an instance that said "full" is avoided by this worker
 DOWN_HOLD = 1.0  # seconds an instance that refused a connection is avoided
 MAX_TRIES = 3
-
-
-@dataclass(slots=True, eq=False)
-class Target:
-    """One instance as a place to send a request."""
-
-    key: str  # pool key: one keep-alive pool per key
-    instance: str
-    app: str
-    node: str
-    host: str
-    port: int
-    local: bool
-    slot: int  # in-flight counter slot of a local instance, else -1
-    connect_timeout: float
-    extra: bytes  # request header lines added for this target (backhaul: which instance)
 
 
 class Routed(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from typing import TYPE_CHECKING, TextIO
 
-from proxy.metrics import INTERNAL_WHERE
+from proxy.telemetry.metrics import INTERNAL_WHERE
 
 if TYPE_CHECKING:
     from collections.abc import Callable

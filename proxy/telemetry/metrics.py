@@ -38,7 +38,7 @@ NO_PICK_ALL_FULL, NO_PICK_ALL_FAILED, NO_PICK_NO_INSTANCES, NO_PICK_NOT_FOUND = 
 # neither a retry nor an upstream error) or a peer's backhauled one ("peer": answered "full").
 ADMISSION_SOURCES = ("edge", "peer")
 ADMIT_EDGE, ADMIT_PEER = range(2)
-# Where a worker caught an exception of its own code (proxy.faults).
+# Where a worker caught an exception of its own code (proxy.worker.faults).
 INTERNAL_WHERE = ("callback", "sweep", "batch", "loop")
 WHERE_CALLBACK, WHERE_SWEEP, WHERE_BATCH, WHERE_LOOP = range(4)
 UPSTREAM_ERROR_STATUSES = (502, 504)

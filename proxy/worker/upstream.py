@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from proxy import splice
-from proxy.batch import WriteBatch
-from proxy.headers import ResponseHead
+from proxy.core.headers import ResponseHead
+from proxy.worker import splice
+from proxy.worker.batch import WriteBatch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
