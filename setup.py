@@ -2,7 +2,7 @@
 
 Everything else is in setup.cfg. The modules below are plain, mypy-strict Python
 (they also run as they are); mypyc turns them into C extensions, which cuts the
-Python time of a proxied request by about 40 % (README, "Compiled request path").
+Python time of a proxied request by about 40 % (README, "Development").
 EDGEPROXY_PURE=1 builds a pure-Python package instead.
 """
 

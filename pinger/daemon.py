@@ -57,7 +57,7 @@ def status_path(config: Config) -> str | None:
     JSON: pid, node, boot_epoch, store, store_healthy, store_since (wall seconds of the
     last health change: the age of a store outage is now - store_since), last_view,
     views, store_outages. Written on change (at most every tick), removed on a clean stop.
-    The table itself has no store-health field (see the issue 5 report).
+    The table carries the store's state in its heartbeat block; the details live here.
     """
     if not os.path.isdir(STATUS_DIR):
         return None
