@@ -80,6 +80,10 @@ class Target:
     def cpu_seconds(self) -> float:
         return self.proc.cpu_seconds() if self.proc is not None else 0.0
 
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of this target's process tree."""
+        return self.proc.cpu_split() if self.proc is not None else (0.0, 0.0)
+
     def check_alive(self) -> None:
         if self.proc is not None and not self.proc.alive():
             raise StartError(f"{self.name} died; see {self.proc.log_path}")
