@@ -1,6 +1,6 @@
 """Python time per proxied request: the real request path over recording fake transports.
 
-    python -m bench.fake_transport [--rounds 3] [--batches 5] [--requests 4000] [--no-pure]
+    python -m bench.fake_transport [--rounds 5] [--batches 15] [--requests 2000] [--no-pure]
 
 No sockets, no kernel, no other process: what is left is the time the worker's
 Python (compiled or not) spends on one request. A keep-alive client connection
@@ -21,7 +21,8 @@ both alike: `compiled` (this tree, its mypyc .so files) and `pure` (a `git archi
 HEAD` copy of this tree, without .so files, run with EDGEPROXY_PURE=1).
 
 Figure: thread CPU time per request (CLOCK_THREAD_CPUTIME_ID, so other load on the
-machine is not counted), the fastest of `--batches` batches, minus the harness's
+machine is not counted; on this VM the hypervisor's steal still is, hence many short
+batches), the garbage collector off, the fastest of `--batches` batches, minus the harness's
 own cost (its three callbacks per request, measured the same way with nothing to do).
 Written to bench/results/fake-transport-<UTC time>.md with the date, the machine,
 the load average and the command.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import gc
 import json
 import os
 import platform
@@ -226,10 +228,15 @@ class World:
 
 
 def _batch_us(fn: Any, n: int) -> float:
-    """Thread CPU µs per request of `fn(n)`."""
-    t0 = time.thread_time_ns()
-    fn(n)
-    return (time.thread_time_ns() - t0) / n / 1000
+    """Thread CPU µs per request of `fn(n)`, the garbage collector off (as timeit)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.thread_time_ns()
+        fn(n)
+        return (time.thread_time_ns() - t0) / n / 1000
+    finally:
+        gc.enable()
 
 
 def measure(batches: int, requests: int) -> dict[str, Any]:
@@ -299,9 +306,9 @@ def _git(*argv: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fake_transport", description=__doc__)
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per build (3)")
-    p.add_argument("--batches", type=int, default=5, help="batches per case; the fastest (5)")
-    p.add_argument("--requests", type=int, default=4000, help="small requests per batch (4000)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per build (5)")
+    p.add_argument("--batches", type=int, default=15, help="batches per case; the fastest (15)")
+    p.add_argument("--requests", type=int, default=2000, help="small requests per batch (2000)")
     p.add_argument("--no-pure", action="store_true", help="measure the compiled build only")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path)
