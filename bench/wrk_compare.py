@@ -395,7 +395,8 @@ def environment(args: argparse.Namespace) -> list[str]:
         "(other load on the machine makes rps noisy)",
         f"- {_version(['haproxy', '-v'])}; {_version(['nginx', '-v'])}; "
         f"{_version(['wrk', '-v'])}; Python {platform.python_version()}",
-        f"- edgeproxy build: {_version([*shlex.split(args.edgeproxy_cmd), '--version'])}",
+        f"- edgeproxy build: {_version([*shlex.split(args.edgeproxy_cmd), '--version'])}, "
+        f"run as `{args.edgeproxy_cmd}`",
         f"- wrk -t1 -c{args.connections} -d{max(1, round(args.duration))}s --latency, "
         f"{args.rounds} rounds interleaved, Host: {EDGEPROXY_HOSTNAME}",
         f"- command: `python -m bench.wrk_compare {shlex.join(args.argv)}`",
