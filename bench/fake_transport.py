@@ -385,7 +385,7 @@ def _cases() -> list[str]:
 
 
 def _med(rs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in rs)
+    return float(statistics.median(float(r[key]) for r in rs))
 
 
 def _cpu_model() -> str:
