@@ -24,7 +24,7 @@ from shm.reader import TableReader
 from shm.sync import reconcile, static_rows
 from shm.writer import TableWriter
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.request_path]
 
 NOBODY = 65534
 CFG = TableConfig("t", 8, 4, 16, 5.0)
