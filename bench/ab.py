@@ -43,6 +43,11 @@ class Build(EdgeProxy):
         return super().config_text().replace('id = "bench"', f'id = "{self.node}"', 1)
 
 
+def _uptime() -> str:
+    done = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10, check=False)
+    return done.stdout.strip()
+
+
 def version_of(cmd: str) -> str:
     done = subprocess.run(
         [*shlex.split(cmd), "--version"], capture_output=True, text=True, timeout=30, check=False
@@ -50,15 +55,15 @@ def version_of(cmd: str) -> str:
     return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
 
 
-def measure(target: Target, path: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(rps, proxy CPU µs per request) of one wrk run."""
+def measure(target: Target, path: str, args: argparse.Namespace) -> tuple[float, float, int]:
+    """(rps, proxy CPU µs per request, wrk errors) of one wrk run."""
     target.check_alive()
     cpu0 = target.cpu_seconds()
     result = run_wrk(target.port, path, args.duration, args.connections)
     cpu1 = target.cpu_seconds()
     if result.error_total:
         print(f"!! {target.name}: wrk errors {result.errors}", file=sys.stderr)
-    return result.rps, (cpu1 - cpu0) / max(1, result.requests) * 1e6
+    return result.rps, (cpu1 - cpu0) / max(1, result.requests) * 1e6, result.error_total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     when = dt.datetime.now(dt.UTC)
     out = args.output or BENCH_DIR / "results" / f"ab-{when:%Y%m%d-%H%M}.md"
     rows: dict[str, dict[str, list[float]]] = {s: {} for s in SIZES}
+    errors = {s: 0 for s in SIZES}  # wrk errors (a non-2xx answer counts): the pair is void
+    uptime_before = _uptime()
     with tempfile.TemporaryDirectory(prefix="edgeproxy-ab-") as tmp:
         root = Path(tmp)
+        # nginx workers run as `nobody` when started by root: they must reach www/64k
+        # (a 0700 directory answers every /64k with 403, and every figure is void).
+        root.chmod(0o755)
         started: list[Target] = []
         try:
             upstream = Upstream(root)
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         got[args.label_b][0] / got[args.label_a][0]
                     )
                     r.setdefault("cpu haproxy", []).append(got["haproxy"][1])
+                    errors[size] += sum(v[2] for v in got.values())
                     print(
                         f"pair {i + 1} {size:5} "
                         + "  ".join(f"{k} {v[0]:.0f} rps {v[1]:.1f} us" for k, v in got.items()),
@@ -127,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- date: {when:%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.node()}, {platform.machine()}, {cpu_model()}",
+        f"- uptime before: `{uptime_before}`; after: `{_uptime()}`",
         f"- command: python -m bench.ab {shlex.join(argv if argv is not None else sys.argv[1:])}",
         f"- {args.label_a}: `{args.a}` ({version_of(args.a)})",
         f"- {args.label_b}: `{args.b}` ({version_of(args.b)})",
         f"- {args.pairs} pairs x {args.duration:g} s wrk runs, -t1 -c{args.connections}, "
         f"upstream nginx on {HOST}",
         "",
-        "Medians over pairs (ratios are per pair, run against run).",
+        "Medians over pairs (ratios are per pair, run against run). wrk errors (non-2xx "
+        "answers included), all runs of a size: "
+        + ", ".join(f"{size} {n}" for size, n in errors.items())
+        + (" — A SIZE WITH ERRORS HAS NO VALID FIGURE" if any(errors.values()) else ""),
         "",
         "| size | metric | median | min | max |",
         "|---|---|---:|---:|---:|",

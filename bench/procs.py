@@ -77,17 +77,24 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """utime+stime of every live process of the tree, plus the time of the
-    children they already reaped (cutime+cstime), in seconds."""
-    ticks = 0
+def tree_cpu_split(root: int) -> tuple[float, float]:
+    """(user, system) seconds of every live process of the tree, each with the time
+    of the children they already reaped (cutime, cstime)."""
+    user = system = 0
     for pid in process_tree(root):
         stat = _read_stat(pid)
         if stat is None:
             continue
         # After `state` (index 0): utime=11, stime=12, cutime=13, cstime=14.
-        ticks += int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])
-    return ticks / CLK_TCK
+        user += int(stat[11]) + int(stat[13])
+        system += int(stat[12]) + int(stat[14])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime+stime of every live process of the tree, plus the time of the
+    children they already reaped (cutime+cstime), in seconds."""
+    return sum(tree_cpu_split(root))
 
 
 @dataclass
@@ -185,6 +192,10 @@ class Managed:
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid) if self.alive() else 0.0
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) seconds of the process tree."""
+        return tree_cpu_split(self.pid) if self.alive() else (0.0, 0.0)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop signal to the leader, then SIGKILL to the whole group if needed."""

@@ -42,12 +42,14 @@ def render(template: str, **values: object) -> str:
 
 
 def default_edgeproxy_cmd() -> str:
-    """The `edgeproxy` console script of this interpreter's venv; when the venv
-    has none (package not installed), `<this python> -m proxy.cli`."""
-    script = Path(sys.executable).parent / "edgeproxy"
-    if script.exists():
-        return str(script)
-    return shlex.join([sys.executable, "-m", "proxy.cli"])
+    """This checkout's edgeproxy: `env PYTHONPATH=<checkout> <this python> -m proxy.cli`.
+
+    Not the venv's `edgeproxy` script: an editable install imports the checkout it
+    was installed from, which is another one when git worktrees share a venv. The
+    master starts its workers with the same interpreter and environment, so they
+    run this checkout too."""
+    root = str(BENCH_DIR.parent)
+    return shlex.join(["env", f"PYTHONPATH={root}", sys.executable, "-m", "proxy.cli"])
 
 
 def _workdir(root: Path, name: str) -> Path:
@@ -79,6 +81,10 @@ class Target:
 
     def cpu_seconds(self) -> float:
         return self.proc.cpu_seconds() if self.proc is not None else 0.0
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of this target's process tree."""
+        return self.proc.cpu_split() if self.proc is not None else (0.0, 0.0)
 
     def check_alive(self) -> None:
         if self.proc is not None and not self.proc.alive():

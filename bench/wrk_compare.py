@@ -105,6 +105,8 @@ class Run:
     round: int
     wrk: WrkResult
     proxy_cpu_s: float | None
+    proxy_user_s: float | None  # the user and system parts of proxy_cpu_s
+    proxy_sys_s: float | None
     upstream_cpu_s: float
     upstream_conns: int | None  # connections the upstream accepted during the run
 
@@ -210,16 +212,19 @@ def measure(target: Target, upstream: Target, size: str, rnd: int, args: argpars
     assert isinstance(upstream, Upstream)
     target.check_alive()
     acc0 = upstream.accepted()
-    cpu0, up0 = target.cpu_seconds(), upstream.cpu_seconds()
+    (user0, sys0), up0 = target.cpu_split(), upstream.cpu_seconds()
     result = run_wrk(target.port, SIZES[size], args.duration, args.connections)
-    cpu1, up1 = target.cpu_seconds(), upstream.cpu_seconds()
+    (user1, sys1), up1 = target.cpu_split(), upstream.cpu_seconds()
     acc1 = upstream.accepted()
+    measured = target.measured
     return Run(
         target=target.name,
         size=size,
         round=rnd,
         wrk=result,
-        proxy_cpu_s=(cpu1 - cpu0) if target.measured else None,
+        proxy_cpu_s=(user1 - user0) + (sys1 - sys0) if measured else None,
+        proxy_user_s=(user1 - user0) if measured else None,
+        proxy_sys_s=(sys1 - sys0) if measured else None,
         upstream_cpu_s=up1 - up0,
         upstream_conns=None if acc0 is None or acc1 is None else acc1 - acc0,
     )
@@ -238,11 +243,13 @@ def throughput(args: argparse.Namespace, root: Path) -> Outcome:
                     run = measure(target, upstream, size, rnd, args)
                     outcome.runs.append(run)
                     cpu = run.cpu_us_per_req(run.proxy_cpu_s)
+                    user = run.cpu_us_per_req(run.proxy_user_s)
+                    system = run.cpu_us_per_req(run.proxy_sys_s)
                     print(
                         f"round {rnd} {target.name:9} {size:5} {run.wrk.rps:10.0f} rps"
                         f"  p50 {fmt_us(run.wrk.p50_us):>8}  p99 {fmt_us(run.wrk.p99_us):>8}"
                         f"  errors {fmt_errors(run.wrk.errors)}"
-                        f"  cpu {fmt_num(cpu)} us/req"
+                        f"  cpu {fmt_num(cpu)} us/req (user {fmt_num(user)}, sys {fmt_num(system)})"
                         f"  upstream conns {run.upstream_conns}",
                         flush=True,
                     )
@@ -373,16 +380,23 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def uptime() -> str:
+    """`uptime`'s line (the load averages over 1, 5 and 15 minutes)."""
+    return _version(["uptime"])
+
+
 def environment(args: argparse.Namespace) -> list[str]:
     nproc = len(os.sched_getaffinity(0))
     return [
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}",
-        f"- nproc: {nproc}; CPU: {cpu_model()}; kernel {platform.release()}; "
-        f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        f"- machine: {platform.node()}; nproc: {nproc}; CPU: {cpu_model()}; "
+        f"kernel {platform.release()}",
+        f"- uptime before the run: `{args.uptime_before}`; at the end: `{uptime()}` "
         "(other load on the machine makes rps noisy)",
         f"- {_version(['haproxy', '-v'])}; {_version(['nginx', '-v'])}; "
         f"{_version(['wrk', '-v'])}; Python {platform.python_version()}",
-        f"- edgeproxy build: {_version([*shlex.split(args.edgeproxy_cmd), '--version'])}",
+        f"- edgeproxy build: {_version([*shlex.split(args.edgeproxy_cmd), '--version'])}, "
+        f"run as `{args.edgeproxy_cmd}`",
         f"- wrk -t1 -c{args.connections} -d{max(1, round(args.duration))}s --latency, "
         f"{args.rounds} rounds interleaved, Host: {EDGEPROXY_HOSTNAME}",
         f"- command: `python -m bench.wrk_compare {shlex.join(args.argv)}`",
@@ -397,13 +411,14 @@ def throughput_table(outcome: Outcome, args: argparse.Namespace) -> str:
         "",
         "rps: median of the rounds; p50/p99: median of the rounds' wrk percentiles; errors: sum "
         "over the rounds; CPU: the proxy's whole process tree (utime+stime from /proc), median "
-        "µs per request; upstream CPU likewise for the nginx upstream; upstream conns: "
-        "connections the upstream accepted during a run (median; a proxy that reuses its "
-        "pool opens few).",
+        "µs per request, and its user (utime) and system (stime) parts, each the median over "
+        "the rounds (so they need not add up to the total); upstream CPU likewise for the "
+        "nginx upstream; upstream conns: connections the upstream accepted during a run "
+        "(median; a proxy that reuses its pool opens few).",
         "",
-        "| target | size | rps | p50 | p99 | errors | proxy CPU µs/req | upstream CPU µs/req "
-        "| upstream conns | rps vs HAProxy |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| target | size | rps | p50 | p99 | errors | proxy CPU µs/req | proxy user µs/req "
+        "| proxy sys µs/req | upstream CPU µs/req | upstream conns | rps vs HAProxy |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = [t for t in args.targets if t not in outcome.skipped]
     raw: list[str] = []
@@ -423,17 +438,23 @@ def throughput_table(outcome: Outcome, args: argparse.Namespace) -> str:
                 f"| {fmt_us(_median([r.wrk.p99_us for r in runs]))} "
                 f"| {fmt_errors(_sum_errors([r.wrk for r in runs]))} "
                 f"| {fmt_num(_median([r.cpu_us_per_req(r.proxy_cpu_s) for r in runs]))} "
+                f"| {fmt_num(_median([r.cpu_us_per_req(r.proxy_user_s) for r in runs]))} "
+                f"| {fmt_num(_median([r.cpu_us_per_req(r.proxy_sys_s) for r in runs]))} "
                 f"| {fmt_num(_median([r.cpu_us_per_req(r.upstream_cpu_s) for r in runs]))} "
                 f"| {fmt_num(_median([r.upstream_conns for r in runs]), 0)} "
                 f"| {ratio} |"
             )
-            raw.append(
-                f"- {name} {size}: "
-                + ", ".join(f"{r.wrk.rps:.0f}" for r in sorted(runs, key=lambda r: r.round))
-            )
-    lines += ["", "Requests/s per round:", "", *raw]
+            raw.append(f"- {name} {size}: " + ", ".join(_round_text(r) for r in runs))
+    lines += ["", "Requests/s per round (proxy user / sys CPU µs per request):", "", *raw]
     lines += _skipped(outcome.skipped)
     return "\n".join(lines) + "\n"
+
+
+def _round_text(r: Run) -> str:
+    if r.proxy_cpu_s is None:
+        return f"{r.wrk.rps:.0f}"
+    user, system = r.cpu_us_per_req(r.proxy_user_s), r.cpu_us_per_req(r.proxy_sys_s)
+    return f"{r.wrk.rps:.0f} ({fmt_num(user)} / {fmt_num(system)})"
 
 
 def reload_table(runs: list[ReloadRun], skipped: dict[str, str], args: argparse.Namespace) -> str:
@@ -520,6 +541,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.uptime_before = uptime()
     for tool in ("wrk", "nginx") + (("haproxy",) if "haproxy" in args.targets else ()):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             print(f"{tool} not found (apt-get install wrk nginx-light haproxy)", file=sys.stderr)

@@ -17,7 +17,7 @@ from proxyctl import REPO, Proxy, ProxyConfig, Upstream, env
 
 from proxy.config import default_control_dir
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.request_path]
 
 NOBODY = 65534
 

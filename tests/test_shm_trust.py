@@ -25,7 +25,7 @@ from shm.reader import TableReader
 from shm.sync import reconcile
 from shm.writer import TableWriter
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.request_path]
 
 NOBODY = 65534
 CFG = Layout(8, 4, 16)
