@@ -2,7 +2,7 @@
 
 Everything else is in setup.cfg. The modules below are plain, mypy-strict Python
 (they also run as they are); mypyc turns them into C extensions, which cuts the
-Python time of a proxied request by about 40 % (README, "Compiled request path").
+Python time of a proxied request by about 40 % (README, "Development").
 EDGEPROXY_PURE=1 builds a pure-Python package instead.
 """
 
@@ -14,19 +14,21 @@ from setuptools import setup
 
 # The request path: per-request code and what it calls per request.
 COMPILED = [
-    "proxy/batch.py",
-    "proxy/client.py",
-    "proxy/context.py",
-    "proxy/exchange.py",
-    "proxy/headers.py",
-    "proxy/metrics.py",
-    "proxy/request.py",
-    "proxy/request_head.py",
-    "proxy/router.py",
-    "proxy/routing.py",
-    "proxy/splice.py",
-    "proxy/static_table.py",
-    "proxy/upstream.py",
+    "proxy/worker/batch.py",
+    "proxy/worker/client.py",
+    "proxy/worker/context.py",
+    "proxy/worker/exchange.py",
+    "proxy/core/headers.py",
+    "proxy/telemetry/metrics.py",
+    "proxy/core/request.py",
+    "proxy/core/request_head.py",
+    "proxy/core/router.py",
+    "proxy/worker/routing.py",
+    "proxy/worker/splice.py",
+    "proxy/master/static_table.py",
+    "proxy/worker/upstream.py",
+    "proxy/core/target.py",
+    "shm/candidate.py",
     "shm/inflight.py",
     "shm/reader.py",
 ]

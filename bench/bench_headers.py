@@ -9,8 +9,8 @@ from __future__ import annotations
 import httptools
 import pytest
 
-from proxy.headers import ResponseHead
-from proxy.request_head import FWD_APPEND, Front, RequestHead
+from proxy.core.headers import ResponseHead
+from proxy.core.request_head import FWD_APPEND, Front, RequestHead
 
 REQ = (
     b"GET /index.html?x=1 HTTP/1.1\r\nHost: bench.test\r\nUser-Agent: wrk\r\n"

@@ -12,7 +12,9 @@ import random
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from proxy.router import CLOSEST, LEASTLOAD, Candidate, FullMarks, pick
+from proxy.config import CLOSEST, LEASTLOAD
+from proxy.core.router import FullMarks, pick
+from shm.candidate import Candidate
 
 SIZES = (3, 50, 1000)
 
@@ -28,7 +30,7 @@ def fleet(n: int, seed: int = 7) -> list[Candidate]:
             20,
             25,
             r.randint(500, 250_000),
-            ("127.0.0.1", 9000 + i),
+            f"127.0.0.1:{9000 + i}",
             i,
             1_000_000,
         )

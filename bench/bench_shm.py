@@ -15,9 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy.config import TableConfig
 from shm import codec
 from shm.inflight import InflightCells, InflightWriter
+from shm.layout import Layout
 from shm.reader import TableReader
 from shm.writer import TableWriter
 
@@ -35,7 +35,7 @@ class Table:
 def table(request: pytest.FixtureRequest) -> Iterator[Table]:
     """A table holding N instances: app 'small' has 3, app 'big' 1,000, 'rest' the others."""
     total: int = request.param
-    cfg = TableConfig("bench", 64, 8, total, 5.0)
+    cfg = Layout(64, 8, total)
     name = f"/ept-bench-{os.getpid()}-{next(_COUNTER)}"
     w = TableWriter.open(cfg, name)
     with w.batch():

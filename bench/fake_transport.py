@@ -4,9 +4,9 @@
 
 No sockets, no kernel, no other process: what is left is the time the worker's
 Python (compiled or not) spends on one request. A keep-alive client connection
-(proxy.client.ClientConnection of a real proxy.context.WorkerContext on a uvloop
+(proxy.worker.client.ClientConnection of a real proxy.worker.context.WorkerContext on a uvloop
 loop) sends `GET /small` or `GET /64k`; the head goes out on a pooled
-proxy.upstream.UpstreamConnection at the end of the loop iteration (proxy.batch),
+proxy.worker.upstream.UpstreamConnection at the end of the loop iteration (proxy.worker.batch),
 the response is fed to that connection as uvloop does (get_buffer, buffer_updated,
 in the sizes it asks for), and the client's transport receives it at the end of
 the next iteration. With no socket there is no splice: a 64 KiB body goes through
@@ -133,16 +133,16 @@ class World:
         import uvloop
 
         from proxy.config import loads
-        from proxy.context import WorkerContext
-        from proxy.metrics import WorkerStats
-        from proxy.upstream import UpstreamConnection
+        from proxy.telemetry.metrics import WorkerStats
+        from proxy.worker.context import WorkerContext
+        from proxy.worker.upstream import UpstreamConnection
 
         self.loop = uvloop.new_event_loop()
         self.config = loads(CONFIG.format(table=f"ft-bench-{os.getpid()}-{routing}"))
         self.shared: Any = None
         cells = None
         if routing == "table":
-            from proxy.static_table import SharedState
+            from proxy.master.static_table import SharedState
             from shm.inflight import InflightCells
 
             self.shared = SharedState(self.config)
@@ -242,9 +242,9 @@ def _batch_us(fn: Any, n: int) -> float:
 def measure(batches: int, requests: int) -> dict[str, Any]:
     """This process's build: µs per request for every routing and size."""
     import proxy
-    import proxy.client
+    import proxy.worker.client
 
-    out: dict[str, Any] = {"build": proxy.build(), "client": proxy.client.__file__}
+    out: dict[str, Any] = {"build": proxy.build(), "client": proxy.worker.client.__file__}
     idle = World("static")
     try:
         idle_us = min(_batch_us(idle.run_idle, requests) for _ in range(batches))

@@ -2,7 +2,7 @@
 
     python -m bench.hard_limit [--runs 5] [--duration 6]
 
-One demo instance (python -m proxy.demo_app, every request held 200 ms), one
+One demo instance (python -m proxy.demo.app, every request held 200 ms), one
 proxy with 2 workers (the test harness's tests/proxyctl.py, as built in place),
 32 keep-alive wrk connections: about 4 times what the instance may hold, so most
 answers are the proxy's own 503s, and the two workers race for the last slot.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -19,93 +18,34 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pinger.mesh import Addr, Mesh, MeshProtocol
 from pinger.ping_state import LOSS_WINDOW, PeerState
+from pinger.store import open_store
+from pinger.store.base import Store
+from pinger.store.records import ClusterView, InstanceRecord, NodeRecord
 from proxy.config import Config, ConfigError, parse_address
 from proxy.config import load as load_config
-from proxy.static_table import inflight_name
+from proxy.config_table import (
+    app_rows,
+    inflight_name,
+    instance_rows,
+    self_row,
+    static_rows,
+    table_layout,
+    table_name,
+)
 from shm.codec import STORE_CONNECTING, STORE_DOWN, STORE_NONE, STORE_OK, InstanceRow, NodeRow
 from shm.errors import ShmError, WriterBusyError
 from shm.inflight import InflightSegment
-from shm.sync import Wanted, app_rows, instance_rows, reconcile, self_row, static_rows
+from shm.sync import Wanted, reconcile
 from shm.writer import TableWriter
 
 log = logging.getLogger("edgeproxy.pinger")
 STORE_RETRY_MAX = 5.0  # seconds between attempts to start a store session, at most
 STOP_TIMEOUT = 5.0  # seconds a clean stop may spend closing the store
-
-
-# --- the store protocol (pinger/store.py implements it; structural, nothing imported) ------
-class NodeRec(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def region(self) -> str: ...
-    @property
-    def ping(self) -> str: ...
-    @property
-    def backhaul(self) -> str: ...
-    @property
-    def boot_epoch(self) -> int: ...
-
-
-class InstanceRec(Protocol):
-    @property
-    def app(self) -> str: ...
-    @property
-    def id(self) -> str: ...
-    @property
-    def node(self) -> str: ...
-    @property
-    def address(self) -> str: ...
-    @property
-    def soft_limit(self) -> int: ...
-    @property
-    def hard_limit(self) -> int: ...
-    @property
-    def boot_epoch(self) -> int: ...
-
-
-class LoadRec(Protocol):
-    @property
-    def instance(self) -> str: ...
-    @property
-    def node(self) -> str: ...
-    @property
-    def load(self) -> int: ...
-    @property
-    def time(self) -> float: ...
-    @property
-    def boot_epoch(self) -> int: ...
-
-
-class View(Protocol):
-    @property
-    def nodes(self) -> Mapping[str, NodeRec]: ...
-    @property
-    def instances(self) -> Mapping[str, InstanceRec]: ...
-    @property
-    def loads(self) -> Mapping[str, LoadRec]: ...
-
-
-class Store(Protocol):
-    healthy: bool
-
-    async def start(self, me: Any, instances: Sequence[Any]) -> None: ...
-    async def publish_loads(self, loads: Mapping[str, int], now: float) -> None: ...
-    def views(self) -> AsyncIterator[View]: ...
-    async def close(self) -> None: ...
-
-
-def open_store(config: Config) -> tuple[Store | None, Any]:
-    """(store, the pinger.store module) — (None, None) for store = "none"."""
-    if config.cluster.store == "none":
-        return None, None
-    mod: Any = importlib.import_module("pinger.store")
-    return mod.open_store(config), mod
 
 
 STATUS_DIR = "/dev/shm"
@@ -117,7 +57,7 @@ def status_path(config: Config) -> str | None:
     JSON: pid, node, boot_epoch, store, store_healthy, store_since (wall seconds of the
     last health change: the age of a store outage is now - store_since), last_view,
     views, store_outages. Written on change (at most every tick), removed on a clean stop.
-    The table itself has no store-health field (see the issue 5 report).
+    The table carries the store's state in its heartbeat block; the details live here.
     """
     if not os.path.isdir(STATUS_DIR):
         return None
@@ -159,7 +99,6 @@ class Daemon:
         self.local_loads: dict[str, int] = {}
         self.unpublished: dict[str, int] = {}
         self.store: Store | None = None
-        self.store_mod: Any = None
         self.store_healthy: bool | None = None  # None: no session yet since the start
         self.store_since = wall()  # when store_healthy last changed
         self.store_outages = 0
@@ -274,7 +213,7 @@ class Daemon:
         self.load_stamp[iid] = (epoch, t)
 
     # --- the store view -----------------------------------------------------------------
-    def apply_view(self, view: View) -> None:
+    def apply_view(self, view: ClusterView) -> None:
         """Make the table and the mesh follow one whole store view."""
         cfg = self.config
         nodes = [self_row(cfg, self.epoch)]
@@ -326,10 +265,10 @@ class Daemon:
 
     async def run_store(self) -> None:
         """Start the session (retrying with backoff), then follow the views until stopped."""
-        store, mod = self.store, self.store_mod
+        store = self.store
         assert store is not None
         cfg = self.config
-        me = mod.NodeRecord(
+        me = NodeRecord(
             id=self.me,
             region=cfg.node.region,
             ping=str(cfg.pinger.advertise),
@@ -337,7 +276,7 @@ class Daemon:
             boot_epoch=self.epoch,
         )
         insts = [
-            mod.InstanceRecord(
+            InstanceRecord(
                 app=r.app,
                 id=r.id,
                 node=r.node,
@@ -367,7 +306,7 @@ class Daemon:
         """In-flight totals -> the table (at once), the mesh vector and the store (coalesced)."""
         if self.inflight is None:
             try:
-                self.inflight = InflightSegment.attach(inflight_name(self.config))
+                self.inflight = InflightSegment.attach(inflight_name(self.config.table))
             except (ShmError, OSError):
                 return  # the proxy has not created it yet
         try:
@@ -480,7 +419,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            self.store, self.store_mod = open_store(cfg)
+            self.store = open_store(cfg)
         except Exception as e:
             log.error("cluster store %s: %s", cfg.cluster.store, e)
             return 1
@@ -575,7 +514,7 @@ def main(config_path: str, loss_window: int | None = None) -> int:
     if config.table.writer != "pinger":
         log.warning("[table] writer = %r: the master also writes this table", config.table.writer)
     try:
-        writer = TableWriter.open(config.table)
+        writer = TableWriter.open(table_layout(config.table), table_name(config.table))
     except WriterBusyError as e:
         print(f"edgeproxy pinger: {e}; is another pinger running?", file=sys.stderr)
         return 1

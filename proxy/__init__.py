@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 def compiled() -> bool:
     """Whether the request path runs as mypyc-compiled C (setup.py) or as Python."""
-    spec = find_spec("proxy.client")
+    spec = find_spec("proxy.worker.client")
     return spec is not None and bool(spec.origin) and not str(spec.origin).endswith(".py")
 
 

@@ -25,13 +25,13 @@ def _control_path(config_path: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.master import run
+    from proxy.master.master import run
 
     return run(args.config, args.takeover)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from proxy.control import call
+    from proxy.master.control import call
 
     try:
         out = call(_control_path(args.config), "status", timeout=10)
@@ -60,7 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from proxy.control import call
+    from proxy.master.control import call
 
     path = _control_path(args.config)
     try:
@@ -104,10 +104,10 @@ def cmd_pinger(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import time
 
+    from proxy.config_table import inflight_name, table_layout, table_name
     from shm.dump import table_dump
     from shm.errors import ShmError
     from shm.inflight import InflightSegment
-    from shm.inflight_codec import inflight_segment_name
     from shm.reader import TableReader
 
     try:
@@ -115,7 +115,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         table, node = config.table, config.node.id
     except ConfigError as e:  # mid-edit: read the table the running master uses
         from proxy.config import TableConfig
-        from proxy.control import call
+        from proxy.master.control import call
 
         try:
             status = call(_control_path(args.config), "status", timeout=10)
@@ -125,12 +125,12 @@ def cmd_table(args: argparse.Namespace) -> int:
             return 2
         print(f"edgeproxy: {e}; showing the running master's table", file=sys.stderr)
     try:
-        reader = TableReader.attach(table)
+        reader = TableReader.attach(table_layout(table), table_name(table))
     except (ShmError, OSError) as e:
         print(f"edgeproxy: table {table.name!r}: {e}", file=sys.stderr)
         return 1
     try:
-        inflight: InflightSegment | None = InflightSegment.attach(inflight_segment_name(table.name))
+        inflight: InflightSegment | None = InflightSegment.attach(inflight_name(table))
     except (ShmError, OSError):
         inflight = None
     reader.local_node = node
@@ -170,7 +170,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo.cluster import run_demo
 
     return run_demo(args.port, args.admin_port, args.instances, args.workers)
 

@@ -13,11 +13,13 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
-STRATEGIES = ("closest", "leastload")
+CLOSEST: Final = "closest"  # lowest RTT under the soft limit (proxy.core.router)
+LEASTLOAD: Final = "leastload"  # least loaded of a random sample (proxy.core.router)
+STRATEGIES: Final = (CLOSEST, LEASTLOAD)
 STORES = ("none", "etcd", "consul")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token

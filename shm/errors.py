@@ -51,7 +51,7 @@ class SegmentTrustError(ShmError):
         )
 
 
-class TableFull(ShmError):  # noqa: N818  (the name issue 3 and callers use)
+class TableFull(ShmError):  # noqa: N818  (the name the writer's callers catch)
     """A table has no free row; the row was not written and nothing else changed."""
 
     def __init__(self, table: str, capacity: int) -> None:

@@ -13,11 +13,11 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
-from proxy.config import TableConfig
 from shm import codec
+from shm.candidate import Candidate
 from shm.errors import LayoutMismatchError, SegmentMissingError
 from shm.hosts import app_for_host
-from shm.layout import Layout, table_segment_name
+from shm.layout import Layout
 from shm.segment import Segment, fence
 
 MAX_RETRIES: Final = 16  # hot path: tries of one block before serving its last good value
@@ -30,61 +30,6 @@ _SEQ = struct.Struct("<Q")
 R = TypeVar("R")
 _Offset = Callable[[int], int]
 _Decode = Callable[[bytes], tuple[int, R | None] | None]
-
-
-class Candidate:
-    """One instance of an app as the router sees it; hot fields refreshed per call.
-
-    Objects are owned and reused by the reader: valid until the next call for the
-    same app. `rtt_us` is -1 and `node_up` False when the instance's node has no row.
-    """
-
-    __slots__ = (
-        "_load_at",
-        "_node_at",
-        "_slot",
-        "address",
-        "app",
-        "hard_limit",
-        "id",
-        "jitter_us",
-        "last_heard_us",
-        "load",
-        "load_time_us",
-        "local",
-        "loss_permille",
-        "node",
-        "node_up",
-        "publisher_epoch",
-        "rtt_us",
-        "soft_limit",
-    )
-
-    def __init__(self, row: codec.InstanceRow, slot: int, load_at: int, node_at: int) -> None:
-        self.id = row.id
-        self.app = row.app
-        self.node = row.node
-        self.address = row.address
-        self.soft_limit = row.soft_limit
-        self.hard_limit = row.hard_limit
-        self.load = 0
-        self.local = False  # on the reader's own node (set by the reader, see local_node)
-        self.load_time_us = 0
-        self.publisher_epoch = 0
-        self.rtt_us = -1
-        self.jitter_us = 0
-        self.loss_permille = 0
-        self.node_up = False
-        self.last_heard_us = 0
-        self._slot = slot
-        self._load_at = load_at
-        self._node_at = node_at  # 0: no node row
-
-    def __repr__(self) -> str:
-        return (
-            f"Candidate({self.id!r}, app={self.app!r}, node={self.node!r}, load={self.load}, "
-            f"rtt_us={self.rtt_us}, up={self.node_up})"
-        )
 
 
 _EMPTY: Final[Sequence[Candidate]] = ()
@@ -114,28 +59,24 @@ class TableReader:
         self.local_node = ""  # candidates on this node get local = True (set before reading)
 
     @classmethod
-    def attach(cls, cfg: TableConfig, name: str | None = None, local_node: str = "") -> TableReader:
-        """Map the segment read-only and check its header against `cfg`.
+    def attach(cls, layout: Layout, name: str, local_node: str = "") -> TableReader:
+        """Map the segment `name` read-only and check its header against `layout`.
 
         Candidates on `local_node` (the reader's own node) get `local = True`.
 
         SegmentMissingError if it does not exist or is not initialised yet (retry later);
         LayoutMismatchError, naming the first difference, if it is not the layout we expect.
         """
-        layout = Layout(cfg.max_nodes, cfg.max_apps, cfg.max_instances)
-        seg_name = name or table_segment_name(cfg.name)
-        seg = Segment.attach(seg_name)
+        seg = Segment.attach(name)
         try:
             found = codec.decode_static(seg.mm) if seg.size >= codec.STATIC.size else None
             if found is None or found.magic == bytes(8):
-                raise SegmentMissingError(
-                    f"shared-memory segment {seg_name} is not initialised yet"
-                )
+                raise SegmentMissingError(f"shared-memory segment {name} is not initialised yet")
             problem = codec.mismatch(found, layout.static())
             if problem is None and seg.size != layout.total_size:
                 problem = f"segment is {seg.size} bytes, header says {layout.total_size}"
             if problem is not None:
-                raise LayoutMismatchError(f"shared-memory segment {seg_name}: {problem}")
+                raise LayoutMismatchError(f"shared-memory segment {name}: {problem}")
         except BaseException:
             seg.close()
             raise
@@ -178,7 +119,7 @@ class TableReader:
         for c in cands:
             if skip_local and c.local:
                 continue
-            s, a, b, x, y, k = unpack(mm, c._load_at)
+            s, a, b, x, y, k = unpack(mm, c.load_at)
             # codec.hot_check(), inlined: a call costs as much as the check itself
             chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
             if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
@@ -187,7 +128,7 @@ class TableReader:
                 c.load = a
                 c.load_time_us = b
                 c.publisher_epoch = x
-            at = c._node_at
+            at = c.node_at
             if at:
                 s, a, b, x, y, k = unpack(mm, at)
                 chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
@@ -237,12 +178,12 @@ class TableReader:
         return None
 
     def _reread_load(self, c: Candidate, patient: bool = False) -> None:
-        got = self._read_hot(c._load_at, patient)
+        got = self._read_hot(c.load_at, patient)
         if got is not None:  # else: keep the last good values in `c`
             c.load, c.load_time_us, c.publisher_epoch, _ = got
 
     def _reread_node(self, c: Candidate, patient: bool = False) -> None:
-        got = self._read_hot(c._node_at, patient)
+        got = self._read_hot(c.node_at, patient)
         if got is not None:
             state = codec.node_state_from(*got)
             c.rtt_us, c.jitter_us = state.rtt_us, state.jitter_us
@@ -328,16 +269,30 @@ class TableReader:
             c = self._cands.get(row.id)
             if (
                 c is None
-                or c._slot != slot
-                or c._node_at != node_at
+                or c.index != slot
+                or c.node_at != node_at
                 or (c.app, c.node, c.address, c.soft_limit, c.hard_limit)
                 != (row.app, row.node, row.address, row.soft_limit, row.hard_limit)
             ):
-                fresh = Candidate(row, slot, load_at, node_at)
-                if c is not None and c._slot == slot:  # last good values, if the read fails
+                fresh = Candidate(
+                    row.id,
+                    row.node,
+                    False,
+                    0,
+                    row.soft_limit,
+                    row.hard_limit,
+                    -1,
+                    address=row.address,
+                    index=slot,
+                    app=row.app,
+                    node_up=False,
+                    load_at=load_at,
+                    node_at=node_at,
+                )
+                if c is not None and c.index == slot:  # last good values, if the read fails
                     fresh.load, fresh.load_time_us = c.load, c.load_time_us
                     fresh.publisher_epoch = c.publisher_epoch
-                if c is not None and c._node_at == node_at:
+                if c is not None and c.node_at == node_at:
                     fresh.rtt_us, fresh.jitter_us = c.rtt_us, c.jitter_us
                     fresh.loss_permille, fresh.node_up = c.loss_permille, c.node_up
                     fresh.last_heard_us = c.last_heard_us

@@ -1,8 +1,7 @@
-"""Bring a table writer's rows to a wanted set: config rows and reconciliation.
+"""Bring a table writer's rows to a wanted set of nodes, apps and instances.
 
-Owns turning a node's config into table rows and applying a wanted set of
-nodes/apps/instances with the fewest writes, under one generation bump. It
-must not read clocks or sockets: hot data (load, RTT) is the caller's.
+Owns applying a wanted set with the fewest writes, under one generation bump. The
+rows are the caller's. It must not read clocks or sockets: hot data (load, RTT) is the caller's.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from proxy.config import Config
 from shm.codec import AppRow, InstanceRow, NodeRow
 from shm.writer import TableWriter
 
@@ -21,36 +19,6 @@ class Wanted:
     nodes: tuple[NodeRow, ...]
     apps: tuple[AppRow, ...]
     instances: tuple[InstanceRow, ...]
-
-
-def app_rows(config: Config) -> tuple[AppRow, ...]:
-    return tuple(
-        AppRow(a.name, a.hosts, a.strategy, a.soft_limit, a.hard_limit, a.sample_k)
-        for a in config.apps
-    )
-
-
-def instance_rows(config: Config, local_only: bool = False) -> tuple[InstanceRow, ...]:
-    limits = {a.name: (a.soft_limit, a.hard_limit) for a in config.apps}
-    out = []
-    for i in config.instances:
-        if local_only and i.node != config.node.id:
-            continue
-        soft, hard = limits[i.app]
-        out.append(InstanceRow(i.app, i.id, i.node, str(i.address), soft, hard))
-    return tuple(out)
-
-
-def self_row(config: Config, boot_epoch: int) -> NodeRow:
-    backhaul = str(config.listen.backhaul) if config.listen.backhaul else ""
-    return NodeRow(config.node.id, config.node.region, backhaul, boot_epoch)
-
-
-def static_rows(config: Config, boot_epoch: int) -> Wanted:
-    """Everything a config declares: this node, its static peers, apps, instances."""
-    nodes = [self_row(config, boot_epoch)]
-    nodes += [NodeRow(p.id, p.region, str(p.backhaul), 0) for p in config.peers]
-    return Wanted(tuple(nodes), app_rows(config), instance_rows(config))
 
 
 def reconcile(w: TableWriter, wanted: Wanted) -> int:

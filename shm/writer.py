@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-from proxy.config import TableConfig
 from shm import codec
 from shm.errors import LayoutMismatchError, TableFull
-from shm.layout import Layout, table_segment_name
+from shm.layout import Layout
 from shm.segment import Segment, fence
 
 R = TypeVar("R")
@@ -89,21 +88,19 @@ class TableWriter:
         self._bump()
 
     @classmethod
-    def open(cls, cfg: TableConfig, name: str | None = None) -> TableWriter:
-        """Create the segment, or take over an existing one of the same layout.
+    def open(cls, layout: Layout, name: str) -> TableWriter:
+        """Create the segment `name`, or take over an existing one of the same `layout`.
 
         WriterBusyError if a live writer holds it; LayoutMismatchError if it exists with another
         layout or size. A taken-over segment keeps its rows (readers go on serving them);
         the caller reconciles with put_*/remove_* and the boot epoch is bumped.
         """
-        layout = Layout(cfg.max_nodes, cfg.max_apps, cfg.max_instances)
-        seg_name = name or table_segment_name(cfg.name)
-        seg, fresh = Segment.open_writer(seg_name, layout.total_size, _holder_pid)
+        seg, fresh = Segment.open_writer(name, layout.total_size, _holder_pid)
         try:
             if not fresh:
                 problem = codec.mismatch(codec.decode_static(seg.mm), layout.static())
                 if problem is not None and codec.decode_static(seg.mm).magic != bytes(8):
-                    raise _mismatch(seg_name, problem)
+                    raise _mismatch(name, problem)
                 fresh = problem is not None  # never initialised: the creator died first
             return cls(seg, layout, fresh)
         except BaseException:

@@ -141,13 +141,14 @@ class Node:
     def dump(self) -> dict[str, Any] | None:
         """The same dict as `edgeproxy table --json`, read in this process (fast polls)."""
         from proxy.config import load as load_config
+        from proxy.config_table import table_layout, table_name
         from shm.dump import table_dump
         from shm.errors import ShmError
         from shm.reader import TableReader
 
         cfg = load_config(str(self.config_path))
         try:
-            reader = TableReader.attach(cfg.table, local_node=self.id)
+            reader = TableReader.attach(table_layout(cfg.table), table_name(cfg.table), self.id)
         except (ShmError, OSError):
             return None
         try:
@@ -191,7 +192,7 @@ class Fleet:
     seed: int = 1
     first_ip: int = 2
     upstreams: bool = True
-    demo_instances: bool = False  # instances are proxy.demo_app (answers "instance <id>")
+    demo_instances: bool = False  # instances are proxy.demo.app (answers "instance <id>")
     proxies: bool = True  # False: pingers only (the table tests need no proxy)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     nodes: dict[str, Node] = field(default_factory=dict)
@@ -343,7 +344,7 @@ class Fleet:
             for n in self.nodes.values():
                 argv = [sys.executable, str(TESTS / "upstream.py"), "--listen", f"{n.ip}:0"]
                 if self.demo_instances:
-                    argv = [sys.executable, "-m", "proxy.demo_app", "--id", n.instance]
+                    argv = [sys.executable, "-m", "proxy.demo.app", "--id", n.instance]
                     argv += ["--listen", f"{n.ip}:0"]
                 p = Proc(f"upstream-{n.id}", argv, self.workdir, "READY")
                 self.procs.append(p)

@@ -1,8 +1,8 @@
-"""A harness that drives proxy.request_head and proxy.headers as the connections do, and
+"""A harness that drives proxy.core.request_head and proxy.core.headers as the connections do, and
 the invariants on what they would forward, checked by re-parsing it twice.
 
-Owns the driving (httptools callbacks into RequestHead, as proxy.client does; a cut head
-into ResponseHead, as proxy.upstream does), a strict line scanner written from RFC 9112
+Owns the driving (httptools callbacks into RequestHead, as proxy.worker.client does; a cut head
+into ResponseHead, as proxy.worker.upstream does), a strict line scanner written from RFC 9112
 (independent of llhttp) and the invariant checks. It must not generate inputs
 (hostile_heads does) nor mirror the proxy's code to compute what to expect: expectations
 come from what the parser saw the client send and from the RFCs.
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import httptools
 
-from proxy.headers import (
+from proxy.core.headers import (
     BAD_CODING,
     CHUNK_END,
     CHUNKED,
@@ -27,7 +27,7 @@ from proxy.headers import (
     ResponseHead,
     chunk,
 )
-from proxy.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front, RequestHead
+from proxy.core.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front, RequestHead
 
 ALLOWED = frozenset({"websocket"})  # [trust] upgrade of the harness
 FRONT_IP = b"192.0.2.7"
@@ -132,7 +132,7 @@ def heads_of(m: Message) -> list[bytes]:
 
 
 class Harness:
-    """httptools' callback target, driving RequestHead as proxy.client.ClientConnection does."""
+    """httptools' callback target, driving RequestHead as the client connection does."""
 
     def __init__(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
@@ -501,7 +501,7 @@ class _RespSink:
 
 
 def drive_response(data: bytes) -> Response | str:
-    """The head cut at its end and parsed, as proxy.upstream does; a str when refused."""
+    """The head cut at its end and parsed, as proxy.worker.upstream does; a str when refused."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return "incomplete"
@@ -630,7 +630,7 @@ def check_response_bytes(data: bytes) -> tuple[Response | str, list[Violation]]:
     if r.status == 100:
         return r, []  # the proxy's own business, never forwarded
     if r.status < 200 and r.status != 101:
-        return r, check_response(r, True, True, False)  # as proxy.upstream sends an interim
+        return r, check_response(r, True, True, False)  # as proxy.worker.upstream sends an interim
     v = []
     for no_body in (False, True):
         for keep in (True, False):

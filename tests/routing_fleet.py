@@ -90,7 +90,7 @@ def one_request(host: str, port: int, raw: bytes, timeout: float = 10.0) -> Resp
 
 
 class Instance:
-    """`python -m proxy.demo_app` on 127.0.0.N."""
+    """`python -m proxy.demo.app` on 127.0.0.N."""
 
     def __init__(self, n: int, port: int | None = None) -> None:
         self.n = n
@@ -109,7 +109,7 @@ class Instance:
         if self.reader is not None:
             self.reader.close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.demo_app", "--id", self.id, "--listen", self.address],
+            [sys.executable, "-m", "proxy.demo.app", "--id", self.id, "--listen", self.address],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

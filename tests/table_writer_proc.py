@@ -10,13 +10,14 @@ import sys
 import time
 
 from proxy.config import load
-from shm.sync import reconcile, static_rows
+from proxy.config_table import static_rows, table_layout, table_name
+from shm.sync import reconcile
 from shm.writer import TableWriter
 
 
 def main() -> None:
     config = load(sys.argv[1])
-    w = TableWriter.open(config.table)
+    w = TableWriter.open(table_layout(config.table), table_name(config.table))
     reconcile(w, static_rows(config, w.boot_epoch))
     now = time.time()
     w.set_rtt(config.node.id, rtt_us=0, jitter_us=0, loss_permille=0, last_heard=now, up=True)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from proxy.admin import start_admin
+from proxy.master.admin import start_admin
 
 pytestmark = pytest.mark.timeout(30)
 HOST = "127.0.0.1"

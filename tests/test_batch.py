@@ -1,4 +1,4 @@
-"""Writes held to the end of the loop iteration (proxy.batch), and the deadline sweep,
+"""Writes held to the end of the loop iteration (proxy.worker.batch), and the deadline sweep,
 with the real client and upstream protocols over recording transports and a real uvloop
 loop (no sockets)."""
 
@@ -10,10 +10,10 @@ import pytest
 import uvloop
 
 from proxy.config import loads
-from proxy.context import WorkerContext
-from proxy.exchange import HOLD_MAX
-from proxy.metrics import WHERE_BATCH, WHERE_SWEEP, WorkerStats
-from proxy.upstream import UpstreamConnection
+from proxy.telemetry.metrics import WHERE_BATCH, WHERE_SWEEP, WorkerStats
+from proxy.worker.context import WorkerContext
+from proxy.worker.exchange import HOLD_MAX
+from proxy.worker.upstream import UpstreamConnection
 
 CONFIG = """
 [node]

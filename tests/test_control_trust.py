@@ -56,6 +56,7 @@ def as_other_uid(path: str, cmd: str, uid: int = NOBODY) -> dict[str, Any]:
     return reply
 
 
+@pytest.mark.request_path
 @pytest.mark.parametrize("cmd", ["reload", "takeover", "status"])
 def test_other_uid_is_refused_and_nothing_happens(
     proxy_factory: Callable[..., Proxy], cmd: str

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.demo_app import pattern_bytes, websocket_accept
+from proxy.demo.app import pattern_bytes, websocket_accept
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +22,11 @@ HOST = "127.0.0.1"
 
 
 class Demo:
-    """One `python -m proxy.demo_app` process; `port` is known once it printed READY."""
+    """One `python -m proxy.demo.app` process; `port` is known once it printed READY."""
 
     def __init__(self, instance: str, loop: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.demo_app", "--id", instance, "--listen", f"{HOST}:0",
+            [sys.executable, "-m", "proxy.demo.app", "--id", instance, "--listen", f"{HOST}:0",
              "--loop", loop],
             cwd=ROOT,
             stdout=subprocess.PIPE,

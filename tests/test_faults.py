@@ -1,12 +1,12 @@
-"""proxy.faults: internal errors are always counted, their tracebacks logged at most once
+"""proxy.worker.faults: internal errors are always counted, their tracebacks logged at most once
 per site per period (clock injected)."""
 
 from __future__ import annotations
 
 import io
 
-from proxy.faults import Faults
-from proxy.metrics import INTERNAL_WHERE, WHERE_BATCH, WHERE_SWEEP
+from proxy.telemetry.metrics import INTERNAL_WHERE, WHERE_BATCH, WHERE_SWEEP
+from proxy.worker.faults import Faults
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """A differential fuzzer of the head path against hostile clients and upstreams.
 
 Hostile request heads (tests/hostile_heads.py) go through a real httptools parser into
-proxy.request_head as proxy.client drives it (tests/head_check.py); what the proxy would
+proxy.core.request_head as proxy.worker.client drives it (tests/head_check.py); what the proxy would
 forward, in each forwarding mode, is read again by httptools and by a strict line scanner
 and checked against the invariants: one request line in origin-form, one Host, one
 framing, no hop-by-hop field, forwarding fields as the mode says, ordinary fields
@@ -29,8 +29,8 @@ from hostile_heads import requests, responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.headers import NO_BODY
-from proxy.request_head import FWD_APPEND, FWD_SET, Front
+from proxy.core.headers import NO_BODY
+from proxy.core.request_head import FWD_APPEND, FWD_SET, Front
 
 _FAST = settings(
     max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
 import pytest
 
-from proxy.metrics import (
+from proxy.telemetry.metrics import (
     ADMIT_EDGE,
     BAD_417,
     BAD_431,
@@ -38,7 +38,7 @@ from proxy.metrics import (
     block_size_for,
     decode_snapshot,
 )
-from proxy.statsblock import (
+from proxy.telemetry.statsblock import (
     DEFAULT_SIZE,
     LAYOUT_VERSION,
     MAGIC,
@@ -335,8 +335,8 @@ def test_block_size_fits_the_largest_snapshot() -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from proxy.metrics import WorkerStats
-    from proxy.statsblock import StatsBlock
+    from proxy.telemetry.metrics import WorkerStats
+    from proxy.telemetry.statsblock import StatsBlock
     block = StatsBlock.attach(int(sys.argv[1]))
     k = 0
     while True:

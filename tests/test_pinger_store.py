@@ -21,13 +21,9 @@ import pytest
 from consul_double import ConsulDouble
 from etcd_harness import EtcdCluster, require_etcd
 
-from pinger.store import (
-    BaseStore,
-    ClusterView,
-    InstanceRecord,
-    NodeRecord,
-    open_store,
-)
+from pinger.store import open_store
+from pinger.store.base import BaseStore
+from pinger.store.records import ClusterView, InstanceRecord, NodeRecord
 from proxy.config import loads
 
 TTL = 2.0
@@ -357,7 +353,8 @@ def test_etcd_frozen_member_is_left_by_the_watch(etcd3: EtcdCluster) -> None:
 
 _HOLDER = """
 import asyncio, sys
-from pinger.store import InstanceRecord, NodeRecord, open_store
+from pinger.store import open_store
+from pinger.store.records import InstanceRecord, NodeRecord
 from proxy.config import loads
 
 async def main():

@@ -16,9 +16,10 @@ from consul_double import ConsulDouble
 from etcd_harness import EtcdCluster
 from test_pinger_store import Watcher, inst, make_store, node, run
 
-from pinger.consul import ConsulStore, next_index, parse_duration
-from pinger.etcd import EtcdStore, prefix_end
-from pinger.store import Backoff, LoadRecord, Records, decode, encode, record_key
+from pinger.store.backoff import Backoff
+from pinger.store.consul import ConsulStore, next_index, parse_duration
+from pinger.store.etcd import EtcdStore, prefix_end
+from pinger.store.records import LoadRecord, Records, decode, encode, record_key
 
 
 def test_view_keeps_only_the_newest_epoch_of_each_node() -> None:

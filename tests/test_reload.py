@@ -1,4 +1,4 @@
-"""Hitless reloads end to end (issue 6): SIGHUP and `edgeproxy reload` under wrk,
+"""Hitless reloads end to end: SIGHUP and `edgeproxy reload` under wrk,
 long downloads and WebSocket tunnels across a drain, a refused config, new code
 by re-exec in place, takeover through the control socket, `status` during a
 drain, and systemd's notify protocol.
@@ -44,7 +44,7 @@ from reloadctl import (
 )
 from upstream import pattern_sha256
 
-from proxy.control import call
+from proxy.master.control import call
 
 pytestmark = [pytest.mark.request_path, pytest.mark.timeout(120)]
 

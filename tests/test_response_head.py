@@ -1,4 +1,4 @@
-"""proxy.headers.ResponseHead: a whole response head in, the filtered fields and facts out.
+"""proxy.core.headers.ResponseHead: a whole response head in, the filtered fields and facts out.
 
 Sans-io: bytes in, attributes out, against a line-by-line model of the rules (hop-by-hop
 and internal fields dropped, everything else kept byte for byte, in order).
@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import CHUNKED, LENGTH, ResponseHead
+from proxy.core.headers import CHUNKED, LENGTH, ResponseHead
 
 HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"te", b"trailer", b"upgrade"}
 

@@ -9,16 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.router import (
-    CLOSEST,
-    LEASTLOAD,
-    Candidate,
+from proxy.config import CLOSEST, LEASTLOAD
+from proxy.core.router import (
     FullMarks,
     NoPick,
     pick,
     pick_closest,
     pick_leastload,
 )
+from shm.candidate import Candidate
 
 
 def cand(
@@ -30,9 +29,7 @@ def cand(
     local: bool = False,
     load_time_us: int = 0,
 ) -> Candidate:
-    return Candidate(
-        id, "n-" + id, local, load, soft, hard, rtt, ("127.0.0.1", 9000), 0, load_time_us
-    )
+    return Candidate(id, "n-" + id, local, load, soft, hard, rtt, "127.0.0.1:9000", 0, load_time_us)
 
 
 def ids(got: object) -> str:
@@ -197,9 +194,9 @@ def test_pick_dispatch_and_unknown_strategy() -> None:
 
 def test_candidate_has_slots() -> None:
     """Candidate keeps its fields in slots (no per-object dict) and carries address and index."""
-    c = Candidate("i", "n", True, 1, 2, 3, 4, ("10.0.0.1", 80), 7)
+    c = Candidate("i", "n", True, 1, 2, 3, 4, "10.0.0.1:80", 7)
     assert not hasattr(c, "__dict__")
-    assert (c.address, c.index, c.load_time_us) == (("10.0.0.1", 80), 7, 0)
+    assert (c.address, c.index, c.load_time_us) == ("10.0.0.1:80", 7, 0)
     assert "Candidate('i'" in repr(c)
 
 
@@ -379,7 +376,7 @@ def test_property_leastload_picks_least_loaded_of_its_sample(
 def simulate_leastload(seed: int, n: int = 50, steps: int = 600, warmup: int = 200) -> float:
     """Mean over steady-state steps of max/mean in-flight for `n` equal instances."""
     r = random.Random(seed)
-    cs = [Candidate(f"i{i}", "n", True, 0, 10**6, 10**6, 0, ("", 0), i) for i in range(n)]
+    cs = [Candidate(f"i{i}", "n", True, 0, 10**6, 10**6, 0, "", i) for i in range(n)]
     ends: dict[int, list[int]] = {}
     ratios = []
     for t in range(steps):

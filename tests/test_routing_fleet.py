@@ -1,4 +1,4 @@
-"""Routing across a 3-node fleet (issue 4, "Done when"): closest + soft/hard limits,
+"""Routing across a 3-node fleet: closest + soft/hard limits,
 "full" rejects retried elsewhere over the backhaul, bodies that survive a reject,
 a crashed instance, forced/preferred instances and internal header stripping.
 

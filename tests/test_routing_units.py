@@ -1,4 +1,4 @@
-"""proxy.routing.Routing without I/O: the config's view (no table); in-flight cells none,
+"""proxy.worker.routing.Routing without I/O: the config's view (no table); in-flight cells none,
 or a real shared segment where two workers' admissions race.
 
 Node n2 with a local instance, peers n3 (10 ms) and n4 (50 ms) with one instance each,
@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.config import loads
-from proxy.metrics import (
+from proxy.core.target import Target
+from proxy.telemetry.metrics import (
     ADMIT_EDGE,
     NO_PICK_ALL_FAILED,
     NO_PICK_ALL_FULL,
     RETRY_REASONS,
     WorkerStats,
 )
-from proxy.routing import DOWN_HOLD, MAX_TRIES, Routing, Target
+from proxy.worker.routing import DOWN_HOLD, MAX_TRIES, Routing
 from shm import segment
 from shm.inflight import InflightCells, InflightWriter
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import posix_ipc
 import pytest
 
-from proxy.config import TableConfig
 from shm import codec, inflight_codec, segment
 from shm.errors import LayoutMismatchError, SegmentMissingError
 from shm.layout import Layout, table_segment_name
@@ -28,8 +27,8 @@ def name() -> Iterator[str]:
     segment.unlink(n)
 
 
-def cfg(nodes: int = 4, apps: int = 4, instances: int = 8) -> TableConfig:
-    return TableConfig("t", nodes, apps, instances, 5.0)
+def cfg(nodes: int = 4, apps: int = 4, instances: int = 8) -> Layout:
+    return Layout(nodes, apps, instances)
 
 
 def test_layout_version_and_row_sizes_are_pinned() -> None:

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import TableConfig
 from shm import codec, segment
 from shm.errors import WriterBusyError
+from shm.layout import Layout
 from shm.reader import TableReader
 from shm.writer import TableWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 _COUNTER = itertools.count()
-CFG = "TableConfig('t', 8, 4, 64, 5.0)"
+CFG = "Layout(8, 4, 64)"
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def spawn(code: str, *args: str) -> subprocess.Popen[str]:
 # reader that used a torn row (fields from two writes) sees the invariant broken.
 WRITER = """
     import json, select, sys
-    from proxy.config import TableConfig
+    from shm.layout import Layout
     from shm import codec
     from shm.writer import TableWriter
     w = TableWriter.open(CFG, sys.argv[1])
@@ -86,7 +86,7 @@ WRITER = """
 
 READER = """
     import json, sys, time
-    from proxy.config import TableConfig
+    from shm.layout import Layout
     from shm.reader import TableReader
     r = TableReader.attach(CFG, sys.argv[1])
     target = int(sys.argv[2])
@@ -150,7 +150,7 @@ def test_no_torn_row_is_ever_used(name: str) -> None:
 
 KILLED_WRITER = """
     import sys, time
-    from proxy.config import TableConfig
+    from shm.layout import Layout
     from shm import codec
     from shm.writer import TableWriter
     w = TableWriter.open(CFG, sys.argv[1])
@@ -171,7 +171,7 @@ KILLED_WRITER = """
 @pytest.mark.timeout(60)
 def test_writer_killed_with_9_is_taken_over(name: str) -> None:
     """After kill -9 readers serve on, go stale by heartbeat age, and a new writer takes over."""
-    cfg = TableConfig("t", 8, 4, 64, 5.0)
+    cfg = Layout(8, 4, 64)
     with spawn(KILLED_WRITER, name) as child:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"

@@ -12,10 +12,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from proxy.config import TableConfig
 from shm import codec, segment
 from shm.dump import table_dump
 from shm.errors import TableFull, WriterBusyError
+from shm.layout import Layout
 from shm.reader import TableReader
 from shm.writer import TableWriter
 
@@ -34,8 +34,8 @@ def name() -> Iterator[str]:
     segment.unlink(n)
 
 
-def cfg(nodes: int = 4, apps: int = 4, instances: int = 8) -> TableConfig:
-    return TableConfig("t", nodes, apps, instances, 5.0)
+def cfg(nodes: int = 4, apps: int = 4, instances: int = 8) -> Layout:
+    return Layout(nodes, apps, instances)
 
 
 NODE_IDS = ["n0", "n1", "n2", "n3", "n4"]

@@ -14,20 +14,21 @@ import posix_ipc
 import pytest
 from proxyctl import REPO, Proxy, ProxyConfig, ProxyStartError, Upstream, env
 
-from proxy.config import TableConfig, load
+from proxy.config import load
+from proxy.config_table import static_rows, table_layout, table_name
 from shm import segment
 from shm.errors import SegmentTrustError
 from shm.inflight import InflightSegment, InflightWriter
 from shm.inflight_codec import inflight_segment_name
-from shm.layout import table_segment_name
+from shm.layout import Layout, table_segment_name
 from shm.reader import TableReader
-from shm.sync import reconcile, static_rows
+from shm.sync import reconcile
 from shm.writer import TableWriter
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.request_path]
 
 NOBODY = 65534
-CFG = TableConfig("t", 8, 4, 16, 5.0)
+CFG = Layout(8, 4, 16)
 _COUNTER = itertools.count()
 
 
@@ -150,6 +151,7 @@ def test_master_refuses_planted_counter_segment_and_says_why(
     assert "uid 65534" in str(e.value) and "refusing" in str(e.value), e.value
 
 
+@pytest.mark.request_path
 def test_master_does_not_use_planted_table_and_serves_from_config(
     proxy_factory: Callable[..., Proxy], planted: Callable[[str], None]
 ) -> None:
@@ -162,6 +164,7 @@ def test_master_does_not_use_planted_table_and_serves_from_config(
     assert "uid 65534" in p.stderr() and "route from the config" in p.stderr(), p.stderr()
 
 
+@pytest.mark.request_path
 def test_workers_do_not_route_from_a_planted_pinger_table(
     tmp_path: Path, proxy_factory: Callable[..., Proxy]
 ) -> None:
@@ -172,7 +175,7 @@ def test_workers_do_not_route_from_a_planted_pinger_table(
     path = tmp_path / "forged.toml"
     path.write_text(forged.render())
     config = load(str(path))
-    w = TableWriter.open(config.table)
+    w = TableWriter.open(table_layout(config.table), table_name(config.table))
     try:
         reconcile(w, static_rows(config, w.boot_epoch))
         w.set_rtt(

@@ -1,4 +1,4 @@
-"""proxy.splice.Splicer on real loopback TCP sockets: bytes arrive whole and in order,
+"""proxy.worker.splice.Splicer on real loopback TCP sockets: bytes arrive whole and in order,
 the caller's held bytes go first, a full client socket hands the rest back, EOF and a
 reset source stop the loop."""
 
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from ci_policy import skip_or_fail
 
-from proxy.splice import Splicer, available
+from proxy.worker.splice import Splicer, available
 
 if not available():
     skip_or_fail("no os.splice on this platform (Linux, Python >= 3.10)", allow_module_level=True)

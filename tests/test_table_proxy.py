@@ -22,11 +22,11 @@ HOST = "127.0.0.1"
 
 
 class Instance:
-    """A demo app process (python -m proxy.demo_app) that counts its own concurrency."""
+    """A demo app process (python -m proxy.demo.app) that counts its own concurrency."""
 
     def __init__(self, iid: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.demo_app", "--id", iid, "--listen", f"{HOST}:0"],
+            [sys.executable, "-m", "proxy.demo.app", "--id", iid, "--listen", f"{HOST}:0"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             env=env(),

@@ -1,4 +1,4 @@
-"""How much a response's first read takes (proxy.upstream): the head and a small body in
+"""How much a response's first read takes (proxy.worker.upstream): the head and a small body in
 one read; little more than the head on a connection whose last body was big, so that
 the body stays in the socket for splice. Real protocols, recording transports."""
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from test_batch import World, _request
 
-from proxy.upstream import HEAD_READ, HEAD_READ_BIG, SPLICE_MIN
+from proxy.worker.upstream import HEAD_READ, HEAD_READ_BIG, SPLICE_MIN
 
 
 @pytest.fixture

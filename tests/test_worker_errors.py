@@ -15,8 +15,8 @@ import orjson
 import pytest
 from proxyctl import HOST, REPO, TESTS, Client, ProxyConfig, Upstream, env, request_bytes
 
-from proxy.metrics import WHERE_CALLBACK, decode_snapshot
-from proxy.statsblock import StatsBlock
+from proxy.telemetry.metrics import WHERE_CALLBACK, decode_snapshot
+from proxy.telemetry.statsblock import StatsBlock
 
 
 @pytest.mark.timeout(30)

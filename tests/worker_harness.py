@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from proxy.worker import Worker
+from proxy.worker.worker import Worker
 
 
 class Raising(asyncio.Protocol):

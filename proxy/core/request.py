@@ -1,0 +1,60 @@
+"""One client request and the state of its exchange (a record, no behaviour).
+
+Owns the per-request fields that the client connection, routing and the
+upstream side share. It must not do I/O or hold references to transports.
+"""
+
+from __future__ import annotations
+
+from proxy.core.request_head import RequestHead
+from proxy.core.target import Target
+
+
+class Request(RequestHead):
+    """One parsed request and the state of its exchange."""
+
+    __slots__ = (
+        "app",
+        "app_name",
+        "base_head",
+        "body",
+        "body_size",
+        "complete",
+        "early",
+        "full",
+        "head_bytes",
+        "hold",
+        "rejected",
+        "replayable",
+        "responded",
+        "sent",
+        "slot",
+        "started",
+        "status",
+        "target",
+        "tried",
+        "tries",
+    )
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        RequestHead.__init__(self, max_count, max_bytes)
+        self.body: list[bytes] = []  # framed bytes not yet written upstream
+        self.body_size = 0
+        self.complete = False
+        self.early = b""  # client bytes after an upgrade head, held until the 101
+        self.head_bytes = b""
+        self.sent = False  # head written to an upstream
+        self.hold = False  # body held until the upstream says 100 Continue (backhaul)
+        self.rejected = False  # the target answered "full, come back later"
+        self.responded = False  # a response head went to the client
+        self.replayable = True
+        self.started = 0.0
+        self.status = 0
+        self.tries = 0
+        self.app = -1
+        self.app_name = ""
+        self.base_head = b""
+        self.slot = -1  # in-flight counter slot held on a local instance
+        self.tried: set[str] | None = None
+        self.full = 0  # of the tried instances, those found full (routing: 503, not 502)
+        self.target: Target | None = None

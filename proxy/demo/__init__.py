@@ -1,0 +1,1 @@
+"""The demo: a single-node proxy in front of demo instances (`edgeproxy demo`)."""

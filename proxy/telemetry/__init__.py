@@ -1,0 +1,1 @@
+"""Counters and their exposition: per-worker stats blocks and the Prometheus text."""

@@ -1,0 +1,501 @@
+"""Worker counters, their snapshot codec, and the master's Prometheus aggregation.
+
+Owns the metric names, the fixed label sets (app from config, status class, retry
+reason, status, worker slot) and the histogram buckets. `WorkerStats` is bumped on
+the hot path with plain list increments: it must never format, allocate per request,
+or do I/O. Paths, hosts and instance ids must never become labels.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from proxy import __version__
+
+SNAPSHOT_VERSION = 2
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+NCLASS = len(STATUS_CLASSES)
+NO_APP = "_none"  # label of requests that matched no app; not a valid app name
+RETRY_REASONS = ("reject", "connect_refused", "connect_timeout", "reset_before_response")
+RETRY_REJECT, RETRY_CONNECT_REFUSED, RETRY_CONNECT_TIMEOUT, RETRY_RESET = range(4)
+BAD_REQUEST_STATUSES = (400, 408, 417, 431, 501)
+BAD_400, BAD_408, BAD_417, BAD_431, BAD_501 = range(5)
+# Why routing answered a request itself (no instance took it). "all_full": every candidate
+# left is at its hard limit, or was tried and found full (a remote "full" reject, or a local
+# admission another worker won): 503 + Retry-After. "all_failed": every candidate left was
+# tried and failed (refused, timed out, reset): 502. "no_instances": the app has none (503).
+# "not_found": no such app or forced instance in the routing table (404).
+NO_PICK_REASONS = ("all_full", "all_failed", "no_instances", "not_found")
+NO_PICK_ALL_FULL, NO_PICK_ALL_FAILED, NO_PICK_NO_INSTANCES, NO_PICK_NOT_FOUND = range(4)
+# Admissions refused on a local instance at its hard limit, by whose request it was: this
+# node's own ("edge": the router moves on to the next candidate; nothing was sent, so it is
+# neither a retry nor an upstream error) or a peer's backhauled one ("peer": answered "full").
+ADMISSION_SOURCES = ("edge", "peer")
+ADMIT_EDGE, ADMIT_PEER = range(2)
+# Where a worker caught an exception of its own code (proxy.worker.faults).
+INTERNAL_WHERE = ("callback", "sweep", "batch", "loop")
+WHERE_CALLBACK, WHERE_SWEEP, WHERE_BATCH, WHERE_LOOP = range(4)
+UPSTREAM_ERROR_STATUSES = (502, 504)
+UPSTREAM_502, UPSTREAM_504 = range(2)
+WORKER_STATES = ("starting", "serving", "draining")
+STARTING, SERVING, DRAINING = range(3)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+RESPONSE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class WorkerStats:
+    """One worker's counters; the worker increments the lists directly.
+
+    `requests[app_index * 5 + status // 100 - 1]`, where app_index follows the
+    config's app order and `no_app` (== len(apps)) counts requests matching no app.
+    Histogram lists hold per-bucket (not cumulative) counts, the last one is +Inf.
+    """
+
+    __slots__ = (
+        "accept_paused_seconds",
+        "accept_pauses",
+        "accepted",
+        "admissions_refused",
+        "apps",
+        "bad_requests",
+        "connect_buckets",
+        "connect_sum",
+        "generation",
+        "inflight",
+        "internal_errors",
+        "no_app",
+        "no_pick",
+        "open_connections",
+        "pid",
+        "requests",
+        "response_buckets",
+        "response_sum",
+        "retries",
+        "slot",
+        "state",
+        "upstream_errors",
+        "upstream_idle",
+    )
+
+    def __init__(self, apps: Sequence[str], slot: int, generation: int, pid: int) -> None:
+        self.apps = tuple(apps)
+        self.no_app = len(self.apps)
+        self.slot = slot
+        self.generation = generation
+        self.pid = pid
+        self.state = STARTING
+        self.requests = [0] * ((self.no_app + 1) * NCLASS)
+        self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
+        self.connect_sum = 0.0
+        self.response_buckets = [0] * (len(RESPONSE_BUCKETS) + 1)
+        self.response_sum = 0.0
+        self.retries = [0] * len(RETRY_REASONS)
+        self.bad_requests = [0] * len(BAD_REQUEST_STATUSES)
+        self.upstream_errors = [0] * len(UPSTREAM_ERROR_STATUSES)
+        self.no_pick = [0] * len(NO_PICK_REASONS)
+        self.admissions_refused = [0] * len(ADMISSION_SOURCES)
+        self.internal_errors = [0] * len(INTERNAL_WHERE)
+        self.accepted = 0
+        self.accept_pauses = 0  # times accepting paused at [limits] max_connections
+        self.accept_paused_seconds = 0.0  # time spent paused (the worker adds the current pause)
+        self.open_connections = 0
+        self.inflight = 0
+        self.upstream_idle = 0
+
+    def observe_connect(self, seconds: float) -> None:
+        """One upstream connect took `seconds`."""
+        self.connect_buckets[bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        self.connect_sum += seconds
+
+    def observe_response(self, seconds: float) -> None:
+        """One request took `seconds` from its head received to its response's end."""
+        self.response_buckets[bisect_left(RESPONSE_BUCKETS, seconds)] += 1
+        self.response_sum += seconds
+
+    def snapshot(self) -> bytes:
+        """msgpack of every counter and gauge (about once a second, never per request)."""
+        data: bytes = msgpack.packb(
+            (
+                SNAPSHOT_VERSION,
+                self.pid,
+                self.slot,
+                self.generation,
+                self.state,
+                self.apps,
+                self.requests,
+                CONNECT_BUCKETS,
+                self.connect_buckets,
+                self.connect_sum,
+                RESPONSE_BUCKETS,
+                self.response_buckets,
+                self.response_sum,
+                self.retries,
+                self.bad_requests,
+                self.upstream_errors,
+                self.accepted,
+                self.open_connections,
+                self.inflight,
+                self.upstream_idle,
+                self.no_pick,
+                self.admissions_refused,
+                self.internal_errors,
+                self.accept_pauses,
+                self.accept_paused_seconds,
+            )
+        )
+        return data
+
+
+class SnapshotError(ValueError):
+    """Snapshot bytes that this master cannot use (other version, bad shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A decoded WorkerStats snapshot, as the master sees it."""
+
+    pid: int
+    slot: int
+    generation: int
+    state: int
+    apps: tuple[str, ...]
+    requests: tuple[int, ...]
+    connect_buckets: tuple[int, ...]
+    connect_sum: float
+    response_buckets: tuple[int, ...]
+    response_sum: float
+    retries: tuple[int, ...]
+    bad_requests: tuple[int, ...]
+    upstream_errors: tuple[int, ...]
+    accepted: int
+    open_connections: int
+    inflight: int
+    upstream_idle: int
+    no_pick: tuple[int, ...]
+    admissions_refused: tuple[int, ...]
+    internal_errors: tuple[int, ...]
+    accept_pauses: int
+    accept_paused_seconds: float
+
+    @property
+    def state_name(self) -> str:
+        return WORKER_STATES[self.state]
+
+
+def _ints(value: Any, n: int, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) != n:
+        raise SnapshotError(f"{what}: expected {n} integers")
+    if not all(type(v) is int and v >= 0 for v in value):
+        raise SnapshotError(f"{what}: expected non-negative integers")
+    return tuple(value)
+
+
+def _number(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise SnapshotError(f"{what}: expected a non-negative number")
+    return float(value)
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    """Validate and decode `WorkerStats.snapshot()` bytes; SnapshotError if unusable."""
+    try:
+        raw = msgpack.unpackb(data, use_list=True, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise SnapshotError(f"not a snapshot: {e}") from None
+    if not isinstance(raw, list) or len(raw) != 25 or raw[0] != SNAPSHOT_VERSION:
+        raise SnapshotError(f"not a version {SNAPSHOT_VERSION} snapshot")
+    (_, pid, slot, gen, state, apps, requests, cb, cbuckets, csum, rb, rbuckets, rsum,
+     retries, bad, upstream, accepted, open_c, inflight, idle, no_pick, refused, internal,
+     pauses, paused_s) = raw  # fmt: skip
+    pid, slot, gen, state = _ints([pid, slot, gen, state], 4, "pid/slot/generation/state")
+    if state >= len(WORKER_STATES):
+        raise SnapshotError(f"unknown worker state {state}")
+    if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
+        raise SnapshotError("apps: expected a list of names")
+    if tuple(cb) != CONNECT_BUCKETS or tuple(rb) != RESPONSE_BUCKETS:
+        raise SnapshotError("histogram buckets differ from this master's")
+    gauges = _ints([accepted, open_c, inflight, idle], 4, "gauges")
+    return Snapshot(
+        pid=pid,
+        slot=slot,
+        generation=gen,
+        state=state,
+        apps=tuple(apps),
+        requests=_ints(requests, (len(apps) + 1) * NCLASS, "requests"),
+        connect_buckets=_ints(cbuckets, len(CONNECT_BUCKETS) + 1, "connect buckets"),
+        connect_sum=_number(csum, "connect sum"),
+        response_buckets=_ints(rbuckets, len(RESPONSE_BUCKETS) + 1, "response buckets"),
+        response_sum=_number(rsum, "response sum"),
+        retries=_ints(retries, len(RETRY_REASONS), "retries"),
+        bad_requests=_ints(bad, len(BAD_REQUEST_STATUSES), "bad requests"),
+        upstream_errors=_ints(upstream, len(UPSTREAM_ERROR_STATUSES), "upstream errors"),
+        accepted=gauges[0],
+        open_connections=gauges[1],
+        inflight=gauges[2],
+        upstream_idle=gauges[3],
+        no_pick=_ints(no_pick, len(NO_PICK_REASONS), "no pick"),
+        admissions_refused=_ints(refused, len(ADMISSION_SOURCES), "admissions refused"),
+        internal_errors=_ints(internal, len(INTERNAL_WHERE), "internal errors"),
+        accept_pauses=_ints([pauses], 1, "accept pauses")[0],
+        accept_paused_seconds=_number(paused_s, "accept paused seconds"),
+    )
+
+
+class _Totals:
+    """Counters summed over many snapshots, keyed by label values rather than index."""
+
+    __slots__ = (
+        "accept_paused_seconds",
+        "accept_pauses",
+        "accepted",
+        "admissions",
+        "bad",
+        "connect",
+        "connect_sum",
+        "internal",
+        "no_pick",
+        "requests",
+        "response",
+        "response_sum",
+        "retries",
+        "upstream",
+    )  # fmt: skip
+
+    def __init__(self, apps: Iterable[str] = ()) -> None:
+        self.requests: dict[str, list[int]] = {a: [0] * NCLASS for a in apps}
+        self.requests.setdefault(NO_APP, [0] * NCLASS)
+        self.connect = [0] * (len(CONNECT_BUCKETS) + 1)
+        self.connect_sum = 0.0
+        self.response = [0] * (len(RESPONSE_BUCKETS) + 1)
+        self.response_sum = 0.0
+        self.retries = [0] * len(RETRY_REASONS)
+        self.bad = [0] * len(BAD_REQUEST_STATUSES)
+        self.upstream = [0] * len(UPSTREAM_ERROR_STATUSES)
+        self.no_pick = [0] * len(NO_PICK_REASONS)
+        self.admissions = [0] * len(ADMISSION_SOURCES)
+        self.internal = [0] * len(INTERNAL_WHERE)
+        self.accepted = 0
+        self.accept_pauses = 0
+        self.accept_paused_seconds = 0.0
+
+    def copy(self) -> _Totals:
+        t = _Totals()
+        t.requests = {k: list(v) for k, v in self.requests.items()}
+        t.add_lists(self)
+        return t
+
+    def add_lists(self, other: _Totals) -> None:
+        _add(self.connect, other.connect)
+        _add(self.response, other.response)
+        _add(self.retries, other.retries)
+        _add(self.bad, other.bad)
+        _add(self.upstream, other.upstream)
+        _add(self.no_pick, other.no_pick)
+        _add(self.admissions, other.admissions)
+        _add(self.internal, other.internal)
+        self.connect_sum += other.connect_sum
+        self.response_sum += other.response_sum
+        self.accepted += other.accepted
+        self.accept_pauses += other.accept_pauses
+        self.accept_paused_seconds += other.accept_paused_seconds
+
+    def add(self, s: Snapshot) -> None:
+        for i, name in enumerate((*s.apps, NO_APP)):
+            row = self.requests.setdefault(name, [0] * NCLASS)
+            _add(row, s.requests[i * NCLASS : (i + 1) * NCLASS])
+        _add(self.connect, s.connect_buckets)
+        _add(self.response, s.response_buckets)
+        _add(self.retries, s.retries)
+        _add(self.bad, s.bad_requests)
+        _add(self.upstream, s.upstream_errors)
+        _add(self.no_pick, s.no_pick)
+        _add(self.admissions, s.admissions_refused)
+        _add(self.internal, s.internal_errors)
+        self.connect_sum += s.connect_sum
+        self.response_sum += s.response_sum
+        self.accepted += s.accepted
+        self.accept_pauses += s.accept_pauses
+        self.accept_paused_seconds += s.accept_paused_seconds
+
+
+def _add(into: list[int], values: Sequence[int]) -> None:
+    for i, v in enumerate(values):
+        into[i] += v
+
+
+class Aggregator:
+    """Master side: latest snapshot per live worker + totals of retired workers.
+
+    `update()` each time a block yields a snapshot; `retire(pid, final)` when a
+    worker exits (its final snapshot, else the last one seen, moves into the
+    retired totals), so every counter stays monotonic across restarts and reloads.
+    """
+
+    def __init__(self, apps: Iterable[str] = (), version: str = __version__) -> None:
+        self._apps = list(apps)
+        self._version = version
+        self._live: dict[int, Snapshot] = {}
+        self._retired = _Totals(self._apps)
+
+    def set_apps(self, apps: Iterable[str]) -> None:
+        """Config (re)load: make sure every configured app renders, even at zero."""
+        for a in apps:
+            if a not in self._apps:
+                self._apps.append(a)
+            self._retired.requests.setdefault(a, [0] * NCLASS)
+
+    def update(self, data: bytes) -> Snapshot:
+        """Record a live worker's latest snapshot bytes; SnapshotError if unusable."""
+        snap = decode_snapshot(data)
+        self._live[snap.pid] = snap
+        return snap
+
+    def retire(self, pid: int, final: bytes | None = None) -> None:
+        """Worker `pid` has exited: fold its final (or last seen) counters into totals."""
+        snap = self._live.pop(pid, None)
+        if final is not None:
+            try:
+                last = decode_snapshot(final)
+            except SnapshotError:
+                last = None
+            if last is not None and last.pid == pid:
+                snap = last
+        if snap is not None:
+            self._retired.add(snap)
+
+    def live(self) -> list[Snapshot]:
+        """Latest snapshot of every live worker, by slot then generation."""
+        return sorted(self._live.values(), key=lambda s: (s.slot, s.generation, s.pid))
+
+    def totals(self) -> _Totals:
+        t = self._retired.copy()
+        for s in self._live.values():
+            t.add(s)
+        return t
+
+    def render(self) -> str:
+        """Prometheus text exposition format 0.0.4."""
+        t = self.totals()
+        out: list[str] = []
+        _family(out, "build_info", "gauge", "Build of the running master.")
+        out.append(f'edgeproxy_build_info{{version="{_esc(self._version)}"}} 1')
+        _family(out, "workers", "gauge", "Live workers by generation and state.")
+        states: dict[tuple[int, int], int] = {}
+        for s in self._live.values():
+            states[s.generation, s.state] = states.get((s.generation, s.state), 0) + 1
+        for (gen, st), n in sorted(states.items()):
+            out.append(f'edgeproxy_workers{{generation="{gen}",state="{WORKER_STATES[st]}"}} {n}')
+
+        _family(out, "requests_total", "counter", "Responses sent, by app and status class.")
+        apps = [a for a in self._apps if a in t.requests]
+        apps += sorted(a for a in t.requests if a not in self._apps and a != NO_APP)
+        for app in (*apps, NO_APP):
+            row = t.requests[app]
+            for cls, n in zip(STATUS_CLASSES, row, strict=True):
+                out.append(f'edgeproxy_requests_total{{app="{_esc(app)}",class="{cls}"}} {n}')
+        _family(out, "connections_accepted_total", "counter", "Client connections accepted.")
+        out.append(f"edgeproxy_connections_accepted_total {t.accepted}")
+        _family(out, "accept_pauses_total", "counter",
+                "Times accepting paused at [limits] max_connections.")  # fmt: skip
+        out.append(f"edgeproxy_accept_pauses_total {t.accept_pauses}")
+        _family(out, "accept_paused_seconds_total", "counter",
+                "Time accepting was paused at [limits] max_connections.")  # fmt: skip
+        out.append(f"edgeproxy_accept_paused_seconds_total {t.accept_paused_seconds!r}")
+        for name, help_, label, values, counts in (
+            ("retries_total", "Upstream attempts retried, by reason.",
+             "reason", RETRY_REASONS, t.retries),
+            ("bad_requests_total", "Malformed client requests, by status sent.",
+             "status", BAD_REQUEST_STATUSES, t.bad),
+            ("upstream_errors_total", "Upstream failures, by status sent.",
+             "status", UPSTREAM_ERROR_STATUSES, t.upstream),
+            ("no_pick_total", "Requests routing answered itself (no instance took them).",
+             "reason", NO_PICK_REASONS, t.no_pick),
+            ("admissions_refused_total",
+             "Local instance admissions refused at the hard limit, by whose request.",
+             "source", ADMISSION_SOURCES, t.admissions),
+            ("internal_errors_total", "Exceptions caught in a worker's own code, by where.",
+             "where", INTERNAL_WHERE, t.internal),
+        ):  # fmt: skip
+            _labelled(out, name, help_=help_, label=label, values=values, counts=counts)
+        _histogram(out, "upstream_connect_seconds", help_="Upstream connect time.",
+                   bounds=CONNECT_BUCKETS, buckets=t.connect, total=t.connect_sum)  # fmt: skip
+        _histogram(out, "response_seconds", help_="Request head received to response end.",
+                   bounds=RESPONSE_BUCKETS, buckets=t.response, total=t.response_sum)  # fmt: skip
+
+        slots: dict[int, list[int]] = {}
+        for s in self._live.values():
+            g = slots.setdefault(s.slot, [0, 0, 0])
+            g[0] += s.open_connections
+            g[1] += s.inflight
+            g[2] += s.upstream_idle
+        for i, (name, help_) in enumerate(
+            (
+                ("open_connections", "Open client connections, by worker slot."),
+                ("inflight_requests", "Requests in flight, by worker slot."),
+                ("upstream_idle_connections", "Idle pooled upstream connections, by slot."),
+            )
+        ):
+            _family(out, name, "gauge", help_)
+            for slot in sorted(slots):
+                out.append(f'edgeproxy_{name}{{worker="{slot}"}} {slots[slot][i]}')
+        out.append("")
+        return "\n".join(out)
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _family(out: list[str], name: str, kind: str, help_: str) -> None:
+    out.append(f"# HELP edgeproxy_{name} {help_}")
+    out.append(f"# TYPE edgeproxy_{name} {kind}")
+
+
+def _labelled(
+    out: list[str],
+    name: str,
+    *,
+    help_: str,
+    label: str,
+    values: Sequence[object],
+    counts: Sequence[int],
+) -> None:
+    _family(out, name, "counter", help_)
+    for v, n in zip(values, counts, strict=True):
+        out.append(f'edgeproxy_{name}{{{label}="{v}"}} {n}')
+
+
+def _histogram(
+    out: list[str],
+    name: str,
+    *,
+    help_: str,
+    bounds: Sequence[float],
+    buckets: Sequence[int],
+    total: float,
+) -> None:
+    _family(out, name, "histogram", help_)
+    cumulative = 0
+    for le, n in zip((*(repr(b) for b in bounds), "+Inf"), buckets, strict=True):
+        cumulative += n
+        out.append(f'edgeproxy_{name}_bucket{{le="{le}"}} {cumulative}')
+    out.append(f"edgeproxy_{name}_sum {total!r}")
+    out.append(f"edgeproxy_{name}_count {cumulative}")
+
+
+def block_size_for(n_apps: int, page: int = 4096) -> int:
+    """Stats block size that always fits a snapshot of a worker serving `n_apps` apps."""
+    lists = len(RETRY_REASONS) + len(BAD_REQUEST_STATUSES) + len(UPSTREAM_ERROR_STATUSES)
+    lists += len(NO_PICK_REASONS) + len(ADMISSION_SOURCES) + len(INTERNAL_WHERE)
+    ints = (n_apps + 1) * NCLASS + len(CONNECT_BUCKETS) + len(RESPONSE_BUCKETS) + lists + 32
+    names = n_apps * 66  # msgpack str header + a name of at most 63 characters
+    worst = ints * 9 + names + 1024
+    return max(64 * 1024, -(-(worst + 64) // page) * page)

@@ -1,0 +1,200 @@
+"""What every connection of a worker shares: its config, routing, pool and stats.
+
+Owns the per-request accounting (status classes, response times, in-flight
+release), starting upstream connects and the deadline sweep. It must not
+touch listeners or the process: proxy.worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import sys
+from typing import TYPE_CHECKING, Any
+
+from proxy.telemetry.metrics import (
+    BAD_REQUEST_STATUSES,
+    RETRY_REASONS,
+    UPSTREAM_ERROR_STATUSES,
+    WHERE_BATCH,
+    WHERE_SWEEP,
+)
+from proxy.worker.batch import WriteBatch
+from proxy.worker.client import ClientConnection
+from proxy.worker.faults import Faults
+from proxy.worker.routing import Routing
+from proxy.worker.upstream import Pool
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.config import Config
+    from proxy.core.request import Request
+    from proxy.core.target import Target
+    from proxy.telemetry.metrics import WorkerStats
+    from shm.inflight import InflightCells
+
+
+class WorkerContext:
+    """Everything a connection needs from its worker."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        stats: WorkerStats,
+        cells: InflightCells | None,
+    ) -> None:
+        self.loop = loop
+        self.config = config
+        self.timeouts = config.timeouts
+        self.limits = config.limits
+        self.quiet_period = config.workers.quiet_period
+        self.app_index = {a.name: i for i, a in enumerate(config.apps)}
+        self.no_app = len(config.apps)
+        self.routing = Routing(config, cells, random.Random(), stats)
+        self.routing.attach()
+        self.faults = Faults(stats.internal_errors, loop.time, sys.stderr)
+        self.batch = WriteBatch(loop, self.batch_failed)
+        self.pool = Pool(
+            loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
+        )
+        self.upgrades = config.trust.upgrade  # protocols an Upgrade may switch to
+        self.forwarders = config.trust.forwarded_from
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.stats = stats
+        # [limits] max_connections: client (not peer) connections of this worker. At the
+        # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
+        # `on_accepting(True)` to resume (proxy.worker owns the listeners).
+        self.max_connections = config.limits.max_connections
+        self.client_count = 0
+        self.accepting = True
+        self.on_accepting: Callable[[bool], None] | None = None
+
+    # connections -------------------------------------------------------------
+    def opened(self, c: ClientConnection) -> None:
+        """`c` was accepted (its connection_made)."""
+        self.clients.add(c)
+        self.stats.accepted += 1
+        if not c.backhaul:
+            self.client_count += 1
+            if self.client_count >= self.max_connections and self.accepting:
+                self.accepting = False
+                if self.on_accepting is not None:
+                    self.on_accepting(False)
+
+    def closed(self, c: ClientConnection) -> None:
+        """`c` is gone (its connection_lost)."""
+        if c not in self.clients:
+            return
+        self.clients.discard(c)
+        if not c.backhaul:
+            self.client_count -= 1
+            if self.client_count < self.max_connections and not self.accepting:
+                self.accepting = True
+                if self.on_accepting is not None:
+                    self.on_accepting(True)
+
+    def trusted_forwarder(self, ip: str) -> bool:
+        """Whether a client at `ip` may pass on forwarding fields ([trust] forwarded_from)."""
+        if not self.forwarders:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.forwarders)
+
+    # accounting ------------------------------------------------------------
+    def done(self, r: Request, status: int) -> None:
+        if r.slot >= 0:
+            self.routing.release(r)
+        s = self.stats
+        app = r.app if r.app >= 0 else self.no_app
+        cls = status // 100
+        if 1 <= cls <= 5:
+            s.requests[app * 5 + cls - 1] += 1
+        if r.started:
+            s.observe_response(self.loop.time() - r.started)
+
+    def bad_request(self, status: int) -> None:
+        if status in BAD_REQUEST_STATUSES:
+            self.stats.bad_requests[BAD_REQUEST_STATUSES.index(status)] += 1
+
+    def upstream_error(self, status: int) -> None:
+        self.stats.upstream_errors[UPSTREAM_ERROR_STATUSES.index(status)] += 1
+
+    def stats_retry(self, why: str) -> None:
+        self.stats.retries[RETRY_REASONS.index(why)] += 1
+
+    # upstream connections -----------------------------------------------------
+    def connect(self, client: ClientConnection, r: Request, target: Target) -> None:
+        task = self.loop.create_task(self._connect(client, r, target))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, client: ClientConnection, r: Request, target: Target) -> None:
+        t0 = self.loop.time()
+        try:
+            up = await self.pool.connect(
+                target.key, target.host, target.port, target.connect_timeout
+            )
+        except TimeoutError:
+            client.connect_failed(r, "connect_timeout")
+        except OSError:
+            client.connect_failed(r, "connect_refused")
+        else:
+            self.stats.observe_connect(self.loop.time() - t0)
+            client.attach(r, up)
+
+    def client_factory(self, backhaul: bool) -> Callable[[], Any]:
+        """The protocol factory of a listener (a backhaul one: peers name the instance)."""
+        return lambda: ClientConnection(self, backhaul)
+
+    # housekeeping ----------------------------------------------------------------
+    def sweep(self) -> None:
+        """Act on every deadline that passed. An exception for one connection is reported
+        and closes that connection; the others' deadlines are still handled."""
+        now = self.loop.time()
+        for c in list(self.clients):
+            d = c.deadline
+            if d and now >= d:
+                try:
+                    c.on_deadline(now)
+                except Exception as e:
+                    self.faults.report(WHERE_SWEEP, e, "a client deadline")
+                    _abort(c)
+        for up in self.pool.sweep(now):
+            ex = up.exchange
+            try:
+                up.abort()
+                if ex is not None:
+                    ex.upstream_timed_out()
+            except Exception as e:
+                self.faults.report(WHERE_SWEEP, e, "an upstream deadline")
+                _abort(up)
+                if isinstance(ex, ClientConnection):
+                    _abort(ex)
+
+    def batch_failed(self, exc: Exception) -> None:
+        """A held write raised (proxy.worker.batch closes that connection)."""
+        self.faults.report(WHERE_BATCH, exc, "a held write")
+
+    def drain(self) -> None:
+        self.draining = True
+        now = self.loop.time()
+        for c in list(self.clients):
+            c.drain(now)
+
+
+def _abort(conn: Any) -> None:
+    """Close a connection that raised; one that cannot even be aborted loses its transport."""
+    try:
+        conn.abort()
+    except Exception:
+        t = getattr(conn, "transport", None)
+        if t is not None:
+            t.abort()

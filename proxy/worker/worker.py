@@ -1,0 +1,247 @@
+"""A worker process: uvloop, the inherited listeners, the request path, drain.
+
+Owns one event loop: the listening sockets handed over by the master, the
+client connections, the upstream pool, the deadline sweeper and the stats it
+publishes. It must not bind a listener or fork: the master does that.
+Run as `python -m proxy.worker` with a JSON bootstrap on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from proxy.config import loads
+from proxy.telemetry.metrics import (
+    DRAINING,
+    SERVING,
+    WHERE_CALLBACK,
+    WHERE_LOOP,
+    WorkerStats,
+)
+from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.context import WorkerContext
+from shm.errors import ShmError
+from shm.inflight import InflightCells, InflightSegment
+
+if TYPE_CHECKING:
+    pass
+
+TICK = 0.1  # deadline sweep period, seconds
+PUBLISH = 1.0  # stats publish period, seconds
+FEEDBACK_MAX_AGE = 2.0  # seconds a backhaul load report outranks the table
+
+
+class Worker:
+    """The process shell around a WorkerContext."""
+
+    def __init__(self, boot: dict[str, Any]) -> None:
+        self.boot = boot
+        self.config = loads(boot["config_text"], boot["config_path"])
+        self.slot: int = boot["slot"]
+        self.generation: int = boot["generation"]
+        self.master_pid: int = boot["master_pid"]
+        self.loop = asyncio.new_event_loop()
+        app_names = [a.name for a in self.config.apps]
+        self.stats = WorkerStats(app_names, self.slot, self.generation, os.getpid())
+        self.block = (
+            StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
+        )
+        self.cells = self.attach_cells(boot)
+        self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
+        self.servers: list[asyncio.Server] = []
+        # Client listeners, kept open for the process's life: pausing at max_connections
+        # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
+        # queue stay (closing a SO_REUSEPORT socket would drop the connections queued on it).
+        self.client_socks: list[socket.socket] = []
+        self.client_servers: list[asyncio.Server] = []
+        self.paused_at = -1.0  # loop time accepting paused, -1 while accepting
+        self.resuming: asyncio.Task[None] | None = None
+        self.stop_event = asyncio.Event()
+        self.fast = False
+        self.drain_deadline = 0.0
+
+    @staticmethod
+    def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
+        """This worker's in-flight cells (None: limits are not enforced across workers)."""
+        try:
+            seg = InflightSegment.attach(boot["inflight"])
+        except (KeyError, ShmError, OSError) as e:
+            print(f"edgeproxy worker: no in-flight counters: {e}", file=sys.stderr)
+            return None
+        return InflightCells(seg, boot["cell"])
+
+    def factory(self, backhaul: bool) -> Any:
+        """The protocol factory of a listener."""
+        return self.ctx.client_factory(backhaul)
+
+    async def serve(self) -> None:
+        loop = self.loop
+        loop.set_exception_handler(self.on_loop_exception)
+        for lst in self.boot["listeners"]:
+            sock = socket.socket(fileno=lst["fd"])
+            sock.setblocking(False)
+            if lst["kind"] == "backhaul":
+                srv = await loop.create_server(
+                    self.factory(True), sock=sock, backlog=4096, start_serving=True
+                )
+                self.servers.append(srv)
+            else:
+                self.client_socks.append(sock)
+        await self.listen_clients()
+        self.ctx.on_accepting = self.on_accepting
+        loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGQUIT, self.on_signal, signal.SIGQUIT)
+        loop.add_signal_handler(signal.SIGINT, self.on_signal, signal.SIGINT)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.stats.state = SERVING
+        self.publish()
+        os.write(self.boot["notify_fd"], b"READY %d\n" % os.getpid())
+        os.close(self.boot["notify_fd"])
+        loop.call_later(TICK, self.tick)
+        loop.call_later(PUBLISH, self.publish_tick)
+        await self.stop_event.wait()
+        self.close_listeners()
+        self.ctx.pool.close_all()
+        for c in list(self.ctx.clients):
+            if c.transport is not None:
+                c.transport.abort()
+        self.publish()
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM and not self.ctx.draining:
+            self.start_drain()
+        else:
+            self.fast = True
+            self.stop_event.set()
+
+    def close_listeners(self) -> None:
+        """Stop accepting for good: closes this process's copies of the fds only."""
+        for srv in self.servers:
+            srv.close()
+        self.servers = []
+        self.stop_clients()
+        for sock in self.client_socks:
+            sock.close()
+        self.client_socks = []
+
+    # [limits] max_connections --------------------------------------------------------
+    async def listen_clients(self) -> None:
+        """Accept on every client listener, each through a dup of its fd."""
+        for sock in self.client_socks:
+            srv = await self.loop.create_server(
+                self.factory(False), sock=sock.dup(), backlog=4096, start_serving=True
+            )
+            if not self.ctx.accepting or self.ctx.draining:
+                srv.close()  # paused (or draining) again while this one was being set up
+                continue
+            self.client_servers.append(srv)
+
+    def stop_clients(self) -> None:
+        """Stop polling the client listeners (their dup'ed fds close; the queues stay)."""
+        for srv in self.client_servers:
+            srv.close()
+        self.client_servers = []
+
+    def on_accepting(self, accepting: bool) -> None:
+        """The context's connection count crossed max_connections."""
+        s = self.stats
+        if not accepting:
+            self.stop_clients()
+            if self.paused_at < 0:
+                self.paused_at = self.loop.time()
+                s.accept_pauses += 1
+            return
+        if self.paused_at >= 0:
+            s.accept_paused_seconds += self.loop.time() - self.paused_at
+            self.paused_at = -1.0
+        if self.ctx.draining or not self.client_socks:
+            return
+        if self.resuming is None or self.resuming.done():
+            self.resuming = self.loop.create_task(self.listen_clients())
+
+    # errors --------------------------------------------------------------------------
+    def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception reached the event loop: a protocol callback (the loop closes that
+        transport) or another callback. Counted, and logged at most once per site/period."""
+        exc = context.get("exception")
+        where = WHERE_CALLBACK if "protocol" in context else WHERE_LOOP
+        self.ctx.faults.report(
+            where,
+            exc if isinstance(exc, BaseException) else None,
+            str(context.get("message", "")),
+        )
+        if where == WHERE_CALLBACK:
+            t = context.get("transport")
+            if isinstance(t, asyncio.BaseTransport) and not t.is_closing():
+                t.close()
+
+    def start_drain(self) -> None:
+        self.close_listeners()
+        self.ctx.drain()
+        self.stats.state = DRAINING
+        self.drain_deadline = self.loop.time() + self.config.workers.drain_timeout
+        self.publish()
+
+    def tick(self) -> None:
+        ctx = self.ctx
+        try:
+            ctx.sweep()
+        except Exception as e:  # the sweep reports per connection; this is a last resort
+            ctx.faults.report(WHERE_LOOP, e, "the deadline sweep")
+        if ctx.routing.reader is None:
+            ctx.routing.attach()
+        if os.getppid() != self.master_pid and not ctx.draining:
+            self.start_drain()  # the master is gone: finish what we have, then leave
+        if ctx.draining and (not ctx.clients or self.loop.time() >= self.drain_deadline):
+            self.stop_event.set()
+            return
+        self.loop.call_later(TICK, self.tick)
+
+    def publish_tick(self) -> None:
+        self.publish()
+        # Load feedback older than this is no better than the table: forget it.
+        self.ctx.routing.prune(time.time(), FEEDBACK_MAX_AGE)
+        self.loop.call_later(PUBLISH, self.publish_tick)
+
+    def publish(self) -> None:
+        s = self.stats
+        s.open_connections = len(self.ctx.clients)
+        s.inflight = sum(len(c.queue) for c in self.ctx.clients)
+        s.upstream_idle = self.ctx.pool.idle_count
+        if self.paused_at >= 0:  # the pause so far counts: fold it in now
+            now = self.loop.time()
+            s.accept_paused_seconds += now - self.paused_at
+            self.paused_at = now
+        if self.block is not None:
+            self.block.publish(s.snapshot())
+
+    def run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.serve())
+        finally:
+            self.loop.close()
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        pass
+    boot = orjson.loads(sys.stdin.buffer.read())
+    worker = Worker(boot)
+    asyncio.set_event_loop(worker.loop)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
