@@ -181,12 +181,22 @@ def _build_deb_reads() -> set[str]:
         for line in (REPO / "scripts" / "build-deb").read_text().splitlines()
         if not line.lstrip().startswith("#")
     )
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    # What git tracks is the repository; a build's own output (build/, gitignored) is not.
+    tops = {t for f in tracked for t in _prefixes(f)}
     found = set()
     for tok in re.findall(r"[A-Za-z0-9_./$-]+", code):
         path = tok.split("$", 1)[0].rstrip("/")
-        if path and not path.startswith(("-", "/", ".")) and (REPO / path).exists():
+        if path and not path.startswith(("-", "/", ".")) and path in tops:
             found.add(path)
     return found
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def test_ci_reruns_the_package_test_for_everything_the_deb_holds() -> None:
