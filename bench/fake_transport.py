@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.wrk_compare import cpu_model
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 SMALL_BODY = b"hello world!\n"
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Fake-transport harness: Python time per proxied request",
         "",
         f"- date: {when:%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.node()}, {platform.machine()}, {_cpu_model()}, "
+        f"- machine: {platform.node()}, {platform.machine()}, {cpu_model()}, "
         f"nproc {len(os.sched_getaffinity(0))}; Python {platform.python_version()}",
         f"- uptime before: `{up_before}`; after: `{_uptime()}`",
         f"- command: `python -m bench.fake_transport {shlex.join(argv or sys.argv[1:])}`",
@@ -386,17 +388,6 @@ def _cases() -> list[str]:
 
 def _med(rs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(float(r[key]) for r in rs))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 if __name__ == "__main__":
