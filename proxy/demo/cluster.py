@@ -115,13 +115,16 @@ def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int
             procs.append(master)
             pinger, _ = _start([py, "-m", "proxy.cli", "pinger", "-c", path], "READY")
             procs.append(pinger)
+            # The console script next to this interpreter is what a user has on PATH.
+            script = os.path.join(os.path.dirname(py), "edgeproxy")
+            cli = script if os.access(script, os.X_OK) else f"{py} -m proxy.cli"
             print(f"edgeproxy demo: {count} instances of app {DEMO_APP!r} behind the proxy.")
             print(f"  config:   {path}")
             print(f"  try:      curl -H 'Host: {DEMO_HOST}' http://127.0.0.1:{port}/")
             print(f"            curl http://127.0.0.1:{port}/?sleep=200")
             print(f"            curl -o /dev/null http://127.0.0.1:{port}/?bytes=10000000")
-            print(f"  status:   {py} -m proxy.cli status -c {path}")
-            print(f"  table:    {py} -m proxy.cli table -c {path}")
+            print(f"  status:   {cli} status -c {path}")
+            print(f"  table:    {cli} table -c {path}")
             print(f"  metrics:  curl http://127.0.0.1:{admin_port}/metrics")
             print("Ctrl-C stops everything.", flush=True)
             master.wait()
