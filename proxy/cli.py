@@ -101,6 +101,19 @@ def cmd_pinger(args: argparse.Namespace) -> int:
     return pinger_main(args.config)
 
 
+def _trust_the_masters_segments(config_path: str) -> None:
+    """The table belongs to the running master's user (the service user, when root runs
+    this): trust that owner, learnt from the master itself over its control socket."""
+    from proxy.master.control import call
+    from shm.segment import trust_owner
+
+    try:
+        status = call(_control_path(config_path), "status", timeout=10)
+        trust_owner(os.stat(f"/proc/{int(status['master_pid'])}").st_uid)
+    except (OSError, KeyError, TypeError, ValueError):
+        pass  # no master answers: only our own (or root's) segments are read
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     import time
 
@@ -124,6 +137,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             print(f"{e}\nedgeproxy: and no master answers to say its table: {e2}", file=sys.stderr)
             return 2
         print(f"edgeproxy: {e}; showing the running master's table", file=sys.stderr)
+    _trust_the_masters_segments(args.config)
     try:
         reader = TableReader.attach(table_layout(table), table_name(table))
     except (ShmError, OSError) as e:

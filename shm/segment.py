@@ -157,6 +157,16 @@ def unlink(name: str) -> bool:
     return True
 
 
+# Owners a reader in this process trusts besides itself and root: the operator's CLI adds
+# the uid of the running master it asked over its (credential-checked) control socket.
+_READER_OWNERS: set[int] = set()
+
+
+def trust_owner(uid: int) -> None:
+    """Let this process's readers accept segments owned by `uid` (never its writers)."""
+    _READER_OWNERS.add(uid)
+
+
 def check_trusted(name: str, fd: int, *, writer: bool) -> os.stat_result:
     """fstat `fd` and refuse a segment another local user could have written.
 
@@ -167,7 +177,7 @@ def check_trusted(name: str, fd: int, *, writer: bool) -> os.stat_result:
     st = os.fstat(fd)
     me = os.geteuid()
     mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid != me and (writer or st.st_uid != 0):
+    if st.st_uid != me and (writer or (st.st_uid != 0 and st.st_uid not in _READER_OWNERS)):
         who = "our uid" if writer else "our uid or root"
         raise SegmentTrustError(name, st.st_uid, mode, f"expected {who} ({me})")
     if mode & _UNTRUSTED_BITS:
