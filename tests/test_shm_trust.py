@@ -217,3 +217,42 @@ def test_pinger_refuses_planted_table_and_says_why(
 def upstream_address(upstream: Upstream) -> str:
     """The module upstream's host:port."""
     return upstream.address
+
+
+def test_a_trusted_owner_opens_readers_only(name: str) -> None:
+    """An owner the CLI learnt from the running master (trust_owner) is trusted by this
+    process's readers, never by its writers; without it the same segment is refused."""
+    w = TableWriter.open(CFG, name)
+    w.close()
+    restamp(name, uid=NOBODY, mode=0o640)
+    code = (
+        "import sys\n"
+        "from shm import segment\n"
+        "from shm.errors import SegmentTrustError\n"
+        "from shm.reader import TableReader\n"
+        "from shm.writer import TableWriter\n"
+        "from shm.layout import Layout\n"
+        "CFG = Layout(8, 4, 16)\n"
+        f"name = {name!r}\n"
+        "try:\n"
+        "    TableReader.attach(CFG, name)\n"
+        "    sys.exit('read without trust')\n"
+        "except SegmentTrustError:\n"
+        "    pass\n"
+        f"segment.trust_owner({NOBODY})\n"
+        "TableReader.attach(CFG, name).close()\n"
+        "try:\n"
+        "    TableWriter.open(CFG, name)\n"
+        "    sys.exit('a writer trusted it')\n"
+        "except SegmentTrustError:\n"
+        "    print('OK')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.strip() == "OK", (done.stdout, done.stderr)
