@@ -109,7 +109,7 @@ def _trust_the_masters_segments(config_path: str) -> None:
 
     try:
         status = call(_control_path(config_path), "status", timeout=10)
-        trust_owner(os.stat(f"/proc/{int(status['master_pid'])}").st_uid)
+        trust_owner(os.stat(f"/proc/{int(status['master']['pid'])}").st_uid)
     except (OSError, KeyError, TypeError, ValueError):
         pass  # no master answers: only our own (or root's) segments are read
 
