@@ -1,11 +1,11 @@
-"""The head fuzzer at volume: tests/test_fuzz_heads.py's generators and checks on N inputs.
+"""The head fuzzer at volume: tests/unit/test_fuzz_heads.py's generators and checks on N inputs.
 
     python -m bench.fuzz_heads --count 1000000 [--seed S] [--max-seconds 1500]
 
 Input i is generated from random.Random((S << 32) | i), so any input is reproduced from
 (seed, index) alone, and the run is the same on every machine. The choices are drawn from
 a seeded random.Random rather than by hypothesis: the generators are the same code
-(tests/hostile_heads.py, written against a Chooser), but hypothesis' engine costs more per
+(tests/support/hostile_heads.py, written against a Chooser), but hypothesis' engine costs more per
 example than the checks and keeps every example's choices to avoid repeats, which grows
 without bound at 10^6. atheris would add coverage feedback, but only from Python code:
 llhttp, where the framing decisions are made, is C built without its instrumentation, and
@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.head_check import KNOWN, Violation, check_request_bytes, check_response_bytes
-from tests.hostile_heads import RandomChooser, request, response
+from tests.support.head_check import KNOWN, Violation, check_request_bytes, check_response_bytes
+from tests.support.hostile_heads import RandomChooser, request, response
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,7 +130,7 @@ def report(t: Tally, count: int, done: int, seed: int, elapsed: float) -> str:
     lines += ["", f"violations: {sum(t.violations.values())}"]
     for key, n in sorted(t.violations.items()):
         inv = key.split(" ", 1)[1]
-        tag = "known (xfail in tests/test_fuzz_heads.py)" if inv in KNOWN else "NEW"
+        tag = "known (xfail in tests/unit/test_fuzz_heads.py)" if inv in KNOWN else "NEW"
         index, data, detail = t.examples[key]
         lines += [
             f"  {key}: {n} [{tag}]",

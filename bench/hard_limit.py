@@ -3,7 +3,7 @@
     python -m bench.hard_limit [--runs 5] [--duration 6]
 
 One demo instance (python -m proxy.demo.app, every request held 200 ms), one
-proxy with 2 workers (the test harness's tests/proxyctl.py, as built in place),
+proxy with 2 workers (the test harness's tests/support/proxyctl.py, as built in place),
 32 keep-alive wrk connections: about 4 times what the instance may hold, so most
 answers are the proxy's own 503s, and the two workers race for the last slot.
 Each run prints the statuses wrk saw and the proxy's retry, no-pick and
@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.targets import BENCH_DIR
 from bench.wrk_compare import cpu_model
 
-sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests" / "support"))
 
 from proxyctl import Proxy, ProxyConfig, Upstream
 from test_table_proxy import Instance

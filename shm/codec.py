@@ -18,7 +18,7 @@ from shm.errors import RowTooLargeError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-# Bump on ANY change of the bytes below; tests/test_shm_header.py pins it with the
+# Bump on ANY change of the bytes below; tests/unit/test_shm_header.py pins it with the
 # row sizes, so an accidental change fails. The version is part of the segment name.
 LAYOUT_VERSION: Final = 1
 # Cluster store health, carried in the heartbeat block's spare fields (no layout change).

@@ -52,7 +52,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    """One controllable upstream per test module (tests/upstream.py)."""
+    """One controllable upstream per test module (tests/support/upstream.py)."""
     up = Upstream()
     yield up
     up.stop()
@@ -109,7 +109,7 @@ def _etcd(members: int, where: Path) -> Iterator[EtcdCluster]:
 
 @pytest.fixture
 def etcd1(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A one-member etcd of this test's own (tests/etcd_harness.py), stopped at teardown."""
+    """A one-member etcd of this test's own (tests/support/etcd_harness.py), stopped at teardown."""
     yield from _etcd(1, tmp_path / "etcd")
 
 

@@ -1,6 +1,6 @@
 """Pure parts of the store layer, and protocol corners of each backend.
 
-The Consul corners run against tests/consul_double.py: no Consul server can be installed
+The Consul corners run against tests/support/consul_double.py: no Consul server can be installed
 here; this double follows the documented HTTP API. etcd corners use a real etcd-server.
 """
 

@@ -47,7 +47,7 @@ from proxy.telemetry.statsblock import (
     StatsBlockError,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APPS = ("hello", "shop")
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

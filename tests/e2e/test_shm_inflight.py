@@ -19,7 +19,7 @@ from shm import segment
 from shm.errors import LayoutMismatchError, TableFull, WriterBusyError
 from shm.inflight import InflightCells, InflightSegment, InflightWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _COUNTER = itertools.count()
 
 

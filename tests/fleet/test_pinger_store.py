@@ -1,7 +1,7 @@
 """The cluster store backends, behaviour by behaviour, for etcd and for Consul.
 
-etcd is a real etcd-server started by tests/etcd_harness.py. No Consul server can be
-installed here: the Consul backend runs against tests/consul_double.py, a test double that
+etcd is a real etcd-server started by tests/support/etcd_harness.py. No Consul server can be
+installed here: the Consul backend runs against tests/support/consul_double.py, a test double that
 follows Consul's documented HTTP API (sessions, TTL, Behavior=delete, acquire, blocking index).
 """
 
@@ -379,7 +379,7 @@ def test_kill_9_of_the_holder_expires_within_ttl(backend: Backend) -> None:
     async def main() -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _HOLDER, backend.kind, ",".join(backend.endpoints), str(TTL),
-            stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parent.parent),
+            stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parents[2]),
         )  # fmt: skip
         try:
             assert proc.stdout is not None

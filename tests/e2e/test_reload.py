@@ -3,7 +3,7 @@ long downloads and WebSocket tunnels across a drain, a refused config, new code
 by re-exec in place, takeover through the control socket, `status` during a
 drain, and systemd's notify protocol.
 
-Real processes on 127.0.0.1: the proxy master and workers, tests/upstream.py,
+Real processes on 127.0.0.1: the proxy master and workers, tests/support/upstream.py,
 and wrk (every run bounded by -d and a subprocess timeout).
 """
 

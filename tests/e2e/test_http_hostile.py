@@ -1,7 +1,7 @@
 """Hostile clients and instances: the attacker's bytes over real sockets to a running proxy.
 
 Each test sends what an attacker would and checks both what the instance received
-(tests/raw_instance.py records every byte) and what the client got back: one
+(tests/support/raw_instance.py records every byte) and what the client got back: one
 framing, one Host, the proxy's own forwarding fields, nothing smuggled behind an
 upgrade or a hop-by-hop token, and no capacity held by bad timing.
 """

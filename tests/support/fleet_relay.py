@@ -6,7 +6,7 @@ used. Here each node's advertised ping address is a relay route whose delay (and
 depend on the sender's IP (each pinger sends from its own 127.0.0.x). Reuses the
 delivery machinery of pinger.relay; only touches 127.0.0.0/8.
 
-    python tests/fleet_relay.py --route LISTEN,TARGET,SRC_IP=DELAY_MS/BACK_MS[/LOSS];...
+    python tests/support/fleet_relay.py --route LISTEN,TARGET,SRC_IP=DELAY_MS/BACK_MS[/LOSS];...
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pinger.relay import (
     _ANC_SIZE,

@@ -21,7 +21,7 @@ from shm.layout import Layout
 from shm.reader import TableReader
 from shm.writer import TableWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _COUNTER = itertools.count()
 CFG = "Layout(8, 4, 64)"
 

@@ -17,7 +17,7 @@ import pytest
 from proxy.demo.app import pattern_bytes, websocket_accept
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ports import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parent
 READY_TIMEOUT = 15.0
 HOST = "127.0.0.1"
@@ -87,7 +87,7 @@ class LineReader:
 
 
 class Upstream:
-    """tests/upstream.py running in a subprocess."""
+    """tests/support/upstream.py running in a subprocess."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(

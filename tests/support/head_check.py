@@ -39,7 +39,7 @@ VIA = b"1.1 edgeproxy"
 FRONTS = {m: Front(m, FRONT_IP, FRONT_PROTO, FRONT_PORT) for m in MODES}
 
 # Invariants the proxy is known to break, each pinned by an xfail(strict=True) regression test
-# in tests/test_fuzz_heads.py: the properties tolerate exactly these (none today).
+# in tests/unit/test_fuzz_heads.py: the properties tolerate exactly these (none today).
 KNOWN: frozenset[str] = frozenset()
 
 

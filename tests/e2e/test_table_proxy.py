@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from ci_policy import needs
-from proxyctl import REPO, LineReader, Proxy, env
+from proxyctl import REPO, TESTS, LineReader, Proxy, env
 
 pytestmark = pytest.mark.request_path
 
@@ -104,7 +104,7 @@ def _table(p: Proxy) -> dict[str, Any]:
 
 def _start_writer(p: Proxy) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("table_writer_proc.py")), str(p.path)],
+        [sys.executable, str(TESTS / "table_writer_proc.py"), str(p.path)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         env=env(),

@@ -245,7 +245,7 @@ class Fleet:
         """With a store each node advertises one ping address to all: a source-aware relay.
 
         Node b's advertised ping address is a relay route to b whose delay is chosen by
-        the sender's IP (tests/fleet_relay.py). Backhaul (TCP) is not delayed in store
+        the sender's IP (tests/support/fleet_relay.py). Backhaul (TCP) is not delayed in store
         fleets: the proxy's outgoing connections do not carry the node's IP, and routing
         ranks remote instances by the pinger's RTT, which the UDP relay sets.
         """

@@ -1,7 +1,7 @@
 """A real proxy.worker.Worker whose client protocol raises in data_received on a request
 for /_raise: what is under test is the worker's own handling of that exception.
 
-Run as `python tests/worker_harness.py` with the worker's JSON bootstrap on stdin (the
+Run as `python tests/support/worker_harness.py` with the worker's JSON bootstrap on stdin (the
 master's format). The wrapper is test code; the worker, its loop and sockets are real.
 """
 

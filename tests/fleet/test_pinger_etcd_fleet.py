@@ -1,9 +1,9 @@
 """The pinger with a real etcd, end to end: 3 nodes (proxy + pinger + demo instance each).
 
 Peers and their instances are learned through the store only (no [[peer]], no remote
-[[instance]]); distances are injected by a source-aware UDP relay (tests/fleet_relay.py):
+[[instance]]); distances are injected by a source-aware UDP relay (tests/support/fleet_relay.py):
 nrt-hkg 25 ms, nrt-sin 35 ms, hkg-sin 17 ms one way. The scenario functions here are
-shared with tests/test_pinger_consul_fleet.py (same behaviour against the Consul double).
+shared with tests/fleet/test_pinger_consul_fleet.py (same behaviour against the Consul double).
 
 "Gone" for nrt's instance (scenario_routing): its process is stopped AND nrt's pinger is
 restarted (clean stop, so its old lease/session is revoked) on a config without the

@@ -3,7 +3,7 @@
 Owns starting and stopping the fleet (one demo-app instance and one proxy per
 node, static peers with fixed RTTs), a raw HTTP/1.1 client for any loopback
 address, instance /stats, and bounded load generators (threads of sequential
-keep-alive clients). Reuses tests/proxyctl.py for the proxy process, its CLI,
+keep-alive clients). Reuses tests/support/proxyctl.py for the proxy process, its CLI,
 /metrics and response framing. Every wait has a deadline.
 """
 

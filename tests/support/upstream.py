@@ -1,6 +1,6 @@
 """A controllable HTTP/1.1 upstream for end-to-end tests, run as a subprocess.
 
-`python tests/upstream.py --listen 127.0.0.1:0` prints `READY 127.0.0.1:PORT`.
+`python tests/support/upstream.py --listen 127.0.0.1:0` prints `READY 127.0.0.1:PORT`.
 The path picks the behaviour (see `Handler.dispatch`); the default echoes the
 request as JSON. Blocking sockets, one thread per connection: slow on purpose,
 fully controllable, and independent of the proxy's own HTTP code.

@@ -1,6 +1,6 @@
 """The pinger with the Consul backend, end to end: the same behaviour tests as with etcd.
 
-No Consul server can be installed here: these run against tests/consul_double.py, a test
+No Consul server can be installed here: these run against tests/support/consul_double.py, a test
 double of Consul's HTTP API written from its documentation (sessions with TTL and
 Behavior=delete, KV acquire, blocking queries with X-Consul-Index). The double invalidates
 a session at its TTL (ttl_multiplier 1); a real Consul may take up to twice the TTL, so

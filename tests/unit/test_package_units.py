@@ -23,7 +23,7 @@ from ci_policy import needs
 
 from proxy.config import load
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNITS = ("edgeproxy.service", "edgeproxy-pinger.service")
 INSTALL_PATHS = ("/opt/edgeproxy/venv/bin/python", "/usr/bin/edgeproxy")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

@@ -1,4 +1,4 @@
-"""A worker whose protocol callback raises (tests/worker_harness.py), over real sockets:
+"""A worker whose protocol callback raises (tests/support/worker_harness.py), over real sockets:
 the exception is counted and logged once, that connection is closed, and the worker's
 other connections and timeouts go on."""
 
