@@ -135,6 +135,7 @@ class CertCache:
         store_timeout: float = 2.0,
         scan_interval: float = 1.0,
         refresh: float = 300.0,
+        max_misses: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if cache_size < 1:
@@ -152,7 +153,7 @@ class CertCache:
         self.counters = CertCounters()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._misses: OrderedDict[str, float] = OrderedDict()  # name -> monotonic expiry
-        self._miss_bound = max(MISS_BOUND_MIN, cache_size)
+        self._miss_bound = max_misses or max(MISS_BOUND_MIN, cache_size)
         self._flights: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
         self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="certs")
@@ -167,6 +168,11 @@ class CertCache:
         if self.dir is not None:
             await self._scan()
             self._scanner = asyncio.create_task(self._scan_loop(), name="certs-scan")
+
+    async def rescan(self) -> None:
+        """Scan the certificate directory now, as the periodic scan does (a no-op without one)."""
+        if self.dir is not None:
+            await self._scan()
 
     async def close(self) -> None:
         tasks = [t for t in (self._scanner, *self._tasks, *self._flights.values()) if t]
@@ -352,6 +358,8 @@ class CertCache:
         for key in sorted(result.changed):
             e = self._entries.get(key)
             if e is None:
+                if not key.startswith("*.") and "*." + key.partition(".")[2] in self._entries:
+                    await self._shadow(key)
                 continue
             built = await self._in_thread(self._build_from_dir, key, self.clock(), e.digest)
             if self._entries.get(key) is not e:
@@ -364,6 +372,15 @@ class CertCache:
                 del self._entries[key]  # no file has it any more: removed, not refused
                 self.counters.removed += 1
                 log.info("certificate for %s: %s no longer has it", key, e.source)
+
+    async def _shadow(self, key: str) -> None:
+        """A file for `key` appeared while its wildcard is cached, which lookup would find
+        first: load the exact certificate now, so the more specific one serves."""
+        built = await self._in_thread(self._build_from_dir, key, self.clock(), "")
+        if built.rejected is not None:
+            self._rejected(built.source, built.value_digest, built.rejected)
+        elif built.entry is not None and key not in self._entries:
+            self._insert(key, built.entry)
 
     async def _refresh(self, key: str) -> None:
         """Read a store entry again: a valid new value replaces it, a deleted key drops it,

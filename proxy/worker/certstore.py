@@ -82,6 +82,7 @@ class StoreSource:
         self.timeout = timeout
         self.current = 0
         self.down: str | None = None  # why the store is unreachable, while it is
+        self.reads = 0  # values read (or tried): a counter for /metrics and the tests
         self._sem = asyncio.Semaphore(MAX_INFLIGHT)
 
     def key(self, name: str) -> str:
@@ -97,6 +98,7 @@ class StoreSource:
         value is past the bound (the value's fault: counted as a refused certificate).
         """
         async with self._sem:
+            self.reads += 1
             try:
                 value = await self._fetch(name)
             except StoreUnavailableError as e:

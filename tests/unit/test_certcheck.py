@@ -89,12 +89,18 @@ def test_not_after_is_the_earliest_of_the_chain() -> None:
     inter = intermediate(CA1)  # 20 days; the leaf gets 30
     leaf = inter.issue(("a.example.com",))
     b = load_bundle(cert_pem(leaf.cert) + inter.pem() + key_pem(leaf.key))
-    assert not_after(b) == inter.cert.not_valid_after_utc.timestamp() < b.leaf.not_valid_after_utc.timestamp()
+    assert (
+        not_after(b)
+        == inter.cert.not_valid_after_utc.timestamp()
+        < b.leaf.not_valid_after_utc.timestamp()
+    )
 
 
 def test_the_key_may_come_first_and_text_between_blocks_is_skipped() -> None:
     """Key before the chain, `openssl x509 -text`-like text around blocks: same bundle."""
-    pem = b"subject=CN=a.example.com\n" + key_pem(GOOD.key) + b"\nBag Attributes\n" + GOOD.chain_pem()
+    pem = (
+        b"subject=CN=a.example.com\n" + key_pem(GOOD.key) + b"\nBag Attributes\n" + GOOD.chain_pem()
+    )
     b = load_bundle(pem)
     assert b.digest == load_bundle(GOOD.bundle_pem()).digest
     assert b"Bag" not in b.pem and b"subject=" not in b.pem  # canonical: what OpenSSL gets
@@ -130,7 +136,9 @@ def test_a_certificate_for_another_name_is_refused() -> None:
 def test_an_expired_leaf_is_refused() -> None:
     """now past the leaf's notAfter: expired, and not a second before it."""
     t = dt.datetime.now(UTC)
-    old = CA1.issue(("a.example.com",), not_before=t - dt.timedelta(days=10), not_after=t - dt.timedelta(days=1))
+    old = CA1.issue(
+        ("a.example.com",), not_before=t - dt.timedelta(days=10), not_after=t - dt.timedelta(days=1)
+    )
     assert reason(old.bundle_pem()) == "expired"
     alone = cert_pem(old.cert) + key_pem(old.key)  # the CA was not valid yet a day ago
     end = old.cert.not_valid_after_utc.timestamp()
@@ -383,7 +391,11 @@ def test_names_that_are_not_host_names_match_nothing(bad: str) -> None:
 
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
-HOST = st.lists(LABEL, min_size=1, max_size=4).map(".".join).filter(lambda s: not s.split(".")[-1].isdigit())
+HOST = (
+    st.lists(LABEL, min_size=1, max_size=4)
+    .map(".".join)
+    .filter(lambda s: not s.split(".")[-1].isdigit())
+)
 
 
 @given(LABEL, HOST.filter(lambda h: "." in h))
