@@ -19,11 +19,28 @@ MAX_FILES = 100_000  # entries beyond this are ignored (with an error): a scan s
 StatKey = tuple[int, int, int, int]  # (device, inode, mtime ns, size)
 
 
+@dataclass(frozen=True, slots=True)
+class _Good:
+    """A checked bundle kept small: its canonical PEM and what choosing needs. A Bundle
+    costs ~7.5 KiB of parsed objects, this ~2 KiB (bench/certs.py); the chosen one is
+    parsed and checked again before it is built."""
+
+    pem: bytes
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    digest: str
+
+    @classmethod
+    def of(cls, b: Bundle) -> _Good:
+        return cls(b.pem, b.names, b.not_before, b.not_after, b.digest)
+
+
 @dataclass(slots=True)
 class _File:
     stat: StatKey
-    good: Bundle | None  # the last content of this file that passed its checks
-    pending: Bundle | None = None  # the current content, sound but not yet valid
+    good: _Good | None  # the last content of this file that passed its checks
+    pending: _Good | None = None  # the current content, sound but not yet valid
 
 
 @dataclass(slots=True)
@@ -107,21 +124,21 @@ class DirSource:
         except CertError as e:
             result.rejected.append((path, e))
             if e.reason == "not_yet_valid":
-                f.pending = bundle  # promoted by a later scan, once its notBefore has passed
+                f.pending = _Good.of(bundle)  # promoted by a later scan once its time comes
             return
-        self._set_good(path, bundle, result)
+        self._set_good(path, _Good.of(bundle), result)
 
     def _promote(self, path: str, f: _File, now: float, result: ScanResult) -> None:
-        bundle, f.pending = f.pending, None
-        assert bundle is not None
+        good, f.pending = f.pending, None
+        assert good is not None
         try:
-            _check_any(bundle, now)
+            _check_any(load_bundle(good.pem), now)
         except CertError as e:
             result.rejected.append((path, e))
             return
-        self._set_good(path, bundle, result)
+        self._set_good(path, good, result)
 
-    def _set_good(self, path: str, bundle: Bundle | None, result: ScanResult) -> None:
+    def _set_good(self, path: str, bundle: _Good | None, result: ScanResult) -> None:
         f = self.files.get(path)
         old = f.good if f is not None else None
         if f is not None:
@@ -143,18 +160,20 @@ class DirSource:
     def best(self, name: str, now: float) -> tuple[str, Bundle] | None:
         """The file whose last good bundle passes every check for `name` now, the latest
         notAfter first (then the path, for a stable choice); None if no file does."""
-        picked: tuple[float, str, Bundle] | None = None
-        for path in sorted(self.index.get(name, ())):
+        found: list[tuple[float, str, _Good]] = []
+        for path in self.index.get(name, ()):
             f = self.files.get(path)
-            if f is None or f.good is None:
-                continue
+            g = f.good if f is not None else None
+            if g is not None and g.not_before <= now <= g.not_after:
+                found.append((-g.not_after, path, g))
+        for _, path, g in sorted(found):
             try:
-                check(f.good, name, now)
+                bundle = load_bundle(g.pem)
+                check(bundle, name, now)  # every check again, on what will be built
             except CertError:
-                continue  # expired since it was loaded: another file may still do
-            if picked is None or f.good.not_after > picked[0]:
-                picked = (f.good.not_after, path, f.good)
-        return None if picked is None else (picked[1], picked[2])
+                continue
+            return path, bundle
+        return None
 
 
 def _read(path: str) -> bytes:

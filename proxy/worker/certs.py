@@ -266,6 +266,8 @@ class CertCache:
         except TimeoutError:
             self.counters.timeouts += 1
             log.warning("certificate for %s: no answer in %gs", name, self.fetch_timeout)
+        except Exception:  # a bug (or the configure hook) fails this name, not the worker
+            log.exception("certificate for %s: resolution failed", name)
         self._remember_miss(name)
         return None
 
