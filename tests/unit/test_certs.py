@@ -616,10 +616,9 @@ def test_store_timeout_bounds_a_fetch(certs: Path) -> None:
             store_timeout=5.0,
         )
         await c.start()
-        t0 = time.monotonic()
         assert await c.get("b.example.com") is None
-        assert time.monotonic() - t0 < 5.0
-        assert c.counters.timeouts == 1
+        assert c.counters.timeouts == 1  # fetch_timeout ended it, not the 5 s store timeout
+        assert c.counters.store_errors == 0
         assert await c.get("a.example.com") is not None
         await c.close()
 
