@@ -116,7 +116,9 @@ def alert_record(description: int) -> bytes:
 def parse_client_hello(data: bytes) -> Hello | int:
     """The hello at the start of `data`, or the total byte count needed before the parse
     can go further (always more than len(data), never more than MAX_HELLO and never
-    more than the hello's own size); raises HelloError as soon as the prefix is bad."""
+    more than the hello's own size); raises HelloError as soon as the prefix is bad, and
+    the same error for any longer prefix. `data` is bytes (the compiled module refuses a
+    bytearray): what recv(MSG_PEEK) returns."""
     n = len(data)
     if n == 0:
         return RECORD_HEADER
