@@ -293,6 +293,104 @@ def random_spec(rng: random.Random) -> Spec:
     return spec
 
 
+_TRICKY = b"abcXYZ019-._:*\x00 \x7f\xc3\xbc"
+
+
+def random_name(rng: random.Random) -> bytes:
+    """A host_name that is often almost valid: a valid one with tricky bytes, or noise."""
+    if rng.random() < 0.5:
+        name = bytearray(random_host(rng))
+        for _ in range(rng.randint(1, 3)):
+            name[rng.randrange(len(name))] = rng.choice(_TRICKY)
+        return bytes(name)
+    n = rng.choice((0, 1, 2, 5, 20, 63, 64, 200, 253, 254, 300))
+    return bytes(rng.choice(_TRICKY) for _ in range(n))
+
+
+def random_bent_spec(rng: random.Random) -> Spec:
+    """A hello bent where the parser reads deepest: SNI names and entries, ALPN lists,
+    duplicate or misplaced extensions, many tiny records, versions, legacy fields."""
+    spec = random_spec(rng)
+    for _ in range(rng.randint(1, 3)):
+        bend = rng.randrange(8)
+        if bend == 0:
+            spec.sni = random_name(rng)
+        elif bend == 1:
+            spec.alpn = [
+                _rbytes(rng, rng.choice((0, 1, 2, 8, 255))) for _ in range(rng.randint(0, 4))
+            ]
+        elif bend == 2:
+            types = [t for t, _ in spec.extras] + [SERVER_NAME, ALPN, SUPPORTED_VERSIONS]
+            spec.extras.append((rng.choice(types), _rbytes(rng, rng.choice((0, 2, 5)))))
+        elif bend == 3:
+            spec.extras.append((PRE_SHARED_KEY, _rbytes(rng, rng.randint(0, 4))))
+        elif bend == 4:
+            spec.fragments = [rng.randint(1, 8)] * rng.randint(1, 100)
+        elif bend == 5:
+            spec.sni = None
+            entries = [
+                (rng.choice((0, 0, 1, 255)), random_name(rng)) for _ in range(rng.randint(0, 3))
+            ]
+            spec.extras.append((SERVER_NAME, sni_body(entries)))
+        elif bend == 6:
+            spec.versions = [rng.choice((TLS12, TLS13, 0x0301, 0x7F1C, rng.randrange(0x10000)))]
+            spec.versions *= rng.randint(0, 3)
+            spec.legacy_version = rng.choice((0x0300, 0x0301, 0x0302, TLS12, 0x0204))
+        else:
+            spec.session_id = _rbytes(rng, rng.randint(0, 40))
+            spec.compression = _rbytes(rng, rng.randint(0, 3))
+            spec.suites = [rng.randrange(0x10000) for _ in range(rng.randint(0, 3))]
+    order = list(range(len(extensions(spec)) - (spec.psk is not None)))
+    rng.shuffle(order)
+    spec.order = order
+    return spec
+
+
 def bare_tls12(spec: Spec | None = None) -> Spec:
     """A hello with no extension block at all (RFC 5246 7.4.1.2)."""
     return replace(spec or Spec(), ext_block=False, sni=None, alpn=None, versions=None)
+
+
+# --- bent hellos: mutations ------------------------------------------------------------------
+OPS = ("set", "flip", "cut", "insert", "delete", "len16", "dup")
+Op = tuple[str, int, bytes]
+
+
+def mutate(data: bytes, ops: list[Op]) -> bytes:
+    """Apply (op, position, bytes) edits: set a byte, flip a bit, cut, insert, delete,
+    overwrite a 16-bit length, or repeat a slice."""
+    for op, at, b in ops:
+        i = at % (len(data) + 1)
+        if op == "set":
+            data = data[:i] + b[:1] + data[i + 1 :]
+        elif op == "flip":
+            old = data[i] if i < len(data) else 0
+            data = data[:i] + bytes([old ^ (1 << (b[0] % 8))]) + data[i + 1 :]
+        elif op == "cut":
+            data = data[:i]
+        elif op == "insert":
+            data = data[:i] + b + data[i:]
+        elif op == "delete":
+            data = data[:i] + data[i + len(b) :]
+        elif op == "len16":
+            data = data[:i] + b[:2].rjust(2, b"\0") + data[i + 2 :]
+        else:
+            data = data[:i] + data[i : i + 4 * len(b)] + data[i:]
+    return data
+
+
+MUTATIONS = st.lists(
+    st.tuples(st.sampled_from(OPS), st.integers(0, 4000), st.binary(min_size=1, max_size=8)),
+    min_size=1,
+    max_size=4,
+)
+
+
+def random_mutations(rng: random.Random, size: int) -> list[Op]:
+    """1..4 edits at random places of a `size`-byte hello."""
+    out = []
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+        out.append(
+            (rng.choice(OPS), rng.randrange(size + 1), _rbytes(rng, rng.choice((1, 1, 2, 3, 8))))
+        )
+    return out

@@ -7,20 +7,21 @@ built and bent ones from tests/support/hello_builder.py.
 
 from __future__ import annotations
 
-import re
+import random
 import shutil
 import ssl
-import struct
 
 import pytest
 from hello_builder import (
     ALPN,
     COMMON,
     GREASE,
+    MUTATIONS,
     PRE_SHARED_KEY,
     SERVER_NAME,
     SUPPORTED_VERSIONS,
     TLS12,
+    Op,
     Spec,
     alpn_body,
     bare_tls12,
@@ -29,12 +30,15 @@ from hello_builder import (
     expected,
     ext,
     handshake,
+    mutate,
+    random_bent_spec,
     records,
     sni_body,
     specs,
     u16,
 )
 from hello_capture import client_hello, python_hello
+from hello_check import judge, violations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +56,6 @@ from proxy.core.clienthello import (
 _FAST = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
-ALERTS = frozenset(v for k, v in vars(ch).items() if k.startswith("ALERT_"))
 DECODE = ch.ALERT_DECODE_ERROR
 ILLEGAL = ch.ALERT_ILLEGAL_PARAMETER
 UNEXPECTED = ch.ALERT_UNEXPECTED_MESSAGE
@@ -65,41 +68,6 @@ def refused(data: bytes) -> tuple[str, int]:
     with pytest.raises(HelloError) as e:
         parse_client_hello(data)
     return e.value.reason, e.value.alert
-
-
-def check(data: bytes) -> Hello | int | HelloError:
-    """Parse `data` and check what any outcome must satisfy, whatever the input."""
-    try:
-        got = parse_client_hello(data)
-    except HelloError as e:
-        assert e.reason in REASONS
-        assert e.alert in ALERTS
-        return e
-    if isinstance(got, int):
-        assert len(data) < got <= MAX_HELLO
-        return got
-    assert got.size <= len(data)
-    assert got.size <= MAX_HELLO
-    if got.sni is not None:
-        assert valid_dns_name(got.sni), got.sni
-    if got.alpn is not None:
-        assert got.alpn
-        assert all(1 <= len(p) <= 255 for p in got.alpn)
-    assert parse_client_hello(data[: got.size]) == got
-    return got
-
-
-_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-
-
-def valid_dns_name(name: str) -> bool:
-    """The SNI rules, written again without the parser's code: LDH, lower case, no IP."""
-    labels = name.split(".")
-    return (
-        0 < len(name) <= 253
-        and all(_LABEL.match(lab) for lab in labels)
-        and not labels[-1].isdigit()
-    )
 
 
 def prefixes_wait(data: bytes, size: int) -> None:
@@ -605,10 +573,11 @@ def test_a_dribble_of_tiny_records_costs_a_bounded_number_of_calls() -> None:
 
 # --- hypothesis: nothing but HelloError, whatever the bytes ------------------------------------
 @_FAST
-@given(st.binary(max_size=700))
-def test_random_bytes_raise_nothing_but_hello_error(data: bytes) -> None:
-    """Any bytes give a Hello, a byte count in (len, MAX_HELLO] or a HelloError."""
-    check(data)
+@given(st.binary(max_size=700), st.integers(0, 700))
+def test_random_bytes_raise_nothing_but_hello_error(data: bytes, cut: int) -> None:
+    """Any bytes give a Hello, a byte count in (len, MAX_HELLO] or a HelloError (with a
+    listed reason), and a refused prefix stays refused the same way."""
+    assert violations(data, cut)[1] == []
 
 
 @_FAST
@@ -617,69 +586,43 @@ def test_random_bytes_raise_nothing_but_hello_error(data: bytes) -> None:
         [b"\x16\x03\x01", b"\x16\x03\x03", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
     ),
     st.binary(max_size=700),
+    st.integers(0, 700),
 )
 def test_random_bytes_behind_a_plausible_header_raise_nothing_but_hello_error(
-    head: bytes, data: bytes
+    head: bytes, data: bytes, cut: int
 ) -> None:
     """Random bytes after a handshake record header (and a ClientHello header) give a
     Hello, a byte count or a HelloError, never another exception."""
-    check(head + data)
-
-
-_MUTATIONS = st.lists(
-    st.tuples(
-        st.sampled_from(["set", "flip", "cut", "insert", "delete", "len16"]),
-        st.integers(0, 4000),
-        st.binary(min_size=1, max_size=8),
-    ),
-    min_size=1,
-    max_size=4,
-)
-
-
-def mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
-    for op, at, b in ops:
-        i = at % (len(data) + 1)
-        if op == "set":
-            data = data[:i] + b[:1] + data[i + 1 :]
-        elif op == "flip":
-            data = (
-                data[:i]
-                + bytes([(data[i] if i < len(data) else 0) ^ (1 << (b[0] % 8))])
-                + data[i + 1 :]
-            )
-        elif op == "cut":
-            data = data[:i]
-        elif op == "insert":
-            data = data[:i] + b + data[i:]
-        elif op == "delete":
-            data = data[:i] + data[i + len(b) :]
-        else:
-            data = (
-                data[:i]
-                + struct.pack("!H", int.from_bytes(b[:2].ljust(2, b"\0"), "big"))
-                + data[i + 2 :]
-            )
-    return data
+    assert violations(head + data, cut)[1] == []
 
 
 @_FAST
-@given(specs(), _MUTATIONS, st.integers(0, 4000))
-def test_mutated_hellos_raise_nothing_but_hello_error(
-    spec: Spec, ops: list[tuple[str, int, bytes]], cut: int
-) -> None:
-    """A valid hello with bytes set, flipped, inserted, deleted or a length rewritten gives a
-    Hello (with a valid SNI), a byte count or a HelloError; a refused prefix stays refused
-    with the same reason once more bytes come."""
+@given(specs(), MUTATIONS, st.integers(0, 4000))
+def test_mutated_hellos_raise_nothing_but_hello_error(spec: Spec, ops: list[Op], cut: int) -> None:
+    """A valid hello with bytes set, flipped, inserted, deleted, a length rewritten or a
+    slice repeated gives a Hello (with a valid SNI, stable on its own bytes), a byte count
+    or a HelloError; a refused prefix stays refused the same way, and a prefix of a Hello
+    only asks for more, within it."""
     data = mutate(build(spec), ops)
-    whole = check(data)
-    part = check(data[: cut % (len(data) + 1)])
-    if isinstance(part, HelloError):
-        assert isinstance(whole, HelloError)
-        assert whole.reason == part.reason
-    if isinstance(whole, Hello) and len(data[: cut % (len(data) + 1)]) < whole.size:
-        assert isinstance(part, int)
-        assert part <= whole.size
+    assert violations(data, cut)[1] == []
+
+
+@_FAST
+@given(st.randoms(use_true_random=False), st.integers(0, 4000))
+def test_hellos_bent_where_the_parser_reads_deepest_raise_nothing_but_hello_error(
+    rng: random.Random, cut: int
+) -> None:
+    """Hellos with near-valid or noisy SNI names and entries, odd ALPN lists, duplicate or
+    misplaced extensions, many tiny records or odd versions keep every invariant."""
+    assert violations(build(random_bent_spec(rng)), cut)[1] == []
+
+
+def test_the_invariant_checker_catches_a_parser_that_breaks_them() -> None:
+    """hello_check flags a byte count past MAX_HELLO, a non-LDH SNI and a foreign exception
+    (so the properties above can fail)."""
+    assert judge(b"", MAX_HELLO + 1)[0].invariant == "needed"
+    assert judge(b"x" * 9, Hello("a_b", None, False, 9))[0].invariant == "sni"
+    assert judge(b"", IndexError("x"))[0].invariant == "exception"
 
 
 # --- alerts -------------------------------------------------------------------------------------
