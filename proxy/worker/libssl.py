@@ -179,7 +179,7 @@ def readable(address: int, size: int) -> bool:
         os.close(w)
 
 
-def ctx_pointer(lib: LibSSL, ctx: ssl.SSLContext) -> int:
+def ctx_pointer(lib: LibSSL, ctx: ssl.SSLContext, *, offset: int | None = None) -> int:
     """The `SSL_CTX*` of a server `ctx`, once it has passed every check.
 
     CPython's PySSLContext (Modules/_ssl.c) is PyObject_HEAD followed by `SSL_CTX *ctx`,
@@ -187,12 +187,14 @@ def ctx_pointer(lib: LibSSL, ctx: ssl.SSLContext) -> int:
     read there is used only when: the memory it points to is readable; the SSL_CTX's
     method is one of this libssl's TLS server methods (so this very copy of libssl made
     it, and it is a server context); its options equal `ctx.options`; its verify mode,
-    minimum and maximum protocol versions equal the context's.
+    minimum and maximum protocol versions equal the context's. (`offset`: read the
+    candidate elsewhere in the object, for the tests of these checks.)
     """
     if not isinstance(ctx, ssl.SSLContext):
         raise Unavailable(f"not an ssl.SSLContext: {type(ctx).__name__}")
     base = ssl.SSLContext.__mro__[1]  # _ssl._SSLContext, the C type
-    offset = object.__basicsize__
+    if offset is None:
+        offset = object.__basicsize__
     size = ctypes.sizeof(ctypes.c_void_p)
     if base.__basicsize__ < offset + size:
         raise Unavailable(f"_SSLContext is {base.__basicsize__} bytes: no room for SSL_CTX*")

@@ -152,6 +152,16 @@ def test_server_context_pointer_passes_every_check() -> None:
     assert libssl.ctx_pointer(lib, ctx) == ptr  # still agrees after a change through Python
 
 
+@pytest.mark.parametrize("offset", [0, 8, 24, 40, 48])
+def test_a_pointer_read_from_the_wrong_place_is_refused(offset: int) -> None:
+    """Read at a wrong offset (the refcount, the type object, the ALPN buffer, int fields), the
+    candidate fails a check (alignment, mapping, method) before OpenSSL is asked anything else."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_alpn_protocols(["http/1.1"])  # a heap buffer right after SSL_CTX*: readable
+    with pytest.raises(libssl.Unavailable):
+        libssl.ctx_pointer(libssl.loaded(), ctx, offset=offset)
+
+
 def test_install_refuses_what_it_cannot_check_and_changes_nothing() -> None:
     """A client context or a non-context: False, a reason, the context untouched."""
     keys = tickets.TicketKeys(tickets.new_secret(), 3600)
@@ -180,7 +190,8 @@ def test_install_turns_tickets_on() -> None:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_ticket_from_one_process_resumes_on_another(pki: tuple[Path, Path], version: str) -> None:
-    """A ticket issued by server process A resumes on process B and B's on A (same secret)."""
+    """A ticket issued by server process A resumes on process B and B's on A (same secret);
+    a TLS 1.3 resumption hands out a fresh ticket."""
     bundle, ca = pki
     secret = tickets.new_secret()
     with TicketServer(bundle, secret) as a, TicketServer(bundle, secret) as b:
@@ -193,6 +204,10 @@ def test_ticket_from_one_process_resumes_on_another(pki: tuple[Path, Path], vers
         on_b = talk(b.port, c, first.session)
         assert on_b.reused
         assert _pid(on_b.reply) != _pid(first.reply)
+        # A fresh ticket after a TLS 1.3 resumption (clients use each once, RFC 8446 C.4);
+        # TLS 1.2 keeps its ticket while the key is current (OpenSSL's own behaviour).
+        assert on_b.session is not None
+        assert (on_b.session.id != first.session.id) is (version == "1.3")
         assert talk(a.port, c, on_b.session).reused
         assert a.stats() == b.stats() == {"failed": 0, "cb_errors": 0}
 
