@@ -5,7 +5,7 @@ Owns finding the copy of libssl the `_ssl` extension loaded (never loading a sec
 one), the few function signatures the ticket-key shell needs, and the checks that make a
 pointer read out of a Python object safe to pass to OpenSSL. It must not change a
 context: it only finds and verifies. Linux only (it reads /proc/self/maps); anywhere
-else, or on any doubt, it raises `Unavailable` and the caller does without.
+else, or on any doubt, it raises `UnavailableError` and the caller does without.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ TicketCallback = ctypes.CFUNCTYPE(
 _PROBE_BYTES = 256
 
 
-class Unavailable(Exception):
+class UnavailableError(Exception):
     """The ticket-key shell cannot be used here; the message says why (for one log line)."""
 
 
@@ -97,8 +97,9 @@ def _bind(lib: ctypes.CDLL) -> bool:
     try:
         _fn(lib, "SSL_CTX_set_tlsext_ticket_key_evp_cb", c_int, vp, TicketCallback)
         _fn(lib, "EVP_MAC_CTX_set_params", c_int, vp, vp)
-        _fn(lib, "OSSL_PARAM_construct_octet_string", OsslParam, ctypes.c_char_p, vp, ctypes.c_size_t)
-        _fn(lib, "OSSL_PARAM_construct_utf8_string", OsslParam, ctypes.c_char_p, vp, ctypes.c_size_t)
+        for kind in ("octet", "utf8"):
+            name = f"OSSL_PARAM_construct_{kind}_string"
+            _fn(lib, name, OsslParam, ctypes.c_char_p, vp, ctypes.c_size_t)
         _fn(lib, "OSSL_PARAM_construct_end", OsslParam)
     except AttributeError:
         return False
@@ -124,31 +125,33 @@ def find(maps: str | None = None) -> LibSSL:
             with open("/proc/self/maps") as f:
                 maps = f.read()
         except OSError as e:
-            raise Unavailable(f"cannot read /proc/self/maps: {e}") from None
+            raise UnavailableError(f"cannot read /proc/self/maps: {e}") from None
     paths = _mapped(maps, "libssl.so")
     if len(paths) != 1:
         # None: _ssl is linked statically; several: no way to tell which one _ssl uses.
-        raise Unavailable(f"expected one loaded libssl, found {sorted(paths) or 'none'}")
+        raise UnavailableError(f"expected one loaded libssl, found {sorted(paths) or 'none'}")
     (path,) = paths
     try:
         # RTLD_NOLOAD: the copy already in the process, or an error; never a second copy.
         lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
     except OSError as e:
-        raise Unavailable(f"{path} is mapped but dlopen(RTLD_NOLOAD) refused it: {e}") from None
+        raise UnavailableError(
+            f"{path} is mapped but dlopen(RTLD_NOLOAD) refused it: {e}"
+        ) from None
     try:
         evp = _bind(lib)
     except AttributeError as e:
-        raise Unavailable(f"{path} lacks a needed function: {e}") from None
+        raise UnavailableError(f"{path} lacks a needed function: {e}") from None
     version = lib.OpenSSL_version(0)
     if version is None or version.decode("ascii", "replace") != ssl.OPENSSL_VERSION:
-        raise Unavailable(f"{path} reports {version!r}, ssl reports {ssl.OPENSSL_VERSION!r}")
+        raise UnavailableError(f"{path} reports {version!r}, ssl reports {ssl.OPENSSL_VERSION!r}")
     tls, server, client = lib.TLS_method(), lib.TLS_server_method(), lib.TLS_client_method()
     if not (tls and server and client):
-        raise Unavailable(f"{path}: a TLS method is NULL")
+        raise UnavailableError(f"{path}: a TLS method is NULL")
     return LibSSL(lib, path, evp, frozenset((tls, server, client)), frozenset((tls, server)))
 
 
-_FOUND: LibSSL | Unavailable | None = None
+_FOUND: LibSSL | UnavailableError | None = None
 
 
 def loaded() -> LibSSL:
@@ -157,9 +160,9 @@ def loaded() -> LibSSL:
     if _FOUND is None:
         try:
             _FOUND = find()
-        except Unavailable as e:
+        except UnavailableError as e:
             _FOUND = e
-    if isinstance(_FOUND, Unavailable):
+    if isinstance(_FOUND, UnavailableError):
         raise _FOUND
     return _FOUND
 
@@ -191,23 +194,23 @@ def ctx_pointer(lib: LibSSL, ctx: ssl.SSLContext, *, offset: int | None = None) 
     candidate elsewhere in the object, for the tests of these checks.)
     """
     if not isinstance(ctx, ssl.SSLContext):
-        raise Unavailable(f"not an ssl.SSLContext: {type(ctx).__name__}")
+        raise UnavailableError(f"not an ssl.SSLContext: {type(ctx).__name__}")
     base = ssl.SSLContext.__mro__[1]  # _ssl._SSLContext, the C type
     if offset is None:
         offset = object.__basicsize__
     size = ctypes.sizeof(ctypes.c_void_p)
     if base.__basicsize__ < offset + size:
-        raise Unavailable(f"_SSLContext is {base.__basicsize__} bytes: no room for SSL_CTX*")
+        raise UnavailableError(f"_SSLContext is {base.__basicsize__} bytes: no room for SSL_CTX*")
     ptr = ctypes.c_void_p.from_address(id(ctx) + offset).value
     if not ptr or ptr % size:
-        raise Unavailable(f"SSL_CTX* candidate {ptr!r} is null or misaligned")
+        raise UnavailableError(f"SSL_CTX* candidate {ptr!r} is null or misaligned")
     if not readable(ptr, _PROBE_BYTES):
-        raise Unavailable("SSL_CTX* candidate points at unmapped memory")
+        raise UnavailableError("SSL_CTX* candidate points at unmapped memory")
     method = lib.lib.SSL_CTX_get_ssl_method(ptr)
     if method not in lib.methods:
-        raise Unavailable("SSL_CTX* candidate has no TLS method of this libssl")
+        raise UnavailableError("SSL_CTX* candidate has no TLS method of this libssl")
     if method not in lib.server_methods:
-        raise Unavailable("a client context (PROTOCOL_TLS_CLIENT) issues no tickets")
+        raise UnavailableError("a client context (PROTOCOL_TLS_CLIENT) issues no tickets")
     got = (
         lib.lib.SSL_CTX_get_options(ptr),
         lib.lib.SSL_CTX_get_verify_mode(ptr),
@@ -221,7 +224,7 @@ def ctx_pointer(lib: LibSSL, ctx: ssl.SSLContext, *, offset: int | None = None) 
         _proto(ctx.maximum_version),
     )
     if got != want:
-        raise Unavailable(f"SSL_CTX* candidate disagrees with the context: {got} != {want}")
+        raise UnavailableError(f"SSL_CTX* candidate disagrees with the context: {got} != {want}")
     return ptr
 
 

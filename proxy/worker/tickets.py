@@ -252,13 +252,13 @@ def install(ctx: ssl.SSLContext, keys: TicketKeys, *, legacy: bool = False) -> b
     try:
         lib = libssl.loaded()
         ptr = libssl.ctx_pointer(lib, ctx)
-    except libssl.Unavailable as e:
+    except libssl.UnavailableError as e:
         _last_failure = str(e)
         return False
     evp = lib.evp and not legacy
-    cb = keys._callback  # noqa: SLF001  (this module's own object)
+    cb = keys._callback  # this module's own object
     if cb is None or cb.lib is not lib or cb.evp != evp:
-        cb = keys._callback = _Callback(lib, keys, evp)  # noqa: SLF001
+        cb = keys._callback = _Callback(lib, keys, evp)
         _LIVE.append(cb)
     if evp:
         ok = lib.lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(ptr, cb.cfunc) == 1

@@ -157,7 +157,7 @@ class _Server:
                 await loop.connect_accepted_socket(
                     Proto, conn, ssl=self.ctx, ssl_handshake_timeout=IO_TIMEOUT
                 )
-            except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
                 self._count_failure()
                 conn.close()
 
@@ -282,16 +282,18 @@ def talk(
     name: str = "a.test",
 ) -> Result:
     """One connection: handshake (offering `session`), a line each way, the server's close."""
-    with socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as raw:
-        with ctx.wrap_socket(raw, server_hostname=name, session=session) as s:
-            s.sendall(b"hello\n")
-            buf = b""
-            while True:
-                data = s.recv(1024)
-                if not data:
-                    break
-                buf += data
-            return Result(s.session_reused, s.session, buf.decode().strip())
+    with (
+        socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as raw,
+        ctx.wrap_socket(raw, server_hostname=name, session=session) as s,
+    ):
+        s.sendall(b"hello\n")
+        buf = b""
+        while True:
+            data = s.recv(1024)
+            if not data:
+                break
+            buf += data
+        return Result(s.session_reused, s.session, buf.decode().strip())
 
 
 if __name__ == "__main__":

@@ -126,10 +126,10 @@ def test_the_libssl_found_is_the_one_ssl_runs_on() -> None:
 def test_libssl_is_refused_when_not_exactly_one_is_mapped() -> None:
     """No libssl mapped (a static _ssl) or two of them: nothing is guessed."""
     line = "7f0000000000-7f0000001000 r-xp 00000000 08:01 1 {}\n"
-    with pytest.raises(libssl.Unavailable, match="none"):
+    with pytest.raises(libssl.UnavailableError, match="none"):
         libssl.find(maps=line.format("/usr/lib/libc.so.6"))
     two = line.format("/a/libssl.so.3") + line.format("/b/libssl.so.1.1")
-    with pytest.raises(libssl.Unavailable, match="expected one"):
+    with pytest.raises(libssl.UnavailableError, match="expected one"):
         libssl.find(maps=two)
 
 
@@ -158,7 +158,7 @@ def test_a_pointer_read_from_the_wrong_place_is_refused(offset: int) -> None:
     candidate fails a check (alignment, mapping, method) before OpenSSL is asked anything else."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.set_alpn_protocols(["http/1.1"])  # a heap buffer right after SSL_CTX*: readable
-    with pytest.raises(libssl.Unavailable):
+    with pytest.raises(libssl.UnavailableError):
         libssl.ctx_pointer(libssl.loaded(), ctx, offset=offset)
 
 
@@ -438,9 +438,7 @@ def _tamper(pem: Path, out: Path, find: bytes, replace: bytes) -> None:
     der = der[:at] + replace + der[at + len(replace) :]
     body = base64.encodebytes(der).decode()
     out.write_text(
-        "-----BEGIN SSL SESSION PARAMETERS-----\n"
-        + body
-        + "-----END SSL SESSION PARAMETERS-----\n"
+        "-----BEGIN SSL SESSION PARAMETERS-----\n" + body + "-----END SSL SESSION PARAMETERS-----\n"
     )
 
 
