@@ -97,6 +97,7 @@ def _bind(lib: ctypes.CDLL) -> bool:
     try:
         _fn(lib, "SSL_CTX_set_tlsext_ticket_key_evp_cb", c_int, vp, TicketCallback)
         _fn(lib, "EVP_MAC_CTX_set_params", c_int, vp, vp)
+        _fn(lib, "EVP_CIPHER_fetch", vp, vp, ctypes.c_char_p, ctypes.c_char_p)
         for kind in ("octet", "utf8"):
             name = f"OSSL_PARAM_construct_{kind}_string"
             _fn(lib, name, OsslParam, ctypes.c_char_p, vp, ctypes.c_size_t)

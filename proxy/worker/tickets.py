@@ -35,6 +35,7 @@ AES_BYTES = 32  # AES-256-CBC, what OpenSSL uses for its own tickets
 HMAC_BYTES = 32  # HMAC-SHA256
 INFO = b"edgeproxy ticket"
 DEFAULT_TICKETS = 2  # TLS 1.3 tickets per full handshake, OpenSSL's default
+IV_BATCH = 256  # ticket IVs drawn from RAND_bytes at once
 
 # Return values of the ticket key callback (SSL_CTX_set_tlsext_ticket_key_cb(3)).
 _NONE = 0  # decrypt: unknown key, full handshake; encrypt: issue no ticket
@@ -78,7 +79,7 @@ class TicketKeys:
     (the lifetime hint clients see) to `period`, so no ticket outlives its key.
     """
 
-    __slots__ = ("_callback", "_keys", "_now_epoch", "clock", "period", "secret")
+    __slots__ = ("_callback", "_current", "_hi", "_keys", "_lo", "clock", "period", "secret")
 
     def __init__(
         self, secret: bytes, period: float, clock: Callable[[], float] = time.time
@@ -90,7 +91,8 @@ class TicketKeys:
         self.secret = bytes(secret)
         self.period = float(period)
         self.clock = clock
-        self._now_epoch: int | None = None
+        self._lo = self._hi = 0.0  # the current epoch's span of clock(); empty: not yet
+        self._current: EpochKey | None = None
         self._keys: dict[bytes, EpochKey] = {}  # name -> key, for e-1, e, e+1
         self._callback: _Callback | None = None  # set by the first install()
 
@@ -100,34 +102,32 @@ class TicketKeys:
         new ticket or with a full handshake: a count for /metrics."""
         return self._callback.errors if self._callback is not None else 0
 
-    def epoch(self) -> int:
-        return math.floor(self.clock() / self.period)
-
-    def _window(self) -> int:
-        e = self.epoch()
-        if e != self._now_epoch:
-            old = {k.epoch: k for k in self._keys.values()}
-            keys = (old.get(x) or derive(self.secret, x) for x in (e - 1, e, e + 1))
-            self._keys = {k.name: k for k in keys}
-            self._now_epoch = e
-        return e
+    def _now(self) -> EpochKey:
+        """The current key; the window moves when clock() has left the current epoch (one
+        clock read and two comparisons otherwise: this runs in every ticket operation)."""
+        t = self.clock()
+        if self._lo <= t < self._hi and self._current is not None:
+            return self._current
+        e = math.floor(t / self.period)  # a NaN or infinite clock raises here
+        old = {k.epoch: k for k in self._keys.values()}
+        window = [old.get(x) or derive(self.secret, x) for x in (e - 1, e, e + 1)]
+        self._keys = {k.name: k for k in window}
+        self._current = window[1]
+        self._lo, self._hi = e * self.period, (e + 1) * self.period
+        return window[1]
 
     def current(self) -> EpochKey:
         """The key new tickets are encrypted with."""
-        e = self._window()
-        for k in self._keys.values():
-            if k.epoch == e:
-                return k
-        raise AssertionError("the window always holds the current epoch")  # pragma: no cover
+        return self._now()
 
     def lookup(self, name: bytes) -> tuple[EpochKey, bool] | None:
         """The key named `name` and whether the ticket should be renewed (it was not made
         with the current key), or None for a name outside the window (full handshake)."""
-        e = self._window()
+        current = self._now()
         k = self._keys.get(name)
         if k is None:
             return None
-        return k, k.epoch != e
+        return k, k is not current
 
 
 class _Material:
@@ -155,16 +155,42 @@ _SHA256 = ctypes.create_string_buffer(b"SHA256")
 
 class _Callback:
     """The ticket key callback of one TicketKeys, shared by every context it is installed
-    on. OpenSSL calls it with the GIL released; ctypes takes the GIL for the call."""
+    on. OpenSSL calls it with the GIL released; ctypes takes the GIL for the call. It runs
+    once per ticket made or read, so it does little: about 10 µs measured (bench/)."""
 
-    __slots__ = ("cfunc", "errors", "evp", "keys", "lib", "material")
+    __slots__ = (
+        "cfunc",
+        "cipher",
+        "errors",
+        "evp",
+        "iv_at",
+        "iv_pid",
+        "ivs",
+        "ivs_addr",
+        "keys",
+        "lib",
+        "material",
+    )
 
     def __init__(self, lib: libssl.LibSSL, keys: TicketKeys, evp: bool) -> None:
+        f = lib.lib
         self.lib = lib
         self.keys = keys
         self.evp = evp  # OpenSSL 3's callback (EVP_MAC_CTX), or the legacy one (HMAC_CTX)
         self.material: dict[bytes, _Material] = {}
         self.errors = 0  # exceptions caught in the callback (the handshake went on without)
+        # AES-256-CBC fetched once (OpenSSL 3); EVP_aes_256_cbc() would fetch per ticket.
+        self.cipher: int = (
+            f.EVP_CIPHER_fetch(None, b"AES-256-CBC", None) if lib.evp else f.EVP_aes_256_cbc()
+        )
+        if not self.cipher:
+            raise libssl.UnavailableError("AES-256-CBC is not available")
+        # IVs from RAND_bytes in batches (one call per IV_BATCH tickets, not one each);
+        # drawn again in a forked child so that two processes never share one.
+        self.ivs = ctypes.create_string_buffer(IV_BATCH * libssl.EVP_MAX_IV_LENGTH)
+        self.ivs_addr = ctypes.addressof(self.ivs)
+        self.iv_at = len(self.ivs)
+        self.iv_pid = 0
         self.cfunc = libssl.TicketCallback(self._call)
 
     def _get(self, key: EpochKey) -> _Material:
@@ -174,6 +200,16 @@ class _Callback:
                 self.material = {}
             m = self.material[key.name] = _Material(self.lib, key, self.evp)
         return m
+
+    def _iv(self, iv: int) -> bool:
+        n = libssl.EVP_MAX_IV_LENGTH
+        if self.iv_at + n > len(self.ivs) or self.iv_pid != os.getpid():
+            if self.lib.lib.RAND_bytes(self.ivs, len(self.ivs)) != 1:
+                return False
+            self.iv_at, self.iv_pid = 0, os.getpid()
+        ctypes.memmove(iv, self.ivs_addr + self.iv_at, n)  # each used once (public after)
+        self.iv_at += n
+        return True
 
     def _call(self, ssl_: int, key_name: int, iv: int, cctx: int, mctx: int, enc: int) -> int:
         # Nothing may escape into OpenSSL: any failure is "no ticket" / "full handshake".
@@ -192,12 +228,11 @@ class _Callback:
         return bool(f.HMAC_Init_ex(mctx, m.hmac, HMAC_BYTES, f.EVP_sha256(), None) == 1)
 
     def _encrypt(self, key_name: int, iv: int, cctx: int, mctx: int) -> int:
-        f = self.lib.lib
         m = self._get(self.keys.current())
-        if f.RAND_bytes(iv, libssl.EVP_MAX_IV_LENGTH) != 1:
+        if not self._iv(iv):
             return _NONE
         ctypes.memmove(key_name, m.name, NAME_BYTES)
-        if f.EVP_EncryptInit_ex(cctx, f.EVP_aes_256_cbc(), None, m.aes, iv) != 1:
+        if self.lib.lib.EVP_EncryptInit_ex(cctx, self.cipher, None, m.aes, iv) != 1:
             return _NONE
         return _OK if self._mac_init(m, mctx) else _NONE
 
@@ -210,7 +245,7 @@ class _Callback:
         m = self._get(key)
         if not self._mac_init(m, mctx):
             return _NONE
-        if f.EVP_DecryptInit_ex(cctx, f.EVP_aes_256_cbc(), None, m.aes, iv) != 1:
+        if f.EVP_DecryptInit_ex(cctx, self.cipher, None, m.aes, iv) != 1:
             return _NONE
         # TLS 1.3: a fresh ticket after every resumption, as OpenSSL does with its own
         # keys (clients use a ticket once, RFC 8446 C.4); TLS 1.2: only when the key
@@ -258,7 +293,12 @@ def install(ctx: ssl.SSLContext, keys: TicketKeys, *, legacy: bool = False) -> b
     evp = lib.evp and not legacy
     cb = keys._callback  # this module's own object
     if cb is None or cb.lib is not lib or cb.evp != evp:
-        cb = keys._callback = _Callback(lib, keys, evp)
+        try:
+            cb = _Callback(lib, keys, evp)
+        except libssl.UnavailableError as e:
+            _last_failure = str(e)
+            return False
+        keys._callback = cb
         _LIVE.append(cb)
     if evp:
         ok = lib.lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(ptr, cb.cfunc) == 1

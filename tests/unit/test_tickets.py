@@ -185,6 +185,71 @@ def test_install_turns_tickets_on() -> None:
     assert ctx.num_tickets == tickets.DEFAULT_TICKETS
 
 
+class _Ctxs:
+    """A fresh EVP_CIPHER_CTX and HMAC EVP_MAC_CTX, as OpenSSL hands the callback per ticket."""
+
+    def __init__(self) -> None:
+        f = libssl.loaded().lib
+        vp = ctypes.c_void_p
+        f.EVP_CIPHER_CTX_new.restype = vp
+        f.EVP_CIPHER_CTX_free.argtypes = (vp,)
+        f.EVP_MAC_fetch.restype = vp
+        f.EVP_MAC_fetch.argtypes = (vp, ctypes.c_char_p, ctypes.c_char_p)
+        f.EVP_MAC_CTX_new.restype = vp
+        f.EVP_MAC_CTX_new.argtypes = (vp,)
+        f.EVP_MAC_CTX_free.argtypes = (vp,)
+        f.EVP_MAC_free.argtypes = (vp,)
+        self.f = f
+        self.cipher = f.EVP_CIPHER_CTX_new()
+        self.mac = f.EVP_MAC_fetch(None, b"HMAC", None)
+        self.hmac = f.EVP_MAC_CTX_new(self.mac)
+
+    def close(self) -> None:
+        self.f.EVP_CIPHER_CTX_free(self.cipher)
+        self.f.EVP_MAC_CTX_free(self.hmac)
+        self.f.EVP_MAC_free(self.mac)
+
+
+def _new_ticket(keys: tickets.TicketKeys) -> tuple[int, bytes, bytes]:
+    """Call the installed callback the way OpenSSL does to make a ticket: (result, name, IV)."""
+    cb = keys._callback
+    assert cb is not None
+    name, iv = ctypes.create_string_buffer(16), ctypes.create_string_buffer(16)
+    c = _Ctxs()
+    try:
+        rc = cb.cfunc(0, ctypes.addressof(name), ctypes.addressof(iv), c.cipher, c.hmac, 1)
+    finally:
+        c.close()
+    return rc, name.raw, iv.raw
+
+
+def test_every_ticket_gets_its_own_iv_also_in_a_forked_child() -> None:
+    """CBC under one key needs unrepeated IVs: none repeats over several RAND_bytes batches,
+    and a forked child draws its own batch instead of replaying the parent's."""
+    keys = tickets.TicketKeys(tickets.new_secret(), 3600)
+    assert tickets.install(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), keys)
+    made = [_new_ticket(keys) for _ in range(tickets.IV_BATCH * 2 + 7)]
+    assert {rc for rc, _, _ in made} == {1}
+    assert {name for _, name, _ in made} == {keys.current().name}
+    ivs = {iv for _, _, iv in made}
+    assert len(ivs) == len(made)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one ticket, its IV to the parent, and out
+        try:
+            os.write(w, _new_ticket(keys)[2])
+        finally:
+            os._exit(0)
+    os.close(w)
+    child_iv = os.read(r, 16)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(child_iv) == 16
+    parent_iv = _new_ticket(keys)[2]
+    assert child_iv != parent_iv
+    assert child_iv not in ivs
+
+
 # -- real handshakes between processes ----------------------------------------------
 
 
