@@ -12,7 +12,9 @@ the master hands its secret to the new generation) and the client goes on. The s
 run with keys not installed (OpenSSL's per-process random keys) is the baseline.
 Reported per TLS version: resumed / handshakes that offered a session, for Python's
 ssl client and for `openssl s_client -sess_in/-sess_out`; and the servers' CPU
-microseconds per handshake (from /proc/<pid>/task/*/schedstat), full vs resumed. Written to
+microseconds per handshake (from /proc/<pid>/task/*/schedstat), full vs resumed; and
+the ticket callback's own cost, measured in one process without sockets (server thread
+time per handshake: OpenSSL's own keys vs the EVP and the legacy callback). Written to
 bench/results/tls-resumption-<UTC time>.md with the date, machine, load and command.
 Traffic stays on 127.0.0.1; every loop is bounded by --n.
 """
@@ -26,9 +28,12 @@ import os
 import platform
 import shlex
 import shutil
+import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +43,8 @@ from bench.wrk_compare import cpu_model, uptime
 sys.path.insert(0, str(BENCH_DIR.parent / "tests" / "support"))
 from certgen import CA
 from ticket_server import HOST, TicketServer, client_context, talk
+
+from proxy.worker import tickets
 
 VERSIONS = ("1.2", "1.3")
 WARMUP = 5  # full handshakes per server before measuring
@@ -124,7 +131,8 @@ def full_handshake_cpu(pki: tuple[Path, Path], version: str, n: int, loop: str) 
         with TicketServer(bundle, os.urandom(32), *extra) as s:
             warm([s], ca, version)
             ctx = client_context(ca, version)
-            phase = Phase("full, keys " + ("installed" if install else "not installed"))
+            keys = "installed" if install else "not installed"
+            phase = Phase(f"one server, full handshakes only, keys {keys}")
             before = cpu_seconds(s.proc.pid)
             for _ in range(n):
                 talk(s.port, ctx)
@@ -132,6 +140,91 @@ def full_handshake_cpu(pki: tuple[Path, Path], version: str, n: int, loop: str) 
             phase.cpu = cpu_seconds(s.proc.pid) - before
             out.append(phase)
     return out
+
+
+def _handshake(
+    sctx: ssl.SSLContext, cctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[float, bool]:
+    """One handshake between two SSLObjects over memory BIOs, in this thread; the server
+    side's CPU seconds (thread time around its do_handshake calls) and whether it resumed."""
+    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = cctx.wrap_bio(cin, cout, server_hostname="a.test", session=session)
+    s = sctx.wrap_bio(sin, sout, server_side=True)
+    server_done = client_done = False
+    spent = 0.0
+    for _ in range(20):  # a handshake is a few flights
+        if not client_done:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                c.do_handshake()
+                client_done = True
+        sin.write(cout.read())
+        if not server_done:
+            t = time.thread_time()
+            with contextlib.suppress(ssl.SSLWantReadError):
+                s.do_handshake()
+                server_done = True
+            spent += time.thread_time() - t
+        cin.write(sout.read())
+        if server_done and client_done:
+            break
+    s.write(b"x")  # the client reads the TLS 1.3 tickets with it
+    cin.write(sout.read())
+    c.read(1)
+    return spent, c.session_reused
+
+
+def callback_cost(pki: tuple[Path, Path], version: str, rounds: int, per: int) -> list[str]:
+    """Server CPU per handshake in one process (no sockets, no event loop), OpenSSL's own
+    ticket keys vs shared keys (OpenSSL 3 callback, legacy callback), full and resumed,
+    measured in interleaved rounds; medians of the rounds."""
+    bundle, ca = pki
+    cost: dict[tuple[str, str], list[float]] = {}
+    setups = {}
+    for mode in ("OpenSSL's own keys", "shared keys (EVP callback)", "shared keys (legacy)"):
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(bundle)
+        if mode != "OpenSSL's own keys":
+            keys = tickets.TicketKeys(tickets.new_secret(), 3600)
+            if not tickets.install(sctx, keys, legacy="legacy" in mode):
+                raise RuntimeError(tickets.last_failure())
+        cctx = client_context(ca, version)
+        for _ in range(WARMUP * 4):
+            _handshake(sctx, cctx, None)
+        setups[mode] = (sctx, cctx, _session(sctx, cctx))
+    for _ in range(rounds):
+        for mode, (sctx, cctx, resume) in setups.items():
+            for kind, session in (("full", None), ("resumed", resume)):
+                spent = 0.0
+                for _ in range(per):
+                    t, reused = _handshake(sctx, cctx, session)
+                    if reused != (session is not None):
+                        raise RuntimeError(f"{mode} {kind}: resumed={reused}")
+                    spent += t
+                cost.setdefault((mode, kind), []).append(spent / per)
+    return [
+        f"| {version} | {mode} | {kind} | {1e6 * statistics.median(v):.0f} |"
+        for (mode, kind), v in cost.items()
+    ]
+
+
+def _session(sctx: ssl.SSLContext, cctx: ssl.SSLContext) -> ssl.SSLSession:
+    """A session (with its tickets read) from one full handshake."""
+    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = cctx.wrap_bio(cin, cout, server_hostname="a.test")
+    s = sctx.wrap_bio(sin, sout, server_side=True)
+    for _ in range(20):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            c.do_handshake()
+        sin.write(cout.read())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            s.do_handshake()
+        cin.write(sout.read())
+    s.write(b"x")
+    cin.write(sout.read())
+    c.read(1)
+    if c.session is None:
+        raise RuntimeError("no session")
+    return c.session
 
 
 def s_client(port: int, ca: Path, version: str, sess_in: Path | None, sess_out: Path) -> bool:
@@ -177,6 +270,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="handshakes per phase (Python client)")
     p.add_argument("--openssl-n", type=int, default=40, help="s_client handshakes per run")
+    p.add_argument("--rounds", type=int, default=10, help="in-process cost: rounds")
+    p.add_argument("--per-round", type=int, default=50, help="in-process cost: per round")
     p.add_argument("--loop", choices=("stdlib", "uvloop", "accepted"), default="uvloop")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -186,6 +281,7 @@ def main() -> None:
     up_before = uptime()
     rows: list[str] = []
     cpu_rows: list[str] = []
+    cost_rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tls-resumption-") as d:
         tmp = Path(d)
         ca = CA.new()
@@ -208,6 +304,7 @@ def main() -> None:
                     rows.append(
                         f"| {version} | openssl s_client | {keys} | {ph.name} | {ph.rate()} |"
                     )
+            cost_rows += callback_cost(pki, version, args.rounds, args.per_round)
             for ph in full_handshake_cpu(pki, version, n, args.loop):
                 cpu_rows.append(f"| {version} | {ph.name} | {ph.total} | 0 | {ph.us_per()} |")
     command = "python -m bench.tls_resumption " + shlex.join(sys.argv[1:])
@@ -232,11 +329,22 @@ def main() -> None:
             *rows,
             "",
             "Server CPU per handshake (all threads of the serving processes, from "
-            "/proc/<pid>/task/*/schedstat; each server warmed up first):",
+            "/proc/<pid>/task/*/schedstat; each server warmed up first). Compare rows of "
+            "the same shape: alternating between two processes costs more per handshake "
+            "than staying on one (caches), whatever the keys.",
             "",
             "| TLS | run | handshakes | resumed | server CPU µs / handshake |",
             "|---|---|---:|---:|---:|",
             *cpu_rows,
+            "",
+            "The ticket callback's own cost: server CPU per handshake in one process (two "
+            "SSLObjects over memory BIOs, no sockets, no loop; thread time around the "
+            "server's do_handshake), median of interleaved rounds "
+            f"({args.rounds} x {args.per_round} handshakes per cell):",
+            "",
+            "| TLS | keys | handshake | server CPU µs |",
+            "|---|---|---|---:|",
+            *cost_rows,
             "",
         ]
     )
