@@ -7,9 +7,10 @@ Input i is generated from random.Random((S << 32) | i), so any input is reproduc
 record header, 10 % valid hellos (tests/support/hello_builder.py random_spec, checked
 against what they hold), 15 % hellos bent where the parser reads deepest (random_bent_spec:
 SNI names and entries, ALPN lists, duplicate or misplaced extensions, many tiny records,
-versions, legacy fields), 55 % valid hellos (built, or real ones from Python's ssl) with
-1..4 edits (a byte set, a bit flipped, a cut, bytes inserted or deleted, a 16-bit length
-rewritten, a slice repeated). Each input is parsed whole and cut at a random point, and
+versions, legacy fields), 55 % valid hellos (built, or the real ones of Python's ssl,
+openssl s_client and curl kept in tests/support/hello_corpus.py) with 1..4 edits (a byte
+set, a bit flipped, a cut, bytes inserted or deleted, a 16-bit length rewritten, a slice
+repeated). Each input is parsed whole and cut at a random point, and
 judged by tests/support/hello_check.py: nothing raised but HelloError (with a listed
 reason), byte counts in (len, MAX_HELLO], a Hello's SNI a valid DNS name and its size
 within the bytes, a refusal final, a prefix of a Hello only asking for more. The choices
@@ -29,7 +30,6 @@ import datetime
 import os
 import platform
 import random
-import ssl
 import subprocess
 import sys
 import time
@@ -45,8 +45,8 @@ from tests.support.hello_builder import (
     random_mutations,
     random_spec,
 )
-from tests.support.hello_capture import python_hello
 from tests.support.hello_check import Violation, violations
+from tests.support.hello_corpus import CORPUS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = (b"\x16\x03\x01", b"\x16\x03\x03", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
@@ -64,15 +64,6 @@ def cpu_model() -> str:
 
 def build_kind() -> str:
     return "compiled" if clienthello.__file__.endswith(".so") else "pure"
-
-
-def real_hellos() -> list[bytes]:
-    """First flights of Python's ssl client: TLS 1.3 and 1.2-only, with and without SNI/ALPN."""
-    out = []
-    for maximum in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_2):
-        out.append(python_hello("fuzz.example.test", ["h2", "http/1.1"], maximum))
-        out.append(python_hello(None, None, maximum))
-    return out
 
 
 class Tally:
@@ -130,7 +121,7 @@ def one(i: int, rng: random.Random, real: list[bytes], t: Tally) -> None:
 
 def run(count: int, seed: int, max_seconds: float, progress: int) -> tuple[Tally, int, float]:
     t = Tally()
-    real = real_hellos()
+    real = [data for data, _ in CORPUS.values()]
     start = time.monotonic()
     done = 0
     for i in range(count):

@@ -145,7 +145,7 @@ def parse_client_hello(data: bytes) -> Hello | int:
             head = b"".join(parts) + data[start : start + 4 - got]
             hs_total = _handshake_header(head)
             if pos + RECORD_HEADER + hs_total - got > MAX_HELLO:
-                raise HelloError("too_large", ALERT_ILLEGAL_PARAMETER, f"needs > {MAX_HELLO}")
+                raise HelloError("too_large", ALERT_ILLEGAL_PARAMETER, f"needs > {MAX_HELLO} bytes")
         if hs_total >= 0 and got + rlen > hs_total:
             raise HelloError(
                 "trailing_data", ALERT_UNEXPECTED_MESSAGE, "a record goes past the ClientHello"

@@ -39,6 +39,7 @@ from hello_builder import (
 )
 from hello_capture import client_hello, python_hello
 from hello_check import judge, violations
+from hello_corpus import CORPUS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -174,6 +175,15 @@ def test_curl_hello() -> None:
     assert got.sni == "curl.example.test"
     assert got.alpn is not None and b"http/1.1" in got.alpn
     assert got.size == len(data)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_stored_real_hellos_parse_and_every_prefix_asks_for_more(name: str) -> None:
+    """The hellos captured once from Python's ssl, openssl s_client and curl parse to what
+    they hold, and each of their prefixes only asks for more, within the hello."""
+    data, want = CORPUS[name]
+    assert parse_client_hello(data) == want
+    prefixes_wait(data, len(data))
 
 
 # --- splits and what follows the hello -----------------------------------------------------
