@@ -186,7 +186,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo.cluster import run_demo
 
-    return run_demo(args.port, args.admin_port, args.instances, args.workers)
+    return run_demo(args.port, args.https_port, args.admin_port, args.instances, args.workers)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -223,6 +223,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_table)
     sp = sub.add_parser("demo", help="a working single-node setup: proxy + demo instances")
     sp.add_argument("--port", type=int, default=8080, help="proxy port on 127.0.0.1")
+    sp.add_argument("--https-port", type=int, default=8443, help="HTTPS port on 127.0.0.1")
     sp.add_argument("--admin-port", type=int, default=9901, help="admin port on 127.0.0.1")
     sp.add_argument("--instances", type=int, default=3, help="demo instances to start")
     sp.add_argument("--workers", type=int, default=None, help="workers (default: cores)")

@@ -61,6 +61,11 @@ class Master(MasterViews):
         takeover: socket.socket | None = None,
     ) -> None:
         self.handover = handover  # what a previous image (re-exec) or master (takeover) left
+        # The secret every worker derives its TLS session-ticket keys from, for this
+        # master's life and the lives it hands over to (a ticket resumes on any worker of
+        # any generation): carried by re-exec and takeover, new otherwise.
+        secret = handover.extra.get("ticket_secret") if handover is not None else None
+        self.ticket_secret = secret if isinstance(secret, str) else os.urandom(32).hex()
         self.takeover_sock = takeover  # takeover: the old master, told to retire once we serve
         self.fingerprint = code_fingerprint()
         self.config = config
@@ -85,6 +90,8 @@ class Master(MasterViews):
     # bookkeeping ---------------------------------------------------------------
     def kinds(self, config: Config) -> dict[str, tuple[Any, ...]]:
         kinds: dict[str, tuple[Any, ...]] = {"http": config.listen.http}
+        if config.listen.https:
+            kinds["https"] = config.listen.https
         if config.listen.backhaul is not None:
             kinds["backhaul"] = (config.listen.backhaul,)
         return kinds
@@ -111,6 +118,7 @@ class Master(MasterViews):
             "stats_fd": block.fd,
             "cell": cell,
             "inflight": inflight_name(config.table),
+            "ticket_secret": self.ticket_secret,
         }
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
@@ -383,7 +391,13 @@ class Master(MasterViews):
             )
             for w in self.workers.values()
         ]
-        return Handover(self.generation, listeners, workers, started=self.started)
+        return Handover(
+            self.generation,
+            listeners,
+            workers,
+            started=self.started,
+            extra={"ticket_secret": self.ticket_secret},
+        )
 
     def adopt(self, h: Handover) -> list[WorkerProc]:
         """Take the listeners (and, after a re-exec, the workers) a handover brought."""

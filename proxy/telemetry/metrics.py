@@ -17,8 +17,9 @@ from typing import Any
 import msgpack
 
 from proxy import __version__
+from proxy.telemetry import families
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NCLASS = len(STATUS_CLASSES)
 NO_APP = "_none"  # label of requests that matched no app; not a valid app name
@@ -68,6 +69,7 @@ class WorkerStats:
         "bad_requests",
         "connect_buckets",
         "connect_sum",
+        "families",
         "generation",
         "inflight",
         "internal_errors",
@@ -109,6 +111,11 @@ class WorkerStats:
         self.open_connections = 0
         self.inflight = 0
         self.upstream_idle = 0
+        self.families = families.zeros()  # proxy.telemetry.families
+
+    def family(self, name: str) -> list[int]:
+        """The counter list of family `name`, to keep and bump by index."""
+        return self.families[name]
 
     def observe_connect(self, seconds: float) -> None:
         """One upstream connect took `seconds`."""
@@ -149,6 +156,7 @@ class WorkerStats:
                 self.internal_errors,
                 self.accept_pauses,
                 self.accept_paused_seconds,
+                self.families,
             )
         )
         return data
@@ -184,6 +192,7 @@ class Snapshot:
     internal_errors: tuple[int, ...]
     accept_pauses: int
     accept_paused_seconds: float
+    families: dict[str, tuple[int, ...]]
 
     @property
     def state_name(self) -> str:
@@ -210,11 +219,11 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raw = msgpack.unpackb(data, use_list=True, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as e:
         raise SnapshotError(f"not a snapshot: {e}") from None
-    if not isinstance(raw, list) or len(raw) != 25 or raw[0] != SNAPSHOT_VERSION:
+    if not isinstance(raw, list) or len(raw) != 26 or raw[0] != SNAPSHOT_VERSION:
         raise SnapshotError(f"not a version {SNAPSHOT_VERSION} snapshot")
     (_, pid, slot, gen, state, apps, requests, cb, cbuckets, csum, rb, rbuckets, rsum,
      retries, bad, upstream, accepted, open_c, inflight, idle, no_pick, refused, internal,
-     pauses, paused_s) = raw  # fmt: skip
+     pauses, paused_s, fams) = raw  # fmt: skip
     pid, slot, gen, state = _ints([pid, slot, gen, state], 4, "pid/slot/generation/state")
     if state >= len(WORKER_STATES):
         raise SnapshotError(f"unknown worker state {state}")
@@ -246,6 +255,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         internal_errors=_ints(internal, len(INTERNAL_WHERE), "internal errors"),
         accept_pauses=_ints([pauses], 1, "accept pauses")[0],
         accept_paused_seconds=_number(paused_s, "accept paused seconds"),
+        families=families.decode(fams),
     )
 
 
@@ -260,6 +270,7 @@ class _Totals:
         "bad",
         "connect",
         "connect_sum",
+        "families",
         "internal",
         "no_pick",
         "requests",
@@ -285,6 +296,7 @@ class _Totals:
         self.accepted = 0
         self.accept_pauses = 0
         self.accept_paused_seconds = 0.0
+        self.families: dict[str, list[int]] = {}
 
     def copy(self) -> _Totals:
         t = _Totals()
@@ -301,6 +313,7 @@ class _Totals:
         _add(self.no_pick, other.no_pick)
         _add(self.admissions, other.admissions)
         _add(self.internal, other.internal)
+        families.add(self.families, other.families)
         self.connect_sum += other.connect_sum
         self.response_sum += other.response_sum
         self.accepted += other.accepted
@@ -319,6 +332,7 @@ class _Totals:
         _add(self.no_pick, s.no_pick)
         _add(self.admissions, s.admissions_refused)
         _add(self.internal, s.internal_errors)
+        families.add(self.families, s.families)
         self.connect_sum += s.connect_sum
         self.response_sum += s.response_sum
         self.accepted += s.accepted
@@ -425,6 +439,7 @@ class Aggregator:
              "where", INTERNAL_WHERE, t.internal),
         ):  # fmt: skip
             _labelled(out, name, help_=help_, label=label, values=values, counts=counts)
+        families.render(out, t.families)
         _histogram(out, "upstream_connect_seconds", help_="Upstream connect time.",
                    bounds=CONNECT_BUCKETS, buckets=t.connect, total=t.connect_sum)  # fmt: skip
         _histogram(out, "response_seconds", help_="Request head received to response end.",
@@ -497,5 +512,5 @@ def block_size_for(n_apps: int, page: int = 4096) -> int:
     lists += len(NO_PICK_REASONS) + len(ADMISSION_SOURCES) + len(INTERNAL_WHERE)
     ints = (n_apps + 1) * NCLASS + len(CONNECT_BUCKETS) + len(RESPONSE_BUCKETS) + lists + 32
     names = n_apps * 66  # msgpack str header + a name of at most 63 characters
-    worst = ints * 9 + names + 1024
+    worst = ints * 9 + names + families.size_bound() + 1024
     return max(64 * 1024, -(-(worst + 64) // page) * page)

@@ -81,15 +81,27 @@ class ClientConnection(UpstreamEvents):
         "resp_framing",
         "resp_keep",
         "sink_fd",
+        "sni_app",
+        "tls",
         "transport",
         "tunnel",
         "up",
         "write_paused",
     )
 
-    def __init__(self, ctx: WorkerContext, backhaul: bool = False) -> None:
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        backhaul: bool = False,
+        sni_app: str | None = None,
+        tls: bool = False,
+    ) -> None:
         self.ctx = ctx
         self.backhaul = backhaul  # a peer node's connection: requests name their instance
+        self.tls = tls  # over TLS: X-Forwarded-Proto https, and never a splice into the socket
+        # The app the TLS SNI named ("" if none): every request must name the same one
+        # (RFC 9110 15.5.20, 421). None: not TLS, or no SNI.
+        self.sni_app = sni_app
         self.transport: asyncio.Transport | None = None
         self.sink_fd = -1  # the socket's descriptor: a response body may be spliced into it
         self.parser = httptools.HttpRequestParser(self)
@@ -126,13 +138,13 @@ class ClientConnection(UpstreamEvents):
             mode = FWD_APPEND
         else:
             mode = FWD_SET
-        self.front = Front(mode, ip.encode(), b"http", port)
+        self.front = Front(mode, ip.encode(), b"https" if self.tls else b"http", port)
         # A response that fits is taken from the instance at full speed, whatever the
         # client's pace (the instance's slot frees as soon as it is done); past this, the
         # client's pace holds the instance back.
         t.set_write_buffer_limits(high=ctx.limits.response_buffer)
         sock = t.get_extra_info("socket")
-        if sock is not None and ctx.pool.splicer is not None:
+        if sock is not None and ctx.pool.splicer is not None and not self.tls:
             self.sink_fd = sock.fileno()
         ctx.opened(self)
         self.deadline = ctx.loop.time() + ctx.timeouts.client_header
@@ -390,6 +402,10 @@ class ClientConnection(UpstreamEvents):
             self.start_backhauled(r)
             return
         app = routing.app_for_host(r.hostname())
+        if self.sni_app is not None and app != self.sni_app:
+            text = f"edgeproxy: host {r.hostname()!r} is not served on this TLS connection\n"
+            self.local_response(r, 421, text)
+            return
         if app is None:
             self.local_response(r, 404, f"edgeproxy: no app serves host {r.hostname()!r}\n")
             return

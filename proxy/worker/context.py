@@ -150,9 +150,12 @@ class WorkerContext:
             self.stats.observe_connect(self.loop.time() - t0)
             client.attach(r, up)
 
-    def client_factory(self, backhaul: bool) -> Callable[[], Any]:
-        """The protocol factory of a listener (a backhaul one: peers name the instance)."""
-        return lambda: ClientConnection(self, backhaul)
+    def client_factory(
+        self, backhaul: bool, sni_app: str | None = None, tls: bool = False
+    ) -> Callable[[], Any]:
+        """The protocol factory of a listener (a backhaul one: peers name the instance; a
+        TLS one: requests must name the app the SNI named, "" when it named none)."""
+        return lambda: ClientConnection(self, backhaul, sni_app, tls)
 
     # housekeeping ----------------------------------------------------------------
     def sweep(self) -> None:

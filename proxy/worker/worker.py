@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,10 @@ from proxy.telemetry.metrics import (
     WorkerStats,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.certs import CertCache
 from proxy.worker.context import WorkerContext
+from proxy.worker.tickets import TicketKeys, install, last_failure
+from proxy.worker.tls import ALPN, TlsEdge
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
@@ -56,6 +60,9 @@ class Worker:
         )
         self.cells = self.attach_cells(boot)
         self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
+        self.tls: TlsEdge | None = None
+        self.tickets: TicketKeys | None = None
+        self.tickets_warned = False
         self.servers: list[asyncio.Server] = []
         # Client listeners, kept open for the process's life: pausing at max_connections
         # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
@@ -93,9 +100,13 @@ class Worker:
                     self.factory(True), sock=sock, backlog=4096, start_serving=True
                 )
                 self.servers.append(srv)
+            elif lst["kind"] == "https":
+                self.tls_edge().add(sock)
             else:
                 self.client_socks.append(sock)
         await self.listen_clients()
+        if self.tls is not None:
+            await self.tls.start()
         self.ctx.on_accepting = self.on_accepting
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGQUIT, self.on_signal, signal.SIGQUIT)
@@ -109,11 +120,54 @@ class Worker:
         loop.call_later(PUBLISH, self.publish_tick)
         await self.stop_event.wait()
         self.close_listeners()
+        if self.tls is not None:
+            await self.tls.stop()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:
                 c.transport.abort()
         self.publish()
+
+    def tls_edge(self) -> TlsEdge:
+        """The HTTPS side of this worker, made with its first HTTPS listener."""
+        if self.tls is None:
+            ctx, config = self.ctx, self.config
+            tls = config.tls
+            certs = CertCache(
+                tls.certs_dir,
+                config.cluster.store if tls.store else None,
+                config.cluster.endpoints,
+                config.cluster.prefix,
+                cache_size=tls.cache_size,
+                miss_ttl=tls.miss_ttl,
+                alpn=tuple(p.decode() for p in ALPN),
+                configure=self.install_tickets,
+            )
+            self.tls = TlsEdge(
+                self.loop,
+                config,
+                certs,
+                self.stats,
+                lambda sni_app: ctx.client_factory(False, sni_app, True),
+                ctx.routing.app_for_host,
+            )
+        return self.tls
+
+    def install_tickets(self, ctx: ssl.SSLContext) -> None:
+        """Session tickets any worker of any generation can read (proxy.worker.tickets);
+        where that cannot be done, resumption stays per process (logged once)."""
+        if self.tickets is None:
+            secret = bytes.fromhex(self.boot["ticket_secret"])
+            self.tickets = TicketKeys(secret, self.config.tls.ticket_rotate)
+        if install(ctx, self.tickets):
+            return
+        self.stats.family("tls_ticket_errors_total")[0] += 1
+        if not self.tickets_warned:
+            self.tickets_warned = True
+            print(
+                f"edgeproxy worker: TLS session tickets stay per process: {last_failure()}",
+                file=sys.stderr,
+            )
 
     def on_signal(self, signum: int) -> None:
         if signum == signal.SIGTERM and not self.ctx.draining:
@@ -127,6 +181,8 @@ class Worker:
         for srv in self.servers:
             srv.close()
         self.servers = []
+        if self.tls is not None:
+            self.tls.close()
         self.stop_clients()
         for sock in self.client_socks:
             sock.close()
@@ -153,6 +209,8 @@ class Worker:
     def on_accepting(self, accepting: bool) -> None:
         """The context's connection count crossed max_connections."""
         s = self.stats
+        if self.tls is not None:
+            self.tls.accepting(accepting and not self.ctx.draining)
         if not accepting:
             self.stop_clients()
             if self.paused_at < 0:
@@ -200,7 +258,8 @@ class Worker:
             ctx.routing.attach()
         if os.getppid() != self.master_pid and not ctx.draining:
             self.start_drain()  # the master is gone: finish what we have, then leave
-        if ctx.draining and (not ctx.clients or self.loop.time() >= self.drain_deadline):
+        idle = not ctx.clients and (self.tls is None or not self.tls.pending)
+        if ctx.draining and (idle or self.loop.time() >= self.drain_deadline):
             self.stop_event.set()
             return
         self.loop.call_later(TICK, self.tick)
@@ -220,6 +279,10 @@ class Worker:
             now = self.loop.time()
             s.accept_paused_seconds += now - self.paused_at
             self.paused_at = now
+        if self.tls is not None:
+            self.tls.publish()
+        if self.tickets is not None:
+            s.family("tls_ticket_errors_total")[1] = self.tickets.callback_errors
         if self.block is not None:
             self.block.publish(s.snapshot())
 
