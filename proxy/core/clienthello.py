@@ -9,6 +9,7 @@ sockets, no clock, no buffering of its own. It must not decide certificates or r
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -93,7 +94,9 @@ class HelloError(Exception):
 class Hello:
     """What the shell needs from a well-formed ClientHello.
 
-    `sni`: the host_name, lower-cased, one trailing dot stripped (None: no server_name).
+    `sni`: the host_name, lower-cased, one trailing dot stripped (None: no server_name, or
+    a well-formed IP address there, which RFC 6066 3 forbids but clients such as wrk send
+    when they are pointed at an address: never used as a name, taken as no SNI).
     `alpn`: the offered protocols in the client's order (None: no ALPN extension).
     `tls13`: supported_versions offers TLS 1.3. `size`: bytes of the records that
     carried the hello (what the shell leaves in the socket for OpenSSL to read).
@@ -301,7 +304,7 @@ def _extensions(b: bytes, i: int, n: int, legacy: int, size: int) -> Hello:
             # RFC 8446 4.2.11: pre_shared_key MUST be the last extension.
             raise HelloError("extension_order", ALERT_ILLEGAL_PARAMETER, "pre_shared_key not last")
         if etype == _EXT_SERVER_NAME:
-            sni = _server_name(b, i, end)
+            sni = _server_name(b, i, end) or None  # "": an address, as if no SNI
         elif etype == _EXT_ALPN:
             alpn = _alpn(b, i, end)
         elif etype == _EXT_SUPPORTED_VERSIONS:
@@ -403,11 +406,28 @@ def host_name(name: bytes) -> str:
     if not name or len(name) > _MAX_HOST:
         raise HelloError("sni_name", ALERT_ILLEGAL_PARAMETER, f"a name of {len(name)} bytes")
     if b":" in name:
+        if _is_address(name):
+            return ""
         raise HelloError("sni_ip_literal", ALERT_ILLEGAL_PARAMETER, "an IPv6 literal")
     low = name.lower()
     if _LDH.match(low) is None:
         raise HelloError("sni_name", ALERT_ILLEGAL_PARAMETER, "not LDH labels")
     if low.rpartition(b".")[2].isdigit():
         # An all-numeric last label: an IPv4 literal (or one in disguise, 127.1).
+        if _is_address(low):
+            return ""
         raise HelloError("sni_ip_literal", ALERT_ILLEGAL_PARAMETER, "an IPv4 literal")
     return low.decode("ascii")
+
+
+def _is_address(name: bytes) -> bool:
+    """A well-formed IPv4 dotted quad or IPv6 text address (nothing in disguise: 127.1,
+    a bracketed or zoned address, a numeric top-level label are no addresses here)."""
+    if not name.isascii() or b"%" in name:
+        return False
+    text = name.decode("ascii")
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return addr.version == 6 or text.count(".") == 3

@@ -500,11 +500,9 @@ BAD: list[tuple[str, bytes, str, int]] = [
     ("sni_nul", with_sni([(0, b"a.test\x00.evil")]), "sni_name", ILLEGAL),
     ("sni_space", with_sni([(0, b"a test")]), "sni_name", ILLEGAL),
     ("sni_newline", with_sni([(0, b"a.test\n")]), "sni_name", ILLEGAL),
-    ("sni_ipv4", with_sni([(0, b"192.0.2.1")]), "sni_ip_literal", ILLEGAL),
-    ("sni_ipv4_trailing_dot", with_sni([(0, b"192.0.2.1.")]), "sni_ip_literal", ILLEGAL),
     ("sni_ipv4_short", with_sni([(0, b"127.1")]), "sni_ip_literal", ILLEGAL),
     ("sni_numeric_tld", with_sni([(0, b"example.123")]), "sni_ip_literal", ILLEGAL),
-    ("sni_ipv6", with_sni([(0, b"::1")]), "sni_ip_literal", ILLEGAL),
+    ("sni_ipv6_zoned", with_sni([(0, b"fe80::1%eth0")]), "sni_ip_literal", ILLEGAL),
     ("sni_ipv6_bracketed", with_sni([(0, b"[2001:db8::1]")]), "sni_ip_literal", ILLEGAL),
     # ALPN (RFC 7301 3.1)
     ("alpn_no_list_length", with_exts(ext(ALPN, b"\x00")), "alpn", DECODE),
@@ -670,3 +668,14 @@ def test_alert_record_bytes() -> None:
     assert alert_record(50) == b"\x15\x03\x03\x00\x02\x02\x32"
     with pytest.raises(ValueError):
         alert_record(256)
+
+
+@pytest.mark.parametrize(
+    "name", [b"192.0.2.1", b"192.0.2.1.", b"127.0.0.1", b"::1", b"2001:db8::1"]
+)
+def test_a_well_formed_address_in_the_sni_is_taken_as_no_sni(name: bytes) -> None:
+    """An IP address as host_name (RFC 6066 forbids it; wrk sends it): parsed, never used
+    as a name: sni is None, as without the extension."""
+    hello = parse_client_hello(with_sni([(0, name)]))
+    assert isinstance(hello, Hello)
+    assert hello.sni is None
