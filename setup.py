@@ -16,6 +16,7 @@ from setuptools import setup
 COMPILED = [
     "proxy/worker/batch.py",
     "proxy/worker/client.py",
+    "proxy/worker/client_io.py",
     "proxy/worker/context.py",
     "proxy/worker/exchange.py",
     "proxy/core/headers.py",

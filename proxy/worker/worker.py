@@ -27,6 +27,7 @@ from proxy.telemetry.metrics import (
     WorkerStats,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
@@ -79,8 +80,9 @@ class Worker:
         return InflightCells(seg, boot["cell"])
 
     def factory(self, backhaul: bool) -> Any:
-        """The protocol factory of a listener."""
-        return self.ctx.client_factory(backhaul)
+        """The protocol factory of a listener (a backhaul one: peers name the instance)."""
+        ctx = self.ctx
+        return lambda: ClientConnection(ctx, backhaul)
 
     async def serve(self) -> None:
         loop = self.loop
