@@ -16,6 +16,23 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from proxy.core.conn_state import (
+    BUSY,
+    CLOSING,
+    HALF_CLOSE,
+    HEAD,
+    HEAD_BEGIN,
+    IDLE,
+    KEEP,
+    LINGER,
+    LOST,
+    MADE,
+    REFUSE_LATER,
+    REFUSING,
+    START,
+    TUNNEL,
+    step,
+)
 from proxy.core.headers import (
     CHUNK_END,
     CHUNKED,
@@ -28,11 +45,6 @@ from proxy.core.headers import (
 from proxy.core.request import Request
 from proxy.core.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
 from proxy.worker.client_io import (
-    D_HEAD,
-    D_IDLE,
-    D_LINGER,
-    D_REQUEST,
-    D_TUNNEL,
     P_BACKLOG,
     P_BUFFER,
     P_QUEUE,
@@ -62,7 +74,7 @@ class ClientConnection(ClientIO):
         "in_body",
         "in_head",
         "parser",
-        "refused",
+        "refusal",
         "req",
     )
 
@@ -75,7 +87,7 @@ class ClientConnection(ClientIO):
         self.in_body = False  # the parser is inside a request body
         self.head_raw = 0
         self.in_head = False
-        self.refused: tuple[int, str] | None = None  # a bad request's answer, to come
+        self.refusal = (0, "")  # phase REFUSING: the bad request's answer, to come
 
     # asyncio.Protocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,8 +112,7 @@ class ClientConnection(ClientIO):
         if sock is not None and ctx.pool.splicer is not None:
             self.sink_fd = sock.fileno()
         ctx.opened(self)
-        self.deadline = ctx.loop.time() + ctx.timeouts.client_header
-        self.dkind = D_HEAD
+        self.enter(MADE, ctx.loop.time() + ctx.timeouts.client_header)
 
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self.ctx
@@ -126,9 +137,10 @@ class ClientConnection(ClientIO):
         self.ex = None
         self.out.clear()
         self.transport = None
+        self.phase = step(self.phase, LOST)
 
     def eof_received(self) -> bool:
-        if self.tunnel and self.up is not None and self.up.transport is not None:
+        if self.phase == TUNNEL and self.up is not None and self.up.transport is not None:
             self.up.write_eof()
             return True
         # A client that closes while waiting is gone (as nginx and Envoy see it): stop the
@@ -146,13 +158,14 @@ class ClientConnection(ClientIO):
             self.up.pause_reading(False)
 
     def data_received(self, data: bytes) -> None:
-        if self.dkind == D_LINGER or self.refused is not None:
-            return
-        if self.tunnel:
+        phase = self.phase
+        if phase == TUNNEL:
             up = self.up
             if up is not None:
                 up.write(data)
                 self.deadline = self.ctx.loop.time() + self.ctx.timeouts.tunnel_idle
+            return
+        if phase > TUNNEL:  # refusing, lingering or closing: nothing more is read
             return
         q = self.queue
         if q and q[-1].tunnel:
@@ -189,10 +202,10 @@ class ClientConnection(ClientIO):
                 piece = data[pos:end]
             if not self.feed(piece):
                 q = self.queue
-                if end < n and q and q[-1].tunnel and not self.tunnel:
+                if end < n and q and q[-1].tunnel and self.phase != TUNNEL:
                     q[-1].early += data[end:]  # held until the instance answers 101
                 return
-            if self.refused is not None or self.dkind == D_LINGER or self.transport is None:
+            if self.phase > BUSY:  # refused, answered early or closing: parsing is over
                 return
             pos = end
 
@@ -244,7 +257,7 @@ class ClientConnection(ClientIO):
     def parse_backlog(self) -> None:
         """Answers went out: parse what was read past the pipelining bound."""
         data = self.backlog
-        if not data or self.transport is None or self.over_pipeline():
+        if not data or self.phase > BUSY or self.over_pipeline():
             return
         self.backlog = b""
         self.parse(data)
@@ -257,8 +270,7 @@ class ClientConnection(ClientIO):
         self.req = Request(lim.max_headers, lim.max_header_bytes)
         self.in_head = True
         if not self.queue:
-            self.deadline = self.ctx.loop.time() + self.ctx.timeouts.client_header
-            self.dkind = D_HEAD
+            self.enter(HEAD_BEGIN, self.ctx.loop.time() + self.ctx.timeouts.client_header)
 
     def on_url(self, url: bytes) -> None:
         assert self.req is not None
@@ -337,8 +349,7 @@ class ClientConnection(ClientIO):
         ctx = self.ctx
         now = ctx.loop.time()
         r.started = now
-        self.deadline = now + ctx.timeouts.request
-        self.dkind = D_REQUEST
+        self.enter(START, now + ctx.timeouts.request)
         ex = self.ex = ClientExchange(self, r)
         ex.route()
 
@@ -357,7 +368,7 @@ class ClientConnection(ClientIO):
             if not r.complete:
                 self.linger()
             else:
-                t.close()
+                self.close()
             return
         # That exchange's upstream no longer holds us back.
         self.resume(P_UPSTREAM | P_BUFFER)
@@ -369,29 +380,24 @@ class ClientConnection(ClientIO):
                 self.resume(P_QUEUE)
             self.start(nxt)
             return
-        if self.refused is not None:
-            self._refuse_now(*self.refused)  # the requests before the bad one are answered
+        if self.phase == REFUSING:
+            self._refuse_now(*self.refusal)  # the requests before the bad one are answered
             return
         self.resume(P_QUEUE)
         ctx = self.ctx
-        if ctx.draining:
-            self.deadline = ctx.loop.time() + ctx.quiet_period
-        else:
-            self.deadline = ctx.loop.time() + ctx.timeouts.client_idle
-        self.dkind = D_IDLE
+        idle = ctx.quiet_period if ctx.draining else ctx.timeouts.client_idle
+        self.enter(KEEP, ctx.loop.time() + idle)
 
     def linger(self) -> None:
         """Half-close after an early final response and discard what the client still sends."""
         t = self.transport
         assert t is not None
-        self.tunnel = False
         self.backlog = b""
         self.flush_out()
         if t.can_write_eof():
             t.write_eof()
         self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM | P_REFUSED | P_BACKLOG | P_UPGRADE)
-        self.deadline = self.ctx.loop.time() + 2.0
-        self.dkind = D_LINGER
+        self.enter(HALF_CLOSE, self.ctx.loop.time() + 2.0)
 
     def refuse(self, status: int, reason: str) -> None:
         """A bad request: answer it, after the requests pipelined before it, and close."""
@@ -408,7 +414,8 @@ class ClientConnection(ClientIO):
         if q and q[-1] is not r:
             # Requests before the bad one are answered first, in order (as nginx and
             # HAProxy do); nothing more is read from this client.
-            self.refused = (status, reason)
+            self.refusal = (status, reason)
+            self.enter(REFUSE_LATER, self.deadline)  # the request in flight keeps its own
             self.pause(P_REFUSED)
             return
         self._refuse_now(status, reason)
@@ -417,7 +424,6 @@ class ClientConnection(ClientIO):
         """Answer a bad request and close; one whose body was bad is cut upstream."""
         t = self.transport
         assert t is not None
-        self.refused = None
         up = self.up
         if up is not None:
             # The head may have gone upstream: that exchange cannot be finished.
@@ -433,19 +439,19 @@ class ClientConnection(ClientIO):
 
     def on_deadline(self, now: float) -> None:
         """The sweeper found this connection past its deadline."""
-        kind = self.dkind
+        phase = self.phase
         self.deadline = 0.0
         t = self.transport
         if t is None:
             return
         self.flush_out()
-        if kind in (D_IDLE, D_LINGER):
-            t.close()
-        elif kind == D_HEAD:
+        if phase in (IDLE, LINGER):
+            self.close()
+        elif phase == HEAD:
             self.ctx.bad_request(408)
             t.write(simple_response(408, "edgeproxy: request head not received in time\n"))
-            t.close()
-        elif kind == D_REQUEST:
+            self.close()
+        elif phase in (BUSY, REFUSING):
             r = self.queue[0] if self.queue else None
             ex = self.ex
             if r is not None and not r.responded and ex is not None:
@@ -453,15 +459,17 @@ class ClientConnection(ClientIO):
                 ex.local_response(504, "edgeproxy: request took too long\n")
             else:
                 self.abort()
-        elif kind == D_TUNNEL:
+        elif phase == TUNNEL:
             # No byte either way for [timeouts] tunnel_idle: both sides are closed.
             up = self.up
             if up is not None:
                 self.up = None
                 up.abort()
-            t.close()
+            self.close()
+        elif phase == CLOSING:
+            self.abort()  # the client took none of what was left to send in time
 
     def drain(self, now: float) -> None:
         """The worker is draining: idle connections close after the quiet period."""
-        if self.dkind == D_IDLE:
+        if self.phase == IDLE:
             self.deadline = min(self.deadline, now + self.ctx.quiet_period)

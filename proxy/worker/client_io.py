@@ -3,8 +3,9 @@
 Owns what goes out to the client (response bytes held to the end of the loop's
 iteration, proxy.worker.batch, and written together), reading paused and resumed
 by reason, the requests in order, the upstream connection of the one in flight,
-the deadline and its kind, and aborting. It must not parse requests
-(proxy.worker.client) nor route and relay them (proxy.worker.exchange).
+its phase (proxy.core.conn_state) with that phase's deadline, closing and
+aborting. It must not parse requests (proxy.worker.client) nor route and relay
+them (proxy.worker.exchange).
 """
 
 from __future__ import annotations
@@ -13,20 +14,13 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
+from proxy.core.conn_state import CLOSE, NEW, step
 from proxy.core.request_head import FWD_SET, Front
 
 if TYPE_CHECKING:
     from proxy.core.request import Request
     from proxy.worker.context import WorkerContext
     from proxy.worker.upstream import UpstreamConnection
-
-# Deadline kinds of a client connection.
-D_NONE: Final = 0
-D_IDLE: Final = 1  # keep-alive, between requests: close quietly
-D_HEAD: Final = 2  # reading a request head: 408
-D_REQUEST: Final = 3  # a whole request: 504 (or cut)
-D_LINGER: Final = 4  # half-closed after an early response: close
-D_TUNNEL: Final = 5  # an upgraded connection with no byte either way: close both sides
 
 # Reasons to stop reading from the client (a bit each).
 P_QUEUE: Final = 1  # a pipelined request waits for its turn
@@ -50,16 +44,15 @@ class ClientIO:
         "backhaul",
         "ctx",
         "deadline",
-        "dkind",
         "front",
         "out",
         "paused",
+        "phase",
         "queue",
         "queued",
         "resp_keep",
         "sink_fd",
         "transport",
-        "tunnel",
         "up",
         "write_paused",
     )
@@ -77,9 +70,13 @@ class ClientIO:
         self.paused = 0  # P_* bits: why reading from the client is paused
         self.write_paused = False  # the client's transport asked us to stop writing
         self.resp_keep = True  # the connection stays open after the current answer
-        self.tunnel = False
-        self.deadline = 0.0
-        self.dkind = D_NONE
+        self.phase = NEW  # proxy.core.conn_state: every move goes through step()
+        self.deadline = 0.0  # loop time the phase's deadline passes (0.0: none)
+
+    def enter(self, event: int, deadline: float) -> None:
+        """Move by `event` (proxy.core.conn_state.TRANSITIONS) with the new phase's deadline."""
+        self.phase = step(self.phase, event)
+        self.deadline = deadline
 
     def finish(self, r: Request, status: int) -> None:
         """`r`, at the head of the queue, is answered: go on with the connection."""
@@ -125,8 +122,15 @@ class ClientIO:
         if self.transport is not None:
             self.transport.write(data)
 
+    def close(self) -> None:
+        """Close once what is written is sent (the phase's deadline still bounds that)."""
+        self.phase = step(self.phase, CLOSE)
+        if self.transport is not None:
+            self.transport.close()
+
     def abort(self) -> None:
         """Drop the connection and its upstream at once (what is held is lost)."""
+        self.phase = step(self.phase, CLOSE)
         up = self.up
         if up is not None:
             self.up = None

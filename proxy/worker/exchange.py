@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
+from proxy.core.conn_state import BUSY, REFUSING, TUNNEL, UPGRADE
 from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk, simple_response
-from proxy.worker.client_io import D_TUNNEL, P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
+from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
 from proxy.worker.routing import MAX_TRIES
 from proxy.worker.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
 
@@ -127,7 +128,7 @@ class ClientExchange(Exchange):
         """The client is still there and this exchange's request is the one in flight."""
         conn = self.conn
         q = conn.queue
-        return conn.transport is not None and bool(q) and q[0] is self.r
+        return conn.phase in (BUSY, REFUSING) and bool(q) and q[0] is self.r
 
     def attach(self, up: UpstreamConnection) -> None:
         """An upstream connection is ready for the request: send what we have."""
@@ -344,14 +345,12 @@ class ClientExchange(Exchange):
         if early and conn.transport is not None:
             conn.transport.write(early)
         # Only now may the client's bytes after its upgrade head reach the instance.
-        conn.tunnel = True
+        ctx = conn.ctx
+        conn.enter(UPGRADE, ctx.loop.time() + ctx.timeouts.tunnel_idle)
         held = r.early
         if held:
             r.early = b""
             up.write(held)
-        ctx = conn.ctx
-        conn.deadline = ctx.loop.time() + ctx.timeouts.tunnel_idle
-        conn.dkind = D_TUNNEL
         conn.resume(P_UPGRADE)
 
     def upstream_tunnel_data(self, data: bytes) -> None:
@@ -369,10 +368,9 @@ class ClientExchange(Exchange):
         if not conn.queue:
             return
         r = self.r
-        if conn.tunnel and r.tunnel and r.responded:
+        if conn.phase == TUNNEL:  # the instance ended the upgraded connection
             conn.flush_out()
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
             return
         # What is held belongs to answered requests (and to this one's answer when it
         # responded, which is then cut): it goes out first.
