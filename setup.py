@@ -19,6 +19,7 @@ COMPILED = [
     "proxy/worker/client_io.py",
     "proxy/worker/context.py",
     "proxy/worker/exchange.py",
+    "proxy/core/clienthello.py",
     "proxy/core/conn_state.py",
     "proxy/core/headers.py",
     "proxy/telemetry/metrics.py",
