@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 ALPN = (b"http/1.1",)  # what this edge speaks, and so all it may advertise
 ACCEPT_BATCH = 64  # connections accepted per readable listener, before yielding
+LINGER = 1.0  # seconds a refused client may go on sending before it is closed anyway
 ACCEPT_RETRY = 0.1  # seconds accepting rests after the process ran out of descriptors
 
 
@@ -191,7 +192,7 @@ class TlsEdge:
 class _Handshake:
     """One accepted HTTPS connection, from accept to a finished handshake (or a close)."""
 
-    __slots__ = ("edge", "fd", "hello", "seen", "sock", "task", "timer", "waiting")
+    __slots__ = ("edge", "fd", "hello", "outcome", "seen", "sock", "task", "timer", "waiting")
 
     def __init__(self, edge: TlsEdge, sock: socket.socket, deadline: float) -> None:
         self.edge = edge
@@ -200,6 +201,7 @@ class _Handshake:
         self.hello: Hello | None = None
         self.waiting = False  # reading the hello (a reader is registered)
         self.seen = 0  # bytes of hello peeked so far
+        self.outcome = -1  # what to count once a refused connection is closed
         self.task: asyncio.Task[None] | None = None
         self.timer = edge.loop.call_at(deadline, self.expired)
 
@@ -225,8 +227,7 @@ class _Handshake:
             res = parse_client_hello(data)
         except HelloError as e:
             self.edge.refusals[REASONS.index(e.reason)] += 1
-            self.alert(e.alert)
-            self.finish(TLS_HELLO_REFUSED)
+            self.refuse(e.alert, TLS_HELLO_REFUSED)
             return
         if isinstance(res, int):
             if len(data) <= self.seen:
@@ -254,13 +255,11 @@ class _Handshake:
         if hello.alpn is not None and not any(p in edge.alpn for p in hello.alpn):
             # RFC 7301 3.2: offered protocols, none of them ours. OpenSSL (through
             # Python) would go on without ALPN and the client would speak what it offered.
-            self.alert(ALERT_NO_APPLICATION_PROTOCOL)
-            self.finish(TLS_NO_ALPN)
+            self.refuse(ALERT_NO_APPLICATION_PROTOCOL, TLS_NO_ALPN)
             return
         name = hello.sni or edge.default_host
         if name is None:
-            self.alert(ALERT_UNRECOGNIZED_NAME)
-            self.finish(TLS_NO_CERT)
+            self.refuse(ALERT_UNRECOGNIZED_NAME, TLS_NO_CERT)
             return
         ctx = edge.certs.lookup(name)
         if ctx is not None:
@@ -274,8 +273,7 @@ class _Handshake:
         if self.sock is None:
             return  # timed out meanwhile
         if ctx is None:
-            self.alert(ALERT_UNRECOGNIZED_NAME)
-            self.finish(TLS_NO_CERT)
+            self.refuse(ALERT_UNRECOGNIZED_NAME, TLS_NO_CERT)
             return
         self.task = None
         self.handshake(ctx)
@@ -321,12 +319,40 @@ class _Handshake:
         """[timeouts] tls_handshake passed before a hello (or a certificate) was had."""
         self.finish(TLS_HELLO_TIMEOUT)
 
-    def alert(self, description: int) -> None:
+    def refuse(self, description: int, outcome: int) -> None:
+        """A fatal alert, then a lingering close: our FIN goes out and what the client
+        still sends is read and dropped until it closes (at most LINGER seconds). Closing
+        with its bytes unread would send a reset, which can overtake the alert (and a
+        client still writing its hello would fail on EPIPE instead of reading it)."""
         sock = self.sock
         if sock is None:
             return
+        self.stop_reading()
         with contextlib.suppress(OSError):
             sock.send(alert_record(description))
+            sock.shutdown(socket.SHUT_WR)
+        _lowat(sock, 1)
+        self.outcome = outcome
+        self.timer.cancel()
+        self.timer = self.edge.loop.call_later(LINGER, self.lingered)
+        self.waiting = True
+        self.edge.loop.add_reader(self.fd, self.discard)
+
+    def discard(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.finish(self.outcome)
+
+    def lingered(self) -> None:
+        self.finish(self.outcome)
 
     def finish(self, outcome: int) -> None:
         """Close before the handshake started (or drop it at shutdown: outcome -1)."""

@@ -29,6 +29,7 @@ from proxy.telemetry.metrics import (
 )
 from proxy.telemetry.statsblock import StatsBlock
 from proxy.worker.certs import CertCache
+from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
 from proxy.worker.tickets import TicketKeys, install, last_failure
 from proxy.worker.tls import ALPN, TlsEdge
@@ -85,9 +86,11 @@ class Worker:
             return None
         return InflightCells(seg, boot["cell"])
 
-    def factory(self, backhaul: bool) -> Any:
-        """The protocol factory of a listener."""
-        return self.ctx.client_factory(backhaul)
+    def factory(self, backhaul: bool, sni_app: str | None = None, tls: bool = False) -> Any:
+        """The protocol factory of a listener (a backhaul one: peers name the instance; a
+        TLS one: requests must name the app the SNI named, "" when it named none)."""
+        ctx = self.ctx
+        return lambda: ClientConnection(ctx, backhaul, sni_app, tls)
 
     async def serve(self) -> None:
         loop = self.loop
@@ -148,7 +151,7 @@ class Worker:
                 config,
                 certs,
                 self.stats,
-                lambda sni_app: ctx.client_factory(False, sni_app, True),
+                lambda sni_app: self.factory(False, sni_app, True),
                 ctx.routing.app_for_host,
             )
         return self.tls
