@@ -132,7 +132,8 @@ class ClientConnection(UpstreamEvents):
         # client's pace holds the instance back.
         t.set_write_buffer_limits(high=ctx.limits.response_buffer)
         sock = t.get_extra_info("socket")
-        if sock is not None and ctx.pool.splicer is not None:
+        # Under TLS the socket carries ciphertext: nothing may be spliced into it.
+        if sock is not None and ctx.pool.splicer is not None and not t.get_extra_info("sslcontext"):
             self.sink_fd = sock.fileno()
         ctx.opened(self)
         self.deadline = ctx.loop.time() + ctx.timeouts.client_header

@@ -27,12 +27,13 @@ from proxy.worker.routing import Routing
 from proxy.worker.upstream import Pool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from proxy.config import Config
     from proxy.core.request import Request
     from proxy.core.target import Target
     from proxy.telemetry.metrics import WorkerStats
+    from proxy.worker.upstream import UpstreamConnection
     from shm.inflight import InflightCells
 
 
@@ -60,6 +61,9 @@ class WorkerContext:
         self.pool = Pool(
             loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
         )
+        # Connecting to a peer's backhaul (mutual TLS: proxy.worker.backhaul_tls); None: as
+        # to a local instance, plaintext ([backhaul] insecure).
+        self.peer_connect: Callable[[Pool, Target], Awaitable[UpstreamConnection]] | None = None
         self.upgrades = config.trust.upgrade  # protocols an Upgrade may switch to
         self.forwarders = config.trust.forwarded_from
         self.clients: set[ClientConnection] = set()
@@ -138,10 +142,14 @@ class WorkerContext:
 
     async def _connect(self, client: ClientConnection, r: Request, target: Target) -> None:
         t0 = self.loop.time()
+        peer_connect = self.peer_connect
         try:
-            up = await self.pool.connect(
-                target.key, target.host, target.port, target.connect_timeout
-            )
+            if peer_connect is not None and not target.local:
+                up = await peer_connect(self.pool, target)
+            else:
+                up = await self.pool.connect(
+                    target.key, target.host, target.port, target.connect_timeout
+                )
         except TimeoutError:
             client.connect_failed(r, "connect_timeout")
         except OSError:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.config import loads
+from proxy.config import ConfigError, loads
+from proxy.fleettls import load as load_backhaul_tls
 from proxy.telemetry.metrics import (
     DRAINING,
     SERVING,
@@ -27,6 +28,7 @@ from proxy.telemetry.metrics import (
     WorkerStats,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.context import WorkerContext
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
@@ -56,6 +58,17 @@ class Worker:
         )
         self.cells = self.attach_cells(boot)
         self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
+        # The backhaul's credentials, read now: a reload (a new worker) reads them again.
+        bh = self.config.backhaul
+        self.tls = BackhaulTLS(
+            self.loop,
+            load_backhaul_tls(self.config),
+            bh.handshake_timeout,
+            self.stats,
+            self.ctx.faults,
+        )
+        if not bh.insecure:
+            self.ctx.peer_connect = self.tls.connect
         self.servers: list[asyncio.Server] = []
         # Client listeners, kept open for the process's life: pausing at max_connections
         # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
@@ -89,9 +102,10 @@ class Worker:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
             if lst["kind"] == "backhaul":
-                srv = await loop.create_server(
-                    self.factory(True), sock=sock, backlog=4096, start_serving=True
-                )
+                factory = self.factory(True)
+                if self.tls.server is not None:  # else [backhaul] insecure: plaintext
+                    factory = self.tls.gate_factory(factory)
+                srv = await loop.create_server(factory, sock=sock, backlog=4096, start_serving=True)
                 self.servers.append(srv)
             else:
                 self.client_socks.append(sock)
@@ -109,6 +123,7 @@ class Worker:
         loop.call_later(PUBLISH, self.publish_tick)
         await self.stop_event.wait()
         self.close_listeners()
+        self.tls.close()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:
@@ -238,7 +253,11 @@ def main() -> None:
     except ImportError:  # pragma: no cover - uvloop is a hard dependency
         pass
     boot = orjson.loads(sys.stdin.buffer.read())
-    worker = Worker(boot)
+    try:
+        worker = Worker(boot)
+    except ConfigError as e:  # a [backhaul] file changed since the master checked it
+        print(f"edgeproxy worker: {e}", file=sys.stderr)
+        sys.exit(2)
     asyncio.set_event_loop(worker.loop)
     worker.run()
 

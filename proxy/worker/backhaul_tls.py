@@ -1,0 +1,300 @@
+"""The backhaul's mutual TLS in a worker: the listener's handshake gate, and connecting to peers.
+
+Owns the TLS handshake of every backhaul connection, both ways, before any
+HTTP byte is read or written on it: a connection is handed to HTTP only once
+the fleet CA vouched for the other end and, towards a peer, once its
+certificate names the node this one meant to reach. Owns counting handshakes
+and refusals, and logging a refusal at most once per peer per minute. It must
+not parse HTTP (proxy.worker.client and upstream do) nor choose peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from typing import TYPE_CHECKING, Any, TextIO, cast
+
+from proxy.core.fleetid import node_of_peercert
+from proxy.core.tls_refusal import ENDED_CLOSED, ENDED_SSL, ENDED_TIMEOUT, refusal
+from proxy.fleettls import client_context, server_context
+from proxy.telemetry.metrics import (
+    KIND_FULL,
+    KIND_RESUMED,
+    SIDE_ACCEPT,
+    SIDE_CONNECT,
+    TLS_KINDS,
+    TLS_REFUSALS,
+    WHERE_CALLBACK,
+)
+from proxy.worker.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.core.target import Target
+    from proxy.fleettls import Material, PeerContext
+    from proxy.telemetry.metrics import WorkerStats
+    from proxy.worker.faults import Faults
+    from proxy.worker.upstream import Pool
+
+LOG_PERIOD = 60.0  # seconds: one log line per (side, peer) at most, with the count since
+MAX_LOGGED = 1024  # peers remembered for that; the table is cleared when it is full
+MAX_HANDSHAKES = 256  # accept-side handshakes in progress per worker; more are refused
+MAX_EARLY = 65536  # bytes a peer may send between its handshake's end and the hand-over
+
+
+class BackhaulRefusedError(ConnectionRefusedError):
+    """A peer refused at the handshake: routing treats it as a refused connection (the
+    request never left; another instance is tried)."""
+
+
+class RefusalLog:
+    """Counts refusals in the worker's stats; logs the first of each (side, peer) per
+    period, with how many more there were since. Peers are addresses (accept side: the
+    node is not known yet) or node ids (connect side)."""
+
+    __slots__ = ("clock", "last", "out", "period", "refused", "suppressed")
+
+    def __init__(
+        self, refused: list[int], clock: Callable[[], float], out: TextIO, period: float
+    ) -> None:
+        self.refused = refused  # WorkerStats.backhaul_refused
+        self.clock = clock
+        self.out = out
+        self.period = period
+        self.last: dict[tuple[int, str], float] = {}
+        self.suppressed: dict[tuple[int, str], int] = {}
+
+    def refuse(self, side: int, reason: str, peer: str, detail: str) -> bool:
+        """Count one refusal; True when it was logged."""
+        self.refused[side * len(TLS_REFUSALS) + TLS_REFUSALS.index(reason)] += 1
+        key = (side, peer)
+        now = self.clock()
+        last = self.last.get(key)
+        if last is not None and now - last < self.period:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return False
+        if len(self.last) >= MAX_LOGGED and key not in self.last:
+            self.last.clear()
+            self.suppressed.clear()
+        self.last[key] = now
+        more = self.suppressed.pop(key, 0)
+        what = "a connection from" if side == SIDE_ACCEPT else "peer node"
+        line = f"edgeproxy worker: backhaul TLS: refused {what} {peer}: {reason} ({detail})"
+        if more:
+            line += f"; {more} more from this peer since the last report"
+        try:
+            self.out.write(line + "\n")
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: the counter still says it happened
+        return True
+
+
+def _why(e: BaseException) -> tuple[str, str]:
+    """(refusal reason, detail for the log) of a failed handshake."""
+    if isinstance(e, ssl.SSLError):
+        code = getattr(e, "verify_code", None)
+        msg = getattr(e, "verify_message", None) or e.reason or str(e)
+        return refusal(ENDED_SSL, e.reason, code if isinstance(code, int) else None), str(msg)
+    if isinstance(e, TimeoutError | ConnectionAbortedError):
+        # uvloop aborts a handshake past ssl_handshake_timeout with ConnectionAbortedError.
+        return refusal(ENDED_TIMEOUT), "the handshake did not finish in time"
+    return refusal(ENDED_CLOSED), f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+class _Hold(asyncio.Protocol):
+    """The protocol of a connection while its handshake runs: it only holds what arrives
+    between the end of the handshake and the hand-over (normally nothing)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.early = b""
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) > MAX_EARLY and self.transport is not None:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class BackhaulTLS:
+    """One worker's backhaul TLS: contexts built once (a reload starts a new worker, which
+    reads the files again), the handshakes in progress, the counters."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        material: Material | None,
+        handshake_timeout: float,
+        stats: WorkerStats,
+        faults: Faults,
+        out: TextIO = sys.stderr,
+        period: float = LOG_PERIOD,
+    ) -> None:
+        self.loop = loop
+        self.node = material.node if material is not None else ""
+        self.server = server_context(material) if material is not None else None
+        self.client: PeerContext | None = client_context(material) if material is not None else None
+        self.timeout = handshake_timeout
+        self.stats = stats
+        self.faults = faults
+        self.log = RefusalLog(stats.backhaul_refused, loop.time, out, period)
+        self.handshaking = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def done(self, side: int, t: asyncio.BaseTransport) -> None:
+        obj = t.get_extra_info("ssl_object")
+        kind = KIND_RESUMED if obj is not None and obj.session_reused else KIND_FULL
+        self.stats.backhaul_handshakes[side * len(TLS_KINDS) + kind] += 1
+
+    # the listener -------------------------------------------------------------------
+    def gate_factory(self, make: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
+        """The backhaul listener's protocol factory: `make()` (a ClientConnection that
+        honours X-Edgeproxy-Instance) is only called for an authenticated peer."""
+        return lambda: _Gate(self, make)
+
+    def close(self) -> None:
+        """The worker stops: handshakes in progress end with it."""
+        for task in list(self.tasks):
+            task.cancel()
+
+    # connecting to peers ------------------------------------------------------------
+    async def connect(self, pool: Pool, target: Target) -> UpstreamConnection:
+        """A verified TLS connection to `target`'s node, as an UpstreamConnection of
+        `pool`. Raises TimeoutError, or OSError (BackhaulRefusedError when the handshake or
+        the identity check failed: nothing was sent)."""
+        peer = target.node
+        ctx = self.client
+        if ctx is None:
+            self.log.refuse(
+                SIDE_CONNECT,
+                "no_credentials",
+                peer,
+                "this node has no [backhaul] ca, cert and key (insecure = true: labs only)",
+            )
+            raise BackhaulRefusedError(f"no backhaul certificate to reach {peer!r} with")
+        hold = _Hold()
+        loop = self.loop
+        t: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(target.connect_timeout):
+                raw, _ = await loop.create_connection(lambda: hold, target.host, target.port)
+                try:
+                    t = await loop.start_tls(
+                        raw,
+                        hold,
+                        ctx,
+                        server_hostname=peer,  # the session's key (PeerContext), not sent
+                        ssl_handshake_timeout=target.connect_timeout,
+                    )
+                except BaseException:
+                    raw.abort()
+                    raise
+        except (OSError, TimeoutError) as e:
+            if hold.transport is None or isinstance(e, ConnectionRefusedError):
+                raise  # no TCP connection: not a handshake's business
+            reason, detail = _why(e)
+            self.log.refuse(SIDE_CONNECT, reason, peer, f"{target.host}:{target.port}: {detail}")
+            if isinstance(e, TimeoutError):
+                raise
+            raise BackhaulRefusedError(f"peer {peer!r}: {reason}") from None
+        if t is None:  # the connection went away as the handshake ended
+            raise BackhaulRefusedError(f"peer {peer!r} closed the connection after the handshake")
+        node = node_of_peercert(t.get_extra_info("peercert"))
+        if node != peer:
+            t.abort()
+            reason = "not_a_node" if node is None else "wrong_node"
+            said = "no node name" if node is None else f"node {node!r}'s certificate"
+            self.log.refuse(
+                SIDE_CONNECT, reason, peer, f"{target.host}:{target.port} presented {said}"
+            )
+            raise BackhaulRefusedError(f"peer {peer!r}: {reason}")
+        if hold.lost:
+            raise BackhaulRefusedError(f"peer {peer!r} closed the connection after the handshake")
+        ctx.remember(peer, t.get_extra_info("ssl_object"))
+        self.done(SIDE_CONNECT, t)
+        up = UpstreamConnection(pool, target.key)
+        t.set_protocol(cast("asyncio.BaseProtocol", up))
+        up.connection_made(t)
+        if hold.early:
+            up.data_received(hold.early)  # bytes before any request: the connection closes
+        return up
+
+
+class _Gate(_Hold):
+    """An accepted backhaul connection until its peer is authenticated."""
+
+    def __init__(self, tls: BackhaulTLS, make: Callable[[], Any]) -> None:
+        super().__init__()
+        self.tls = tls
+        self.make = make
+        self.peer = "unknown"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self.tls
+        if self.transport is not None:
+            return  # the TLS transport (start_tls does not call this; kept for other loops)
+        self.transport = t = cast("asyncio.Transport", transport)
+        name = t.get_extra_info("peername")
+        self.peer = str(name[0]) if name else "unknown"
+        if tls.handshaking >= MAX_HANDSHAKES or tls.server is None:
+            tls.log.refuse(
+                SIDE_ACCEPT, "overload", self.peer, f"{MAX_HANDSHAKES} handshakes in progress"
+            )
+            t.abort()
+            return
+        # The client's hello may already be here: nothing may read it before start_tls
+        # (which resumes reading once its TLS protocol is in place).
+        t.pause_reading()
+        tls.handshaking += 1
+        task = tls.loop.create_task(self.handshake(t))
+        tls.tasks.add(task)
+        task.add_done_callback(tls.tasks.discard)
+
+    async def handshake(self, raw: asyncio.Transport) -> None:
+        tls = self.tls
+        assert tls.server is not None
+        try:
+            t = await tls.loop.start_tls(
+                raw, self, tls.server, server_side=True, ssl_handshake_timeout=tls.timeout
+            )
+        except (OSError, TimeoutError) as e:
+            raw.abort()
+            reason, detail = _why(e)
+            tls.log.refuse(SIDE_ACCEPT, reason, self.peer, detail)
+            return
+        finally:
+            tls.handshaking -= 1
+        if t is None:
+            return
+        node = node_of_peercert(t.get_extra_info("peercert"))
+        if node is None:
+            t.abort()
+            detail = "its certificate names no node (spiffe://edgeproxy/node/<id>)"
+            tls.log.refuse(SIDE_ACCEPT, "not_a_node", self.peer, detail)
+            return
+        if self.lost:
+            return
+        tls.done(SIDE_ACCEPT, t)
+        try:
+            conn = self.make()
+            t.set_protocol(conn)
+            conn.connection_made(t)
+            early = self.early
+            if early:
+                self.early = b""
+                conn.data_received(early)
+        except Exception as e:
+            tls.faults.report(WHERE_CALLBACK, e, "handing over a backhaul connection")
+            t.abort()
