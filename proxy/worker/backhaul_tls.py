@@ -11,6 +11,7 @@ not parse HTTP (proxy.worker.client and upstream do) nor choose peers.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import sys
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -26,6 +27,7 @@ from proxy.telemetry.metrics import (
     TLS_KINDS,
     TLS_REFUSALS,
     WHERE_CALLBACK,
+    WHERE_LOOP,
 )
 from proxy.worker.upstream import UpstreamConnection
 
@@ -42,6 +44,7 @@ LOG_PERIOD = 60.0  # seconds: one log line per (side, peer) at most, with the co
 MAX_LOGGED = 1024  # peers remembered for that; the table is cleared when it is full
 MAX_HANDSHAKES = 256  # accept-side handshakes in progress per worker; more are refused
 MAX_EARLY = 65536  # bytes a peer may send between its handshake's end and the hand-over
+ACCEPT_BACKOFF = 0.1  # seconds before accepting again after accept() failed (EMFILE)
 
 
 class BackhaulRefusedError(ConnectionRefusedError):
@@ -143,7 +146,6 @@ class BackhaulTLS:
         period: float = LOG_PERIOD,
     ) -> None:
         self.loop = loop
-        self.node = material.node if material is not None else ""
         self.server = server_context(material) if material is not None else None
         self.client: PeerContext | None = client_context(material) if material is not None else None
         self.timeout = handshake_timeout
@@ -152,6 +154,7 @@ class BackhaulTLS:
         self.log = RefusalLog(stats.backhaul_refused, loop.time, out, period)
         self.handshaking = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.acceptors: list[tuple[asyncio.Task[None], socket.socket]] = []
 
     def done(self, side: int, t: asyncio.BaseTransport) -> None:
         obj = t.get_extra_info("ssl_object")
@@ -159,15 +162,89 @@ class BackhaulTLS:
         self.stats.backhaul_handshakes[side * len(TLS_KINDS) + kind] += 1
 
     # the listener -------------------------------------------------------------------
-    def gate_factory(self, make: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
-        """The backhaul listener's protocol factory: `make()` (a ClientConnection that
-        honours X-Edgeproxy-Instance) is only called for an authenticated peer."""
-        return lambda: _Gate(self, make)
+    def serve(self, sock: socket.socket, make: Callable[[], Any]) -> None:
+        """Accept on the backhaul listener `sock` (non-blocking): each connection's
+        handshake runs before `make()` (a ClientConnection, which honours
+        X-Edgeproxy-Instance) is called, and only for an authenticated peer.
+
+        Accepted by hand and wrapped with connect_accepted_socket rather than by
+        create_server(ssl=...): that way the handshake's failure (and why) reaches this
+        code; and rather than start_tls on a plain protocol: uvloop may read the peer's
+        first bytes before start_tls is in place, and they would be lost to TLS."""
+        task = self.loop.create_task(self._accept(sock, make))
+        self.acceptors.append((task, sock))
+
+    def stop_accepting(self) -> None:
+        """Stop accepting (a drain): this process's copy of each listener closes;
+        handshakes in progress finish."""
+        for task, sock in self.acceptors:
+            task.cancel()
+            sock.close()
+        self.acceptors = []
 
     def close(self) -> None:
         """The worker stops: handshakes in progress end with it."""
+        self.stop_accepting()
         for task in list(self.tasks):
             task.cancel()
+
+    async def _accept(self, sock: socket.socket, make: Callable[[], Any]) -> None:
+        loop = self.loop
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and the like: counted; the loop goes on
+                self.faults.report(WHERE_LOOP, e, "accepting on the backhaul listener")
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            peer = str(addr[0]) if isinstance(addr, tuple) and addr else "unknown"
+            if self.handshaking >= MAX_HANDSHAKES:
+                conn.close()
+                detail = f"{MAX_HANDSHAKES} handshakes in progress"
+                self.log.refuse(SIDE_ACCEPT, "overload", peer, detail)
+                continue
+            self.handshaking += 1
+            task = loop.create_task(self._handshake(conn, peer, make))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _handshake(self, conn: socket.socket, peer: str, make: Callable[[], Any]) -> None:
+        assert self.server is not None
+        hold = _Hold()
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t, _ = await self.loop.connect_accepted_socket(
+                lambda: hold, conn, ssl=self.server, ssl_handshake_timeout=self.timeout
+            )
+        except (OSError, TimeoutError) as e:
+            conn.close()
+            reason, detail = _why(e)
+            self.log.refuse(SIDE_ACCEPT, reason, peer, detail)
+            return
+        finally:
+            self.handshaking -= 1
+        tls = t
+        node = node_of_peercert(tls.get_extra_info("peercert"))
+        if node is None:
+            tls.abort()
+            detail = "its certificate names no node (spiffe://edgeproxy/node/<id>)"
+            self.log.refuse(SIDE_ACCEPT, "not_a_node", peer, detail)
+            return
+        if hold.lost:
+            return
+        self.done(SIDE_ACCEPT, tls)
+        try:
+            c = make()
+            tls.set_protocol(c)
+            c.connection_made(tls)
+            early = hold.early
+            if early:
+                hold.early = b""
+                c.data_received(early)
+        except Exception as e:
+            self.faults.report(WHERE_CALLBACK, e, "handing over a backhaul connection")
+            tls.abort()
 
     # connecting to peers ------------------------------------------------------------
     async def connect(self, pool: Pool, target: Target) -> UpstreamConnection:
@@ -230,71 +307,3 @@ class BackhaulTLS:
         if hold.early:
             up.data_received(hold.early)  # bytes before any request: the connection closes
         return up
-
-
-class _Gate(_Hold):
-    """An accepted backhaul connection until its peer is authenticated."""
-
-    def __init__(self, tls: BackhaulTLS, make: Callable[[], Any]) -> None:
-        super().__init__()
-        self.tls = tls
-        self.make = make
-        self.peer = "unknown"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tls = self.tls
-        if self.transport is not None:
-            return  # the TLS transport (start_tls does not call this; kept for other loops)
-        self.transport = t = cast("asyncio.Transport", transport)
-        name = t.get_extra_info("peername")
-        self.peer = str(name[0]) if name else "unknown"
-        if tls.handshaking >= MAX_HANDSHAKES or tls.server is None:
-            tls.log.refuse(
-                SIDE_ACCEPT, "overload", self.peer, f"{MAX_HANDSHAKES} handshakes in progress"
-            )
-            t.abort()
-            return
-        # The client's hello may already be here: nothing may read it before start_tls
-        # (which resumes reading once its TLS protocol is in place).
-        t.pause_reading()
-        tls.handshaking += 1
-        task = tls.loop.create_task(self.handshake(t))
-        tls.tasks.add(task)
-        task.add_done_callback(tls.tasks.discard)
-
-    async def handshake(self, raw: asyncio.Transport) -> None:
-        tls = self.tls
-        assert tls.server is not None
-        try:
-            t = await tls.loop.start_tls(
-                raw, self, tls.server, server_side=True, ssl_handshake_timeout=tls.timeout
-            )
-        except (OSError, TimeoutError) as e:
-            raw.abort()
-            reason, detail = _why(e)
-            tls.log.refuse(SIDE_ACCEPT, reason, self.peer, detail)
-            return
-        finally:
-            tls.handshaking -= 1
-        if t is None:
-            return
-        node = node_of_peercert(t.get_extra_info("peercert"))
-        if node is None:
-            t.abort()
-            detail = "its certificate names no node (spiffe://edgeproxy/node/<id>)"
-            tls.log.refuse(SIDE_ACCEPT, "not_a_node", self.peer, detail)
-            return
-        if self.lost:
-            return
-        tls.done(SIDE_ACCEPT, t)
-        try:
-            conn = self.make()
-            t.set_protocol(conn)
-            conn.connection_made(t)
-            early = self.early
-            if early:
-                self.early = b""
-                conn.data_received(early)
-        except Exception as e:
-            tls.faults.report(WHERE_CALLBACK, e, "handing over a backhaul connection")
-            t.abort()

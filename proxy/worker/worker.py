@@ -101,11 +101,12 @@ class Worker:
         for lst in self.boot["listeners"]:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
-            if lst["kind"] == "backhaul":
-                factory = self.factory(True)
-                if self.tls.server is not None:  # else [backhaul] insecure: plaintext
-                    factory = self.tls.gate_factory(factory)
-                srv = await loop.create_server(factory, sock=sock, backlog=4096, start_serving=True)
+            if lst["kind"] == "backhaul" and self.tls.server is not None:
+                self.tls.serve(sock, self.factory(True))  # mutual TLS first
+            elif lst["kind"] == "backhaul":  # [backhaul] insecure: plaintext
+                srv = await loop.create_server(
+                    self.factory(True), sock=sock, backlog=4096, start_serving=True
+                )
                 self.servers.append(srv)
             else:
                 self.client_socks.append(sock)
@@ -142,6 +143,7 @@ class Worker:
         for srv in self.servers:
             srv.close()
         self.servers = []
+        self.tls.stop_accepting()
         self.stop_clients()
         for sock in self.client_socks:
             sock.close()
