@@ -44,6 +44,7 @@ class BackhaulNode:
     peers: list[dict[str, Any]] = field(default_factory=list)
     listen_backhaul: bool = True
     workers: int = 1
+    hosts: tuple[str, ...] = ("hello.test",)  # of the one app, "hello"
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
@@ -79,9 +80,8 @@ class BackhaulNode:
         out += section("backhaul", self.backhaul)
         for name, values in self.extra.items():
             out += section(name, values)
-        out += (
-            "[[app]]\n" + section("", {"name": "hello", "hosts": ["hello.test"]}).split("\n", 1)[1]
-        )
+        app = {"name": "hello", "hosts": list(self.hosts)}
+        out += "[[app]]\n" + section("", app).split("\n", 1)[1]
         for p in self.peers:
             out += "[[peer]]\n" + section("", p).split("\n", 1)[1]
         for i in self.instances:
