@@ -18,6 +18,7 @@ COMPILED = [
     "proxy/worker/client.py",
     "proxy/worker/context.py",
     "proxy/worker/exchange.py",
+    "proxy/core/clienthello.py",
     "proxy/core/headers.py",
     "proxy/telemetry/metrics.py",
     "proxy/core/request.py",
