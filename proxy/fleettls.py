@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.config import Config, ConfigError
@@ -39,6 +40,8 @@ class Material:
     cert: str
     key: str
     not_after: dt.datetime
+    # The backhaul listener's session ticket secret (see ticket_secret): never printed.
+    ticket_secret: bytes = field(default=b"", repr=False)
 
 
 def _read(config: Config, key: str, path: str) -> bytes:
@@ -109,19 +112,49 @@ def load(config: Config, now: dt.datetime | None = None) -> Material | None:
     } <= set(eku):
         raise fail("cert", b.cert, "must allow both serverAuth and clientAuth (extendedKeyUsage)")
 
+    key_raw = _read(config, "key", b.key)
     try:
-        key = serialization.load_pem_private_key(_read(config, "key", b.key), password=None)
+        key = serialization.load_pem_private_key(key_raw, password=None)
     except (ValueError, TypeError) as e:
         raise fail("key", b.key, f"not an unencrypted PEM private key ({e})") from None
     if key.public_key() != leaf.public_key():
         raise fail("key", b.key, f"does not match the certificate {b.cert}")
-    m = Material(node, ca_raw.decode("ascii", "replace"), b.cert, b.key, leaf.not_valid_after_utc)
+    m = Material(
+        node,
+        ca_raw.decode("ascii", "replace"),
+        b.cert,
+        b.key,
+        leaf.not_valid_after_utc,
+        ticket_secret(key_raw, ca_raw),
+    )
     try:
         server_context(m)
         client_context(m)
     except ssl.SSLError as e:  # what cryptography accepted and OpenSSL does not
         raise fail("cert", b.cert, f"OpenSSL refuses it: {e}") from None
     return m
+
+
+def ticket_secret(key_pem: bytes, ca_pem: bytes) -> bytes:
+    """The secret the backhaul listener's session ticket keys derive from (proxy.worker
+    .tickets): HKDF-SHA256 of this node's private key, bound to the CA bundle. Every worker
+    of every generation reads the same files, so a peer's reconnect resumes whichever
+    worker it lands on, and after a reload; a new node key or CA file makes another secret,
+    so no session made under the old trust resumes under the new one (a resumed session
+    skips the certificate check). The key only feeds a KDF with its own label: nothing
+    derived from it reveals it."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=_sha256(ca_pem),
+        info=b"edgeproxy backhaul session tickets",
+    ).derive(key_pem)
+
+
+def _sha256(data: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(data)
+    return h.finalize()
 
 
 def insecure_warning(config: Config) -> str | None:

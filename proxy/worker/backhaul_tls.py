@@ -29,6 +29,7 @@ from proxy.telemetry.metrics import (
     WHERE_CALLBACK,
     WHERE_LOOP,
 )
+from proxy.worker import tickets
 from proxy.worker.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ MAX_LOGGED = 1024  # peers remembered for that; the table is cleared when it is 
 MAX_HANDSHAKES = 256  # accept-side handshakes in progress per worker; more are refused
 MAX_EARLY = 65536  # bytes a peer may send between its handshake's end and the hand-over
 ACCEPT_BACKOFF = 0.1  # seconds before accepting again after accept() failed (EMFILE)
+TICKET_PERIOD = 3600.0  # seconds per ticket key epoch: a ticket resumes for 1 to 2 of them
 
 
 class BackhaulRefusedError(ConnectionRefusedError):
@@ -107,6 +109,14 @@ def _why(e: BaseException) -> tuple[str, str]:
     return refusal(ENDED_CLOSED), f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def _say(out: TextIO, text: str) -> None:
+    try:
+        out.write(f"edgeproxy worker: {text}\n")
+        out.flush()
+    except (OSError, ValueError):
+        pass
+
+
 class _Hold(asyncio.Protocol):
     """The protocol of a connection while its handshake runs: it only holds what arrives
     between the end of the handshake and the hand-over (normally nothing)."""
@@ -147,6 +157,14 @@ class BackhaulTLS:
     ) -> None:
         self.loop = loop
         self.server = server_context(material) if material is not None else None
+        # Tickets every worker of every generation of this node decrypts (keys from the
+        # node's key and CA: proxy.fleettls.ticket_secret); else each worker's own.
+        self.shared_tickets = False
+        if self.server is not None and material is not None:
+            keys = tickets.TicketKeys(material.ticket_secret, TICKET_PERIOD)
+            self.shared_tickets = tickets.install(self.server, keys)
+            if not self.shared_tickets:
+                _say(out, f"backhaul TLS: session tickets per worker ({tickets.last_failure()})")
         self.client: PeerContext | None = client_context(material) if material is not None else None
         self.timeout = handshake_timeout
         self.stats = stats

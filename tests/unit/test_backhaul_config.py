@@ -13,6 +13,7 @@ from proxy.config import ConfigError, load, loads
 from proxy.fleetca import init_ca, issue
 from proxy.fleettls import BackhaulTLSError, client_context, insecure_warning, server_context
 from proxy.fleettls import load as load_tls
+from proxy.worker import tickets
 
 LISTEN = '[node]\nid = "n1"\n[listen]\nbackhaul = "127.0.0.2:4280"\n'
 
@@ -144,3 +145,21 @@ def test_a_certificate_that_cannot_be_a_client_is_refused(tmp_path: Path) -> Non
              "key": str(tmp_path / "n1.key")}  # fmt: skip
     with pytest.raises(BackhaulTLSError, match="serverAuth and clientAuth"):
         load_tls(loads(_node(tmp_path, "n1", files)))
+
+
+def test_the_listener_context_takes_node_wide_ticket_keys(fleet: Path) -> None:
+    """The listener's context (a client certificate required) accepts the shared ticket key
+    callback, and the secret is bound to the node's key and to the CA file: another CA
+    bundle makes another secret, so sessions made under the old trust cannot resume."""
+    m = load_tls(loads(_node(fleet, "n1", _files(fleet))))
+    assert m is not None and len(m.ticket_secret) == 32
+    assert "ticket_secret" not in repr(m)
+    ctx = server_context(m)
+    assert tickets.install(ctx, tickets.TicketKeys(m.ticket_secret, 3600)), tickets.last_failure()
+    init_ca(str(fleet / "ca2"))
+    bundle = fleet / "bundle.pem"
+    bundle.write_bytes((fleet / "out/ca.pem").read_bytes() + (fleet / "ca2/ca.pem").read_bytes())
+    other = load_tls(loads(_node(fleet, "n1", {**_files(fleet), "ca": str(bundle)})))
+    assert other is not None and other.ticket_secret != m.ticket_secret
+    again = load_tls(loads(_node(fleet, "n1", _files(fleet))))
+    assert again is not None and again.ticket_secret == m.ticket_secret
