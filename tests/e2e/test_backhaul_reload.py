@@ -125,9 +125,8 @@ def test_a_new_ca_is_read_on_reload(
     p = Proxy(cfg, tmp_path)  # type: ignore[arg-type]
     started.append(p)
     old = client_context(certs.backhaul_keys("n2")["cert"], certs.backhaul_keys("n2")["key"])
-    assert talk("127.0.0.2", "127.0.0.3", cfg.backhaul_port, old, REQUEST).data.startswith(
-        b"HTTP/1.1 200"
-    )
+    first = talk("127.0.0.2", "127.0.0.3", cfg.backhaul_port, old, REQUEST)
+    assert first.data.startswith(b"HTTP/1.1 200") and first.session is not None
     init_ca(str(tmp_path / "ca2"))
     issue("n3", str(tmp_path / "ca2"), str(tmp_path / "certs"))  # n3's files, rotated
     Path(keys["ca"]).write_bytes((tmp_path / "ca2" / "ca.pem").read_bytes())
@@ -136,10 +135,40 @@ def test_a_new_ca_is_read_on_reload(
     assert r.returncode == 0, r.stderr
     got = talk("127.0.0.12", "127.0.0.3", cfg.backhaul_port, old, REQUEST)
     assert b"HTTP/" not in got.data, got
-    assert (
-        p.wait_metric('edgeproxy_backhaul_tls_refused_total{side="accept",reason="unknown_ca"}', 1)
-        == 1
-    )
+    # Nor may a session made under the old CA resume (a resumption skips the certificate).
+    got = talk("127.0.0.13", "127.0.0.3", cfg.backhaul_port, old, REQUEST, session=first.session)
+    assert not got.resumed and b"HTTP/" not in got.data, got
+    series = 'edgeproxy_backhaul_tls_refused_total{side="accept",reason="unknown_ca"}'
+    assert p.wait_metric(series, 2) == 2
     new = client_context(new2.cert, new2.key)
     got = talk("127.0.0.2", "127.0.0.3", cfg.backhaul_port, new, REQUEST)
     assert got.data.startswith(b"HTTP/1.1 200"), got
+
+
+def test_sessions_resume_on_any_worker_and_across_a_reload(
+    tmp_path: Path, instance: Instance, started: list[Proxy]
+) -> None:
+    """With two workers on n3, eight reconnects in a row each resume the last session, on
+    whichever worker accepts them (one ticket key for the node), and so does one after a
+    reload (the same files: the same key). Per-worker keys would fail about half of them."""
+    certs = FleetCerts(tmp_path)
+    cfg = _node(instance, certs.backhaul_keys("n3"))
+    cfg.workers = 2
+    p = Proxy(cfg, tmp_path)  # type: ignore[arg-type]
+    started.append(p)
+    n2 = client_context(certs.backhaul_keys("n2")["cert"], certs.backhaul_keys("n2")["key"])
+    got = talk("127.0.0.2", "127.0.0.3", cfg.backhaul_port, n2, REQUEST)
+    assert got.data.startswith(b"HTTP/1.1 200") and not got.resumed
+    resumed = []
+    for _ in range(8):
+        got = talk("127.0.0.2", "127.0.0.3", cfg.backhaul_port, n2, REQUEST, session=got.session)
+        assert got.data.startswith(b"HTTP/1.1 200"), got
+        resumed.append(got.resumed)
+    assert all(resumed), resumed
+    r = p.cli("reload")
+    assert r.returncode == 0, r.stderr
+    got = talk("127.0.0.2", "127.0.0.3", cfg.backhaul_port, n2, REQUEST, session=got.session)
+    assert got.data.startswith(b"HTTP/1.1 200") and got.resumed, got
+    series = 'edgeproxy_backhaul_tls_handshakes_total{side="accept",kind="resumed"}'
+    assert p.wait_metric(series, 9) >= 9
+    assert "session tickets per worker" not in p.stderr()

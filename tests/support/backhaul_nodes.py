@@ -134,6 +134,8 @@ class Exchange:
     handshake_error: str = ""
     data: bytes = b""
     ended_by: str = ""  # "eof", "reset", "timeout", or the TLS error that ended reading
+    session: ssl.SSLSession | None = None  # the TLS session at the end (tickets included)
+    resumed: bool = False
 
 
 def talk(
@@ -144,18 +146,23 @@ def talk(
     send: bytes,
     timeout: float = 5.0,
     then: bytes = b"",
+    session: ssl.SSLSession | None = None,
 ) -> Exchange:
-    """Connect from `src`, do TLS with `ctx` (None: plaintext), send `send` (and `then`),
-    and read until the server closes, fails or `timeout` passes."""
+    """Connect from `src`, do TLS with `ctx` (None: plaintext; offering `session` to
+    resume), send `send` (and `then`), and read until the server closes, fails or
+    `timeout` passes."""
     out = Exchange()
     sock: socket.socket = connect_from(src, host, port, timeout)
     try:
         if ctx is not None:
             try:
-                sock = ctx.wrap_socket(sock)
+                sock = ctx.wrap_socket(sock, session=session)
             except (ssl.SSLError, OSError) as e:
                 out.handshake_error = f"{type(e).__name__}: {e}"
                 return out
+            tls = sock
+            assert isinstance(tls, ssl.SSLSocket)
+            out.resumed = tls.session_reused
         try:
             if send:
                 sock.sendall(send)
@@ -183,6 +190,8 @@ def talk(
                 return out
             out.data += chunk
     finally:
+        if isinstance(sock, ssl.SSLSocket):
+            out.session = sock.session
         with contextlib.suppress(OSError):
             sock.close()
 
