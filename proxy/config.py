@@ -117,6 +117,21 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackhaulConfig:
+    """[backhaul]: mutual TLS between nodes (proxy.fleettls reads and checks the files)."""
+
+    ca: str = ""  # PEM: the fleet CA certificate(s) a peer's certificate must chain to
+    cert: str = ""  # PEM: this node's certificate (SAN URI spiffe://edgeproxy/node/<id>)
+    key: str = ""  # PEM: its private key
+    insecure: bool = False  # plaintext, unauthenticated backhaul (labs and tests only)
+    handshake_timeout: float = 5.0  # seconds a peer may take to finish its TLS handshake
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     max_idle: int  # idle keep-alive connections per instance per worker
     idle_timeout: float
@@ -198,6 +213,7 @@ class Config:
     hosts: Mapping[str, str] = field(default_factory=dict)  # lower-case host -> app
     trust: TrustConfig = field(default_factory=TrustConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -286,6 +302,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "table",
             "trust",
             "tls",
+            "backhaul",
             "app",
             "instance",
             "peer",
@@ -429,6 +446,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "max_local_instances", f"{local} local instances, more than {table.max_local_instances}"
         )
     hosts = {h: a.name for a in apps for h in a.hosts}
+    backhaul_tls = _backhaul(top.table("backhaul"), listen)
     return Config(
         path=path,
         node=node,
@@ -446,6 +464,37 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         hosts=hosts,
         trust=trust,
         tls=tls,
+        backhaul=backhaul_tls,
+    )
+
+
+def _backhaul(r: Reader, listen: ListenConfig) -> BackhaulConfig:
+    """[backhaul]: all three files or none; a backhaul listener needs them, or an explicit
+    `insecure = true`. Relative paths are relative to the config file's folder."""
+    r.check_keys(BackhaulConfig.__slots__)
+    insecure = r.get("insecure", bool, False)
+    base = os.path.dirname(os.path.abspath(r.path))
+    files = {}
+    for k in ("ca", "cert", "key"):
+        if k in r.data:
+            files[k] = os.path.join(base, os.path.expanduser(r.text(k)))
+    if files and len(files) != 3:
+        missing = [k for k in ("ca", "cert", "key") if k not in files]
+        raise r.fail(missing[0], f"required with {', '.join(files)}: ca, cert and key go together")
+    if files and insecure:
+        raise r.fail("insecure", "true with certificates: mutual TLS or plaintext, choose one")
+    if listen.backhaul is not None and not files and not insecure:
+        raise r.fail(
+            "cert",
+            f"the backhaul listener ({listen.backhaul}) needs ca, cert and key (mutual TLS "
+            "between nodes: `edgeproxy ca --help`), or insecure = true (labs and tests only)",
+        )
+    return BackhaulConfig(
+        ca=files.get("ca", ""),
+        cert=files.get("cert", ""),
+        key=files.get("key", ""),
+        insecure=insecure,
+        handshake_timeout=r.positive("handshake_timeout", float, 5.0),
     )
 
 

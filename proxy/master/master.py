@@ -23,6 +23,8 @@ import orjson
 
 from proxy.config import Config, ConfigError, load, parse_address
 from proxy.config_table import inflight_name
+from proxy.fleettls import insecure_warning
+from proxy.fleettls import load as check_backhaul_tls
 from proxy.master.admin import start_admin
 from proxy.master.control import ControlDirError, prepare_control_dir, serve_control
 from proxy.master.handover import (
@@ -47,6 +49,22 @@ from shm.errors import ShmError
 from shm.reader import TableReader
 
 log = logging.getLogger("edgeproxy.master")
+
+
+def load_checked(path: str) -> Config:
+    """The config at `path`, its [backhaul] certificate files read and checked too (a
+    generation would not start on them: better refused now, with the file named)."""
+    config = load(path)
+    check_backhaul_tls(config)
+    return config
+
+
+def warn_insecure(config: Config) -> None:
+    """At every start and reload of a plaintext backhaul: say so."""
+    warning = insecure_warning(config)
+    if warning is not None:
+        log.warning("WARNING: %s", warning)
+
 
 READY_TIMEOUT = 30.0
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
@@ -297,7 +315,7 @@ class Master(MasterViews):
             sd_notify(b"RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
             try:
                 text = open(self.config_path, encoding="utf-8").read()  # noqa: SIM115
-                config = load(self.config_path)
+                config = load_checked(self.config_path)
             except (OSError, ConfigError) as e:
                 log.error("reload refused, keeping the running config: %s", e)
                 sd_notify(b"READY=1")
@@ -321,6 +339,7 @@ class Master(MasterViews):
                 sd_notify(b"READY=1")
                 return {"ok": False, "error": str(e)}
             self.config, self.config_text = config, text
+            warn_insecure(config)
             self.aggregator.set_apps([a.name for a in config.apps])
             for w in old:
                 w.state = "draining"
@@ -486,11 +505,12 @@ def retire_old(sock: socket.socket) -> None:
 def run(config_path: str, takeover: str | None = None) -> int:
     """`edgeproxy run -c FILE [--takeover SOCKET]`: exit 2 on a bad config."""
     try:
-        config = load(config_path)
+        config = load_checked(config_path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
+    warn_insecure(config)
     try:
         prepare_control_dir(config.listen.control)
     except ControlDirError as e:

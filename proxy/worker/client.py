@@ -115,7 +115,10 @@ class ClientConnection(ClientIO):
         # client's pace holds the instance back.
         t.set_write_buffer_limits(high=ctx.limits.response_buffer)
         sock = t.get_extra_info("socket")
-        if sock is not None and ctx.pool.splicer is not None and not self.tls:
+        # Under TLS the socket carries ciphertext: nothing may be spliced into it (the edge's
+        # HTTPS connections say so; a backhaul's mutual TLS shows in its transport).
+        tls = self.tls or t.get_extra_info("sslcontext") is not None
+        if sock is not None and ctx.pool.splicer is not None and not tls:
             self.sink_fd = sock.fileno()
         ctx.opened(self)
         self.enter(MADE, ctx.loop.time() + ctx.timeouts.client_header)

@@ -29,11 +29,13 @@ from proxy.worker.upstream import Pool
 
 if TYPE_CHECKING:
     from collections import deque
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from proxy.config import Config
     from proxy.core.request import Request
+    from proxy.core.target import Target
     from proxy.telemetry.metrics import WorkerStats
+    from proxy.worker.upstream import UpstreamConnection
     from shm.inflight import InflightCells
 
 
@@ -79,6 +81,9 @@ class WorkerContext:
         self.pool = Pool(
             loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
         )
+        # Connecting to a peer's backhaul (mutual TLS: proxy.worker.backhaul_tls); None: as
+        # to a local instance, plaintext ([backhaul] insecure).
+        self.peer_connect: Callable[[Pool, Target], Awaitable[UpstreamConnection]] | None = None
         self.upgrades = config.trust.upgrade  # protocols an Upgrade may switch to
         self.forwarders = config.trust.forwarded_from
         self.clients: set[Connection] = set()

@@ -116,10 +116,14 @@ class ClientExchange(Exchange):
 
     async def _connect(self, ctx: WorkerContext, target: Target) -> None:
         t0 = ctx.loop.time()
+        peer_connect = ctx.peer_connect
         try:
-            up = await ctx.pool.connect(
-                target.key, target.host, target.port, target.connect_timeout
-            )
+            if peer_connect is not None and not target.local:
+                up = await peer_connect(ctx.pool, target)
+            else:
+                up = await ctx.pool.connect(
+                    target.key, target.host, target.port, target.connect_timeout
+                )
         except TimeoutError:
             self.connect_failed("connect_timeout")
         except OSError:

@@ -220,13 +220,18 @@ def ctx_pointer(lib: LibSSL, ctx: ssl.SSLContext, *, offset: int | None = None) 
     )
     want = (
         int(ctx.options),
-        int(ctx.verify_mode),
+        _VERIFY_FLAGS[ctx.verify_mode],
         _proto(ctx.minimum_version),
         _proto(ctx.maximum_version),
     )
     if got != want:
         raise UnavailableError(f"SSL_CTX* candidate disagrees with the context: {got} != {want}")
     return ptr
+
+
+# What SSL_CTX_get_verify_mode returns for each Python verify_mode (Modules/_ssl.c):
+# CERT_REQUIRED is SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, not 2.
+_VERIFY_FLAGS = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
 
 
 def _proto(v: ssl.TLSVersion) -> int:

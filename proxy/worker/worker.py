@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.config import loads
+from proxy.config import ConfigError, loads
+from proxy.fleettls import load as load_backhaul_tls
 from proxy.telemetry.metrics import (
     DRAINING,
     SERVING,
@@ -28,6 +29,7 @@ from proxy.telemetry.metrics import (
     WorkerStats,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.certs import CertCache
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
@@ -61,9 +63,20 @@ class Worker:
         )
         self.cells = self.attach_cells(boot)
         self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
-        self.tls: TlsEdge | None = None
+        self.tls: TlsEdge | None = None  # the edge's HTTPS listeners, if any
         self.tickets: TicketKeys | None = None
         self.tickets_warned = False
+        # The backhaul's credentials, read now: a reload (a new worker) reads them again.
+        bh = self.config.backhaul
+        self.backhaul_tls = BackhaulTLS(
+            self.loop,
+            load_backhaul_tls(self.config),
+            bh.handshake_timeout,
+            self.stats,
+            self.ctx.faults,
+        )
+        if not bh.insecure:
+            self.ctx.peer_connect = self.backhaul_tls.connect
         self.servers: list[asyncio.Server] = []
         # Client listeners, kept open for the process's life: pausing at max_connections
         # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
@@ -98,7 +111,9 @@ class Worker:
         for lst in self.boot["listeners"]:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
-            if lst["kind"] == "backhaul":
+            if lst["kind"] == "backhaul" and self.backhaul_tls.server is not None:
+                self.backhaul_tls.serve(sock, self.factory(True))  # mutual TLS first
+            elif lst["kind"] == "backhaul":  # [backhaul] insecure: plaintext
                 srv = await loop.create_server(
                     self.factory(True), sock=sock, backlog=4096, start_serving=True
                 )
@@ -125,6 +140,7 @@ class Worker:
         self.close_listeners()
         if self.tls is not None:
             await self.tls.stop()
+        self.backhaul_tls.close()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:
@@ -186,6 +202,7 @@ class Worker:
         self.servers = []
         if self.tls is not None:
             self.tls.close()
+        self.backhaul_tls.stop_accepting()
         self.stop_clients()
         for sock in self.client_socks:
             sock.close()
@@ -304,7 +321,11 @@ def main() -> None:
     except ImportError:  # pragma: no cover - uvloop is a hard dependency
         pass
     boot = orjson.loads(sys.stdin.buffer.read())
-    worker = Worker(boot)
+    try:
+        worker = Worker(boot)
+    except ConfigError as e:  # a [backhaul] file changed since the master checked it
+        print(f"edgeproxy worker: {e}", file=sys.stderr)
+        sys.exit(2)
     asyncio.set_event_loop(worker.loop)
     worker.run()
 
