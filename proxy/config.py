@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from proxy.config_reader import (
+    HOST_RE,
     Address,
     ConfigError,
     Reader,
@@ -23,6 +24,7 @@ from proxy.config_reader import (
     default_control_dir,
     parse_address,
 )
+from proxy.config_tls import BackhaulConfig, TlsConfig, backhaul_section, tls_section
 
 # Re-exported: the rest of the project takes these from proxy.config.
 __all__ = [
@@ -30,8 +32,10 @@ __all__ = [
     "LEASTLOAD",
     "STRATEGIES",
     "Address",
+    "BackhaulConfig",
     "Config",
     "ConfigError",
+    "TlsConfig",
     "default_control_dir",
     "load",
     "loads",
@@ -45,10 +49,6 @@ LEASTLOAD: Final = "leastload"  # least loaded of a random sample (proxy.core.ro
 STRATEGIES: Final = (CLOSEST, LEASTLOAD)
 STORES = ("none", "etcd", "consul")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-# A host name, or a one-label wildcard: `*` only as the whole leftmost label and at least
-# two labels after it (`*.example.test`; `*.test` would claim a whole top-level domain).
-_HOST_RE = re.compile(rf"^(?=.{{1,253}}$)(\*\.(?=[^.]+\.[^.]))?{_LABEL}(\.{_LABEL})*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,32 +103,6 @@ class TrustConfig:
     forwarded_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Upgrade protocols that may become a tunnel (lower-case tokens; h2c never).
     upgrade: frozenset[str] = frozenset({"websocket"})
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    certs_dir: str | None = None  # combined PEM files (chain + key), picked up live
-    store: bool = False  # also fetch <prefix>certs/<host> from the [cluster] store
-    default_host: str | None = None  # the certificate for a ClientHello without SNI
-    cache_size: int = 10000  # certificates (SSL contexts) per worker, LRU
-    miss_ttl: float = 10.0  # how long a name without a certificate is remembered
-    ticket_rotate: float = 3600.0  # session-ticket key period (tickets live two periods)
-    max_handshakes: int = 1024  # per worker, in progress at once; accepting pauses past it
-
-
-@dataclass(frozen=True, slots=True)
-class BackhaulConfig:
-    """[backhaul]: mutual TLS between nodes (proxy.fleettls reads and checks the files)."""
-
-    ca: str = ""  # PEM: the fleet CA certificate(s) a peer's certificate must chain to
-    cert: str = ""  # PEM: this node's certificate (SAN URI spiffe://edgeproxy/node/<id>)
-    key: str = ""  # PEM: its private key
-    insecure: bool = False  # plaintext, unauthenticated backhaul (labs and tests only)
-    handshake_timeout: float = 5.0  # seconds a peer may take to finish its TLS handshake
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.cert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +346,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         pipeline_bytes=lim.positive("pipeline_bytes", int, 262144),
     )
     trust = _trust(top.table("trust"))
-    tls = _tls(top.table("tls"), https)
+    tls = tls_section(top.table("tls"), https)
 
     p = top.table("pool")
     p.check_keys(PoolConfig.__slots__)
@@ -446,7 +420,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "max_local_instances", f"{local} local instances, more than {table.max_local_instances}"
         )
     hosts = {h: a.name for a in apps for h in a.hosts}
-    backhaul_tls = _backhaul(top.table("backhaul"), listen)
+    backhaul_tls = backhaul_section(top.table("backhaul"), listen.backhaul)
     return Config(
         path=path,
         node=node,
@@ -465,59 +439,6 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         trust=trust,
         tls=tls,
         backhaul=backhaul_tls,
-    )
-
-
-def _backhaul(r: Reader, listen: ListenConfig) -> BackhaulConfig:
-    """[backhaul]: all three files or none; a backhaul listener needs them, or an explicit
-    `insecure = true`. Relative paths are relative to the config file's folder."""
-    r.check_keys(BackhaulConfig.__slots__)
-    insecure = r.get("insecure", bool, False)
-    base = os.path.dirname(os.path.abspath(r.path))
-    files = {}
-    for k in ("ca", "cert", "key"):
-        if k in r.data:
-            files[k] = os.path.join(base, os.path.expanduser(r.text(k)))
-    if files and len(files) != 3:
-        missing = [k for k in ("ca", "cert", "key") if k not in files]
-        raise r.fail(missing[0], f"required with {', '.join(files)}: ca, cert and key go together")
-    if files and insecure:
-        raise r.fail("insecure", "true with certificates: mutual TLS or plaintext, choose one")
-    if listen.backhaul is not None and not files and not insecure:
-        raise r.fail(
-            "cert",
-            f"the backhaul listener ({listen.backhaul}) needs ca, cert and key (mutual TLS "
-            "between nodes: `edgeproxy ca --help`), or insecure = true (labs and tests only)",
-        )
-    return BackhaulConfig(
-        ca=files.get("ca", ""),
-        cert=files.get("cert", ""),
-        key=files.get("key", ""),
-        insecure=insecure,
-        handshake_timeout=r.positive("handshake_timeout", float, 5.0),
-    )
-
-
-def _tls(r: Reader, https: tuple[Address, ...]) -> TlsConfig:
-    r.check_keys(TlsConfig.__slots__)
-    d = TlsConfig()
-    certs_dir = r.text("certs_dir") if "certs_dir" in r.data else None
-    store = r.get("store", bool, False)
-    default_host = None
-    if "default_host" in r.data:
-        default_host = r.text("default_host").lower().rstrip(".")
-        if not _HOST_RE.match(default_host) or default_host.startswith("*"):
-            raise r.fail("default_host", f"{default_host!r} is not a host name")
-    if https and certs_dir is None and not store:
-        raise r.fail("certs_dir", "[listen] https needs certificates: set certs_dir or store")
-    return TlsConfig(
-        certs_dir=certs_dir,
-        store=store,
-        default_host=default_host,
-        cache_size=r.positive("cache_size", int, d.cache_size),
-        miss_ttl=r.positive("miss_ttl", float, d.miss_ttl),
-        ticket_rotate=r.positive("ticket_rotate", float, d.ticket_rotate),
-        max_handshakes=r.positive("max_handshakes", int, d.max_handshakes),
     )
 
 
@@ -557,7 +478,7 @@ def _apps(top: Reader) -> tuple[AppConfig, ...]:
         name = r.name("name")
         hosts = []
         for j, raw in enumerate(r.get("hosts", list)):
-            if not isinstance(raw, str) or not _HOST_RE.match(raw.lower()):
+            if not isinstance(raw, str) or not HOST_RE.match(raw.lower()):
                 raise r.fail(
                     f"hosts[{j}]",
                     f"{raw!r} is not a valid host name (a wildcard is *. and 2+ labels)",

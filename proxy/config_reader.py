@@ -14,6 +14,10 @@ from typing import Any, NamedTuple, TypeVar
 T = TypeVar("T")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# A host name, or a one-label wildcard: `*` only as the whole leftmost label and at least
+# two labels after it (`*.example.test`; `*.test` would claim a whole top-level domain).
+HOST_RE = re.compile(rf"^(?=.{{1,253}}$)(\*\.(?=[^.]+\.[^.]))?{_LABEL}(\.{_LABEL})*$")
 
 
 class ConfigError(Exception):
