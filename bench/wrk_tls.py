@@ -96,7 +96,9 @@ class EdgeProxyTls(EdgeProxy):
     def config_text(self) -> str:
         text = super().config_text().replace(f"{HOST}:{self.port}", f"{HOST}:{self.plain_port}")
         text = text.replace("[listen]\n", f'[listen]\nhttps = ["{HOST}:{self.port}"]\n', 1)
-        return text + f'\n[tls]\ncerts_dir = "{self.cert.parent}"\n'
+        # wrk sends the address it was given as SNI: taken as no SNI, so the default host.
+        tls = f'[tls]\ncerts_dir = "{self.cert.parent}"\ndefault_host = "{EDGEPROXY_HOSTNAME}"\n'
+        return text + "\n" + tls
 
 
 def wrk(port: int, duration: float, connections: int, close: bool) -> WrkResult:
