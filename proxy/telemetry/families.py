@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.core.certcheck import REASONS as CERT_REASONS
+from proxy.core.cert_reasons import REASONS as CERT_REASONS
 from proxy.core.clienthello import REASONS as HELLO_REASONS
 
 

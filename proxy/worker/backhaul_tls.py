@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from proxy.core.fleetid import node_of_peercert
 from proxy.core.tls_refusal import ENDED_CLOSED, ENDED_SSL, ENDED_TIMEOUT, refusal
-from proxy.fleettls import client_context, server_context
 from proxy.telemetry.metrics import (
     KIND_FULL,
     KIND_RESUMED,
@@ -156,6 +155,8 @@ class BackhaulTLS:
         period: float = LOG_PERIOD,
     ) -> None:
         self.loop = loop
+        if material is not None:  # cryptography is imported only by nodes that use it
+            from proxy.fleettls import client_context, server_context
         self.server = server_context(material) if material is not None else None
         # Tickets every worker of every generation of this node decrypts (keys from the
         # node's key and CA: proxy.fleettls.ticket_secret); else each worker's own.
@@ -165,7 +166,9 @@ class BackhaulTLS:
             self.shared_tickets = tickets.install(self.server, keys)
             if not self.shared_tickets:
                 _say(out, f"backhaul TLS: session tickets per worker ({tickets.last_failure()})")
-        self.client: PeerContext | None = client_context(material) if material is not None else None
+        self.client: PeerContext | None = None
+        if material is not None:
+            self.client = client_context(material)
         self.timeout = handshake_timeout
         self.stats = stats
         self.faults = faults

@@ -23,9 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from proxy.worker import libssl
 
 SECRET_BYTES = 32
@@ -61,6 +58,9 @@ class EpochKey:
 def derive(secret: bytes, epoch: int) -> EpochKey:
     """HKDF-SHA256(secret, info = INFO + epoch as 8 signed big-endian bytes), no salt,
     split into the 16-byte key name, the AES-256 key and the HMAC-SHA256 key."""
+    from cryptography.hazmat.primitives import hashes  # TLS only: kept off worker start-up
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     okm = HKDF(
         algorithm=hashes.SHA256(),
         length=NAME_BYTES + AES_BYTES + HMAC_BYTES,

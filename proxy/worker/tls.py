@@ -24,7 +24,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from proxy.core.certcheck import REASONS as CERT_REASONS
+from proxy.core.cert_reasons import REASONS as CERT_REASONS
 from proxy.core.clienthello import (
     ALERT_NO_APPLICATION_PROTOCOL,
     ALERT_UNRECOGNIZED_NAME,

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy.config import ConfigError, loads
-from proxy.fleettls import load as load_backhaul_tls
 from proxy.telemetry.metrics import (
     DRAINING,
     SERVING,
@@ -30,16 +29,16 @@ from proxy.telemetry.metrics import (
 )
 from proxy.telemetry.statsblock import StatsBlock
 from proxy.worker.backhaul_tls import BackhaulTLS
-from proxy.worker.certs import CertCache
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
-from proxy.worker.tickets import TicketKeys, install, last_failure
 from proxy.worker.tls import ALPN, TlsEdge
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
 if TYPE_CHECKING:
-    pass
+    from proxy.config import Config
+    from proxy.fleettls import Material
+    from proxy.worker.tickets import TicketKeys
 
 TICK = 0.1  # deadline sweep period, seconds
 PUBLISH = 1.0  # stats publish period, seconds
@@ -70,7 +69,7 @@ class Worker:
         bh = self.config.backhaul
         self.backhaul_tls = BackhaulTLS(
             self.loop,
-            load_backhaul_tls(self.config),
+            _backhaul_material(self.config),
             bh.handshake_timeout,
             self.stats,
             self.ctx.faults,
@@ -150,6 +149,8 @@ class Worker:
     def tls_edge(self) -> TlsEdge:
         """The HTTPS side of this worker, made with its first HTTPS listener."""
         if self.tls is None:
+            from proxy.worker.certs import CertCache  # cryptography: HTTPS nodes only
+
             ctx, config = self.ctx, self.config
             tls = config.tls
             certs = CertCache(
@@ -175,6 +176,8 @@ class Worker:
     def install_tickets(self, ctx: ssl.SSLContext) -> None:
         """Session tickets any worker of any generation can read (proxy.worker.tickets);
         where that cannot be done, resumption stays per process (logged once)."""
+        from proxy.worker.tickets import TicketKeys, install, last_failure
+
         if self.tickets is None:
             secret = bytes.fromhex(self.boot["ticket_secret"])
             self.tickets = TicketKeys(secret, self.config.tls.ticket_rotate)
@@ -311,6 +314,15 @@ class Worker:
             self.loop.run_until_complete(self.serve())
         finally:
             self.loop.close()
+
+
+def _backhaul_material(config: Config) -> Material | None:
+    """The [backhaul] credentials, checked (cryptography is imported only when there are)."""
+    if not config.backhaul.tls:
+        return None
+    from proxy.fleettls import load
+
+    return load(config)
 
 
 def main() -> None:
