@@ -139,11 +139,13 @@ def test_wrk_across_three_sighup_reloads_counts_no_errors(
 # -- 2. a 30 s download and a WebSocket across a reload ------------------------------------
 
 DL_BYTES = 48 << 20
-DL_RATE = DL_BYTES / 30.0  # bytes per second: the client reads it in ~30 s
+DL_RATE = DL_BYTES / 30.0  # bytes per second: the client reads no faster (~30 s in all)
+HOLD_AT = 4 << 20  # the upstream sends this much, then waits for the test's release
 
 
 class SlowDownload(threading.Thread):
-    """GET /big read at DL_RATE by a small-buffered client; length and sha256 recorded."""
+    """GET /big read at DL_RATE at most by a small-buffered client; length and sha256
+    recorded. The upstream stops after HOLD_AT bytes until the test releases `tag`."""
 
     def __init__(self, port: int, tag: str) -> None:
         super().__init__(daemon=True)
@@ -166,25 +168,36 @@ class SlowDownload(threading.Thread):
         c = Client(self.port, timeout=20, rcvbuf=65536)
         self.client = c
         t0 = time.monotonic()
-        c.send(request_bytes(path=f"/big?bytes={DL_BYTES}&tag={self.tag}"))
+        c.send(request_bytes(path=f"/big?bytes={DL_BYTES}&tag={self.tag}&hold_at={HOLD_AT}"))
         status, _, _, headers, _ = c.read_head()
         self.head = (status, headers)
         h = hashlib.sha256()
         data, c.buf = c.buf, b""
+        next_at = time.monotonic()  # the reading pace: no credit for time spent waiting
         while True:
             if data:
                 h.update(data)
                 self.received += len(data)
+                next_at = max(next_at, time.monotonic()) + len(data) / DL_RATE
             if self.received >= DL_BYTES:
                 break
-            ahead = self.received / DL_RATE - (time.monotonic() - t0)
+            ahead = next_at - time.monotonic()
             if ahead > 0:
-                time.sleep(ahead)
+                time.sleep(ahead)  # pacing the reader, not waiting for an event
             data = c.sock.recv(min(65536, DL_BYTES - self.received))
             if not data:
                 break
         self.elapsed = time.monotonic() - t0
         self.sha = h.hexdigest()
+
+
+def release(upstream: Upstream, tag: str) -> None:
+    """Let the upstream go on with what it holds for `tag` (tests/support/upstream.py)."""
+    with Client(upstream.port) as c:
+        c.send(
+            f"GET /_release?tag={tag} HTTP/1.1\r\nHost: up\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert c.response().status == 200
 
 
 def ws_echo(ws: Client, msg: bytes, timeout: float = 5.0) -> bytes:
@@ -204,7 +217,11 @@ def ws_echo(ws: Client, msg: bytes, timeout: float = 5.0) -> bytes:
 def test_long_download_and_websocket_finish_intact_across_reload(
     tree_proxy: Callable[..., TreeProxy], upstream: Upstream
 ) -> None:
-    """A ~30 s download and an open WebSocket begun before a reload finish intact after it."""
+    """A ~30 s download and an open WebSocket begun before a reload finish intact after it.
+
+    The upstream sends HOLD_AT bytes, then waits until the reload is done: the rest
+    provably goes through the draining worker, whatever the socket buffers could hold;
+    the client reads at DL_RATE at most from then on, so it outlasts quiet_period."""
     p = tree_proxy(workers=2)  # drain_timeout: the default (300 s)
     gen0 = generation(p)
     old = set(assert_one_generation(p, gen0, 2))
@@ -227,7 +244,14 @@ def test_long_download_and_websocket_finish_intact_across_reload(
         r = ws.response()
         assert r.status == 101, r
         assert ws_echo(ws, b"before the reload\n") == b"before the reload\n"
-        assert wait_until(lambda: dl.received >= 4 << 20 or dl.error is not None, 10)
+
+        # The download runs through an old worker: the upstream sent HOLD_AT bytes and
+        # waits, the client has read part of them.
+        def under_way() -> bool:
+            got = upstream.stats()["tags"].get(tag, {}).get("held_at") == HOLD_AT
+            return (got and dl.received >= 1 << 20) or dl.error is not None
+
+        assert wait_until(under_way, 20), (dl.received, upstream.stats()["tags"].get(tag))
         assert dl.error is None, dl.error
         sent_at_reload = upstream.stats()["tags"].get(tag, {}).get("sent", 0)
 
@@ -241,6 +265,7 @@ def test_long_download_and_websocket_finish_intact_across_reload(
         assert all(w["state"] == "draining" for w in draining), st
         assert sum(w["open_connections"] for w in draining) == 2, draining
         print(f"at the reload: client had {dl.received} B, upstream had sent {sent_at_reload} B")
+        release(upstream, tag)  # the rest goes through the draining worker
 
         # Echo through the tunnel every 2 s until the download is done (past quiet_period).
         n = 0

@@ -438,13 +438,16 @@ class Handler:
 
     def big(self, req: Request) -> bool:
         """Stream `bytes` pattern bytes; blocking sendall is the backpressure.
-        `step` bytes per send (64 KiB), `pause` ms between sends (0)."""
+        `step` bytes per send (64 KiB), `pause` ms between sends (0). With `hold_at`
+        and `tag`: stop after that many bytes (tag `held_at` set) until /_release?tag=
+        (at most HOLD_MAX seconds), then send the rest."""
         self.consume_body(req)
         q = req.query
         total = int(q.get("bytes", "0"))
         step = int(q.get("step", "65536"))
         pause = float(q.get("pause", "0")) / 1000
         tag = q.get("tag")
+        hold_at = int(q.get("hold_at", "-1")) if tag else -1
         chunked = q.get("chunked") == "1"
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         hs = [("Content-Type", "application/octet-stream")]
@@ -454,9 +457,15 @@ class Handler:
             return True
         sent = 0
         while sent < total:
+            if sent == hold_at and tag:
+                self.state.tag(tag, held_at=sent)
+                self.state.gate(tag).wait(HOLD_MAX)
             if pause and sent:
                 time.sleep(pause)
-            piece = pattern(sent, min(step, total - sent))
+            n = min(step, total - sent)
+            if sent < hold_at:
+                n = min(n, hold_at - sent)
+            piece = pattern(sent, n)
             if chunked:
                 self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
             else:
