@@ -16,8 +16,11 @@ from setuptools import setup
 COMPILED = [
     "proxy/worker/batch.py",
     "proxy/worker/client.py",
+    "proxy/worker/client_io.py",
     "proxy/worker/context.py",
     "proxy/worker/exchange.py",
+    "proxy/core/clienthello.py",
+    "proxy/core/conn_state.py",
     "proxy/core/headers.py",
     "proxy/telemetry/metrics.py",
     "proxy/core/request.py",

@@ -136,6 +136,7 @@ class World:
 
         from proxy.config import loads
         from proxy.telemetry.metrics import WorkerStats
+        from proxy.worker.client import ClientConnection
         from proxy.worker.context import WorkerContext
         from proxy.worker.upstream import UpstreamConnection
 
@@ -156,7 +157,7 @@ class World:
         self.up_t = Recorder()
         self.up.connection_made(self.up_t)  # type: ignore[arg-type]
         self.ctx.pool.put(self.up)
-        self.client = self.ctx.client_factory(False)()
+        self.client = ClientConnection(self.ctx, False)
         self.client_t = Recorder()
         self.client.connection_made(self.client_t)
 

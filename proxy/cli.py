@@ -186,7 +186,30 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo.cluster import run_demo
 
-    return run_demo(args.port, args.admin_port, args.instances, args.workers)
+    return run_demo(args.port, args.https_port, args.admin_port, args.instances, args.workers)
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from proxy.fleetca import FleetCAError, init_ca, issue
+
+    try:
+        if args.ca_command == "init":
+            w = init_ca(args.out, args.days)
+            print(f"fleet CA written: {w.cert} (certificate), {w.key} (key: keep it off the nodes)")
+            print(f"next: edgeproxy ca issue NODE_ID --ca {args.out} --out DIR, for each node")
+            return 0
+        w = issue(args.node_id, args.ca, args.out, args.days)
+    except FleetCAError as e:
+        print(f"edgeproxy ca {args.ca_command}: {e}", file=sys.stderr)
+        return 1
+    for note in w.notes:
+        print(f"edgeproxy ca issue: note: {note}", file=sys.stderr)
+    print(f"# node {args.node_id!r}: {w.cert}, {w.key}; the fleet CA: {w.ca}")
+    print("# in that node's config (then `edgeproxy reload` if it runs):")
+    print("[backhaul]")
+    for k, v in (("ca", w.ca), ("cert", w.cert), ("key", w.key)):
+        print(f"{k} = {orjson.dumps(os.path.abspath(v)).decode()}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -221,8 +244,28 @@ def parser() -> argparse.ArgumentParser:
     sp = add("table", "the shared-memory table as the workers see it")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_table)
+    sp = sub.add_parser(
+        "ca",
+        help="the fleet CA: node certificates for the backhaul's mutual TLS",
+        description="The fleet CA (ECDSA P-256) and node certificates (SAN URI "
+        "spiffe://edgeproxy/node/<id>, serverAuth + clientAuth), files mode 0600.",
+    )
+    ca = sp.add_subparsers(dest="ca_command", required=True)
+    ci = ca.add_parser("init", help="a new fleet CA: DIR/ca.pem and DIR/ca.key")
+    ci.add_argument("--out", required=True, metavar="DIR", help="folder to write the CA to")
+    ci.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    ci.set_defaults(func=cmd_ca)
+    cs = ca.add_parser(
+        "issue", help="a node's key and certificate: DIR/<id>.key, DIR/<id>.pem (+ DIR/ca.pem)"
+    )
+    cs.add_argument("node_id", metavar="NODE_ID", help="the node's [node] id")
+    cs.add_argument("--ca", required=True, metavar="DIR", help="folder of ca.pem and ca.key")
+    cs.add_argument("--out", required=True, metavar="DIR", help="folder to write to")
+    cs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    cs.set_defaults(func=cmd_ca)
     sp = sub.add_parser("demo", help="a working single-node setup: proxy + demo instances")
     sp.add_argument("--port", type=int, default=8080, help="proxy port on 127.0.0.1")
+    sp.add_argument("--https-port", type=int, default=8443, help="HTTPS port on 127.0.0.1")
     sp.add_argument("--admin-port", type=int, default=9901, help="admin port on 127.0.0.1")
     sp.add_argument("--instances", type=int, default=3, help="demo instances to start")
     sp.add_argument("--workers", type=int, default=None, help="workers (default: cores)")

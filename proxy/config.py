@@ -13,7 +13,34 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
+
+from proxy.config_reader import (
+    HOST_RE,
+    Address,
+    ConfigError,
+    Reader,
+    default_control,
+    default_control_dir,
+    parse_address,
+)
+from proxy.config_tls import BackhaulConfig, TlsConfig, backhaul_section, tls_section
+
+# Re-exported: the rest of the project takes these from proxy.config.
+__all__ = [
+    "CLOSEST",
+    "LEASTLOAD",
+    "STRATEGIES",
+    "Address",
+    "BackhaulConfig",
+    "Config",
+    "ConfigError",
+    "TlsConfig",
+    "default_control_dir",
+    "load",
+    "loads",
+    "parse_address",
+]
 
 T = TypeVar("T")
 
@@ -21,32 +48,7 @@ CLOSEST: Final = "closest"  # lowest RTT under the soft limit (proxy.core.router
 LEASTLOAD: Final = "leastload"  # least loaded of a random sample (proxy.core.router)
 STRATEGIES: Final = (CLOSEST, LEASTLOAD)
 STORES = ("none", "etcd", "consul")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-# A host name, or a one-label wildcard: `*` only as the whole leftmost label and at least
-# two labels after it (`*.example.test`; `*.test` would claim a whole top-level domain).
-_HOST_RE = re.compile(rf"^(?=.{{1,253}}$)(\*\.(?=[^.]+\.[^.]))?{_LABEL}(\.{_LABEL})*$")
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; the message names file and key."""
-
-    def __init__(self, path: str, key: str, problem: str) -> None:
-        self.path = path
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{os.path.basename(path) or path}: {key}: {problem}")
-
-
-class Address(NamedTuple):
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class ListenConfig:
     backhaul: Address | None
     admin: Address | None
     control: str  # unix socket of the master (status, reload, takeover)
+    https: tuple[Address, ...] = ()  # TLS-terminating client listeners ([tls])
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class TimeoutsConfig:
     request: float  # a whole request, first byte to last response byte
     abandoned: float = 2.0  # an instance's answer awaited (and counted) after its client left
     tunnel_idle: float = 600.0  # an upgraded connection (WebSocket) with no byte either way
+    tls_handshake: float = 10.0  # accept to a finished TLS handshake (ClientHello included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,8 @@ class Config:
     peers: tuple[PeerConfig, ...]
     hosts: Mapping[str, str] = field(default_factory=dict)  # lower-case host -> app
     trust: TrustConfig = field(default_factory=TrustConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -191,138 +197,6 @@ class Config:
 
     def local_instances(self) -> tuple[InstanceConfig, ...]:
         return tuple(i for i in self.instances if i.node == self.node.id)
-
-
-class _Reader:
-    """Typed access to one TOML table, remembering the key path for errors."""
-
-    def __init__(self, path: str, prefix: str, data: Mapping[str, Any]) -> None:
-        self.path = path
-        self.prefix = prefix
-        self.data = data
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.path, self.key(name), problem)
-
-    def check_keys(self, allowed: tuple[str, ...]) -> None:
-        for k in self.data:
-            if k not in allowed:
-                raise self.fail(k, f"unknown key (expected one of: {', '.join(allowed)})")
-
-    def get(self, name: str, kind: type[T], default: T | None = None) -> T:
-        if name not in self.data:
-            if default is None:
-                raise self.fail(name, "required")
-            return default
-        value = self.data[name]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(name, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, not {value!r}")
-        return value
-
-    def positive(self, name: str, kind: type[T], default: T | None = None) -> T:
-        value = self.get(name, kind, default)
-        if value <= 0:  # type: ignore[operator]  # T is int or float here
-            raise self.fail(name, f"must be > 0, not {value!r}")
-        return value
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self.get(name, str, default)
-        if not value:
-            raise self.fail(name, "must not be empty")
-        return value
-
-    def name(self, name: str, default: str | None = None) -> str:
-        value = self.text(name, default)
-        if not _NAME_RE.match(value):
-            raise self.fail(name, f"{value!r} is not a valid name (letters, digits, _ . -)")
-        return value
-
-    def address(self, name: str, default: str | None = None) -> Address:
-        raw = self.text(name, default)
-        try:
-            return parse_address(raw)
-        except ValueError as e:
-            raise self.fail(name, str(e)) from None
-
-    def addresses(self, name: str, default: list[str] | None = None) -> tuple[Address, ...]:
-        raw = self.get(name, list, default)
-        out = []
-        for i, item in enumerate(raw):
-            if not isinstance(item, str):
-                raise self.fail(f"{name}[{i}]", f"must be a string, not {item!r}")
-            try:
-                out.append(parse_address(item))
-            except ValueError as e:
-                raise self.fail(f"{name}[{i}]", str(e)) from None
-        return tuple(out)
-
-    def table(self, name: str) -> _Reader:
-        value = self.data.get(name, {})
-        if not isinstance(value, dict):
-            raise self.fail(name, "must be a table")
-        return _Reader(self.path, self.key(name), value)
-
-    def tables(self, name: str) -> list[_Reader]:
-        value = self.data.get(name, [])
-        if not isinstance(value, list):
-            raise self.fail(name, "must be an array of tables ([[" + name + "]])")
-        out = []
-        for i, item in enumerate(value):
-            if not isinstance(item, dict):
-                raise ConfigError(self.path, f"{self.key(name)}[{i}]", "must be a table")
-            out.append(_Reader(self.path, f"{self.key(name)}[{i}]", item))
-        return out
-
-
-_KIND_NAMES: dict[type, str] = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    bool: "true or false",
-    list: "an array",
-}
-
-
-def parse_address(raw: str) -> Address:
-    """`host:port` or `[v6]:port` -> Address; ValueError says what is wrong."""
-    if raw.startswith("["):
-        host, sep, port = raw[1:].partition("]:")
-    else:
-        host, sep, port = raw.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{raw!r} is not host:port")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{raw!r}: port must be 0..65535")
-    return Address(host, int(port))
-
-
-def default_control_dir() -> str:
-    """The private directory of the control socket when `[listen] control` is not set.
-
-    systemd's $RUNTIME_DIRECTORY, else /run/edgeproxy for root, else the user's
-    $XDG_RUNTIME_DIR/edgeproxy or /tmp/edgeproxy-<uid>: never a directory other local
-    users can write, where one could plant a socket of their own. Computed only; the
-    master creates (0700) and checks it before it binds.
-    """
-    runtime = os.environ.get("RUNTIME_DIRECTORY")
-    if runtime:
-        return runtime.split(":")[0]
-    euid = os.geteuid()
-    if euid == 0:
-        return "/run/edgeproxy"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "edgeproxy")
-    return f"/tmp/edgeproxy-{euid}"
-
-
-def _default_control(node_id: str) -> str:
-    return os.path.join(default_control_dir(), f"edgeproxy-{node_id}.sock")
 
 
 def control_path(path: str) -> str:
@@ -336,7 +210,7 @@ def control_path(path: str) -> str:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError:
-        return _default_control("local")
+        return default_control("local")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError:  # mid-edit: salvage the two keys line by line
@@ -346,7 +220,7 @@ def control_path(path: str) -> str:
     if isinstance(listen, dict) and isinstance(listen.get("control"), str):
         return str(listen["control"])
     node_id = node.get("id") if isinstance(node, dict) else None
-    return _default_control(node_id if isinstance(node_id, str) else "local")
+    return default_control(node_id if isinstance(node_id, str) else "local")
 
 
 def _salvage(text: str, wanted: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -388,7 +262,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "(syntax)", str(e)) from None
-    top = _Reader(path, "", data)
+    top = Reader(path, "", data)
     top.check_keys(
         (
             "node",
@@ -401,6 +275,8 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "cluster",
             "table",
             "trust",
+            "tls",
+            "backhaul",
             "app",
             "instance",
             "peer",
@@ -411,19 +287,25 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
     node = NodeConfig(id=node_r.name("id", "local"), region=node_r.name("region", "local"))
 
     listen_r = top.table("listen")
-    listen_r.check_keys(("http", "backhaul", "admin", "control"))
+    listen_r.check_keys(("http", "https", "backhaul", "admin", "control"))
     http = listen_r.addresses("http", ["127.0.0.1:8080"])
     if not http:
         raise listen_r.fail("http", "needs at least one address")
     if len(set(http)) != len(http):
         raise listen_r.fail("http", "lists an address twice")
+    https = listen_r.addresses("https", [])
+    if len(set(https)) != len(https):
+        raise listen_r.fail("https", "lists an address twice")
+    if set(https) & set(http):
+        raise listen_r.fail("https", "shares an address with http")
     backhaul = listen_r.address("backhaul") if "backhaul" in listen_r.data else None
     admin = listen_r.address("admin") if "admin" in listen_r.data else None
     listen = ListenConfig(
         http=http,
         backhaul=backhaul,
         admin=admin,
-        control=listen_r.text("control", _default_control(node.id)),
+        control=listen_r.text("control", default_control(node.id)),
+        https=https,
     )
 
     w = top.table("workers")
@@ -448,6 +330,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         "request": 300.0,
         "abandoned": 2.0,
         "tunnel_idle": 600.0,
+        "tls_handshake": 10.0,
     }
     timeouts = TimeoutsConfig(**{n: t.positive(n, float, defaults[n]) for n in names})
 
@@ -463,6 +346,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         pipeline_bytes=lim.positive("pipeline_bytes", int, 262144),
     )
     trust = _trust(top.table("trust"))
+    tls = tls_section(top.table("tls"), https)
 
     p = top.table("pool")
     p.check_keys(PoolConfig.__slots__)
@@ -501,6 +385,8 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         ttl=c.positive("ttl", float, 10.0),
         prefix=c.text("prefix", "/edgeproxy/"),
     )
+    if tls.store and store == "none":
+        raise ConfigError(path, "tls.store", "needs a [cluster] store (etcd or consul)")
 
     tb = top.table("table")
     tb.check_keys(TableConfig.__slots__)
@@ -534,6 +420,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "max_local_instances", f"{local} local instances, more than {table.max_local_instances}"
         )
     hosts = {h: a.name for a in apps for h in a.hosts}
+    backhaul_tls = backhaul_section(top.table("backhaul"), listen.backhaul)
     return Config(
         path=path,
         node=node,
@@ -550,10 +437,12 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         peers=peers,
         hosts=hosts,
         trust=trust,
+        tls=tls,
+        backhaul=backhaul_tls,
     )
 
 
-def _trust(r: _Reader) -> TrustConfig:
+def _trust(r: Reader) -> TrustConfig:
     r.check_keys(("forwarded_from", "upgrade"))
     nets = []
     for i, raw in enumerate(r.get("forwarded_from", list, [])):
@@ -581,7 +470,7 @@ def _unique(items: list[T], key: Callable[[T], str], what: str, path: str, prefi
         seen[k] = i
 
 
-def _apps(top: _Reader) -> tuple[AppConfig, ...]:
+def _apps(top: Reader) -> tuple[AppConfig, ...]:
     apps: list[AppConfig] = []
     owner: dict[str, str] = {}
     for r in top.tables("app"):
@@ -589,7 +478,7 @@ def _apps(top: _Reader) -> tuple[AppConfig, ...]:
         name = r.name("name")
         hosts = []
         for j, raw in enumerate(r.get("hosts", list)):
-            if not isinstance(raw, str) or not _HOST_RE.match(raw.lower()):
+            if not isinstance(raw, str) or not HOST_RE.match(raw.lower()):
                 raise r.fail(
                     f"hosts[{j}]",
                     f"{raw!r} is not a valid host name (a wildcard is *. and 2+ labels)",
@@ -622,7 +511,7 @@ def _apps(top: _Reader) -> tuple[AppConfig, ...]:
     return tuple(apps)
 
 
-def _peers(top: _Reader, node: NodeConfig) -> tuple[PeerConfig, ...]:
+def _peers(top: Reader, node: NodeConfig) -> tuple[PeerConfig, ...]:
     peers: list[PeerConfig] = []
     for r in top.tables("peer"):
         r.check_keys(PeerConfig.__slots__)
@@ -646,7 +535,7 @@ def _peers(top: _Reader, node: NodeConfig) -> tuple[PeerConfig, ...]:
 
 
 def _instances(
-    top: _Reader, node: NodeConfig, apps: tuple[AppConfig, ...], peers: tuple[PeerConfig, ...]
+    top: Reader, node: NodeConfig, apps: tuple[AppConfig, ...], peers: tuple[PeerConfig, ...]
 ) -> tuple[InstanceConfig, ...]:
     app_names = {a.name for a in apps}
     nodes = {node.id} | {p.id for p in peers}

@@ -19,6 +19,7 @@ from typing import IO
 
 import posix_ipc
 
+from proxy.demo.certs import write_demo_certs
 from shm.inflight_codec import inflight_segment_name
 from shm.layout import table_segment_name
 
@@ -52,7 +53,14 @@ def _free_udp_port() -> int:
         return port
 
 
-def _config(workdir: str, port: int, admin_port: int, instances: list[tuple[str, str]]) -> str:
+def _config(
+    workdir: str,
+    port: int,
+    https_port: int,
+    admin_port: int,
+    instances: list[tuple[str, str]],
+    certs_dir: str,
+) -> str:
     ping_port = _free_udp_port()
     lines = [
         "# written by `edgeproxy demo`",
@@ -61,8 +69,12 @@ def _config(workdir: str, port: int, admin_port: int, instances: list[tuple[str,
         'region = "local"',
         "[listen]",
         f'http = ["127.0.0.1:{port}"]',
+        f'https = ["127.0.0.1:{https_port}"]',
         f'admin = "127.0.0.1:{admin_port}"',
         f'control = "{workdir}/control.sock"',
+        "[tls]",
+        f'certs_dir = "{certs_dir}"',
+        f'default_host = "{DEMO_HOST}"  # a client without SNI (curl https://127.0.0.1)',
         "[table]",
         f'name = "edgeproxy-demo-{os.getpid()}"',
         'writer = "pinger"  # the pinger daemon fills the table and publishes load',
@@ -91,7 +103,7 @@ def _remove_table() -> None:
             posix_ipc.unlink_shared_memory(name)
 
 
-def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int:
+def run_demo(port: int, https_port: int, admin_port: int, count: int, workers: int | None) -> int:
     procs: list[subprocess.Popen[str]] = []
     py = sys.executable
 
@@ -107,7 +119,8 @@ def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int
                 p, line = _start([py, "-m", "proxy.demo.app", "--id", iid], "READY")
                 procs.append(p)
                 instances.append((iid, line.split()[1]))
-            path = _config(workdir, port, admin_port, instances)
+            certs_dir, ca_file = write_demo_certs(workdir, (DEMO_HOST, "localhost"))
+            path = _config(workdir, port, https_port, admin_port, instances, certs_dir)
             if workers:
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(f"[workers]\ncount = {workers}\n")
@@ -121,6 +134,10 @@ def run_demo(port: int, admin_port: int, count: int, workers: int | None) -> int
             print(f"edgeproxy demo: {count} instances of app {DEMO_APP!r} behind the proxy.")
             print(f"  config:   {path}")
             print(f"  try:      curl -H 'Host: {DEMO_HOST}' http://127.0.0.1:{port}/")
+            print(
+                f"            curl --cacert {ca_file} --resolve {DEMO_HOST}:{https_port}:127.0.0.1"
+                f" https://{DEMO_HOST}:{https_port}/"
+            )
             print(f"            curl http://127.0.0.1:{port}/?sleep=200")
             print(f"            curl -o /dev/null http://127.0.0.1:{port}/?bytes=10000000")
             print(f"  status:   {cli} status -c {path}")

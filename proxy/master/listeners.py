@@ -17,7 +17,7 @@ BACKLOG = 4096
 
 @dataclass(frozen=True, slots=True)
 class ListenKey:
-    kind: str  # "http" | "backhaul"
+    kind: str  # "http" | "https" | "backhaul"
     address: Address
     slot: int
 

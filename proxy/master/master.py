@@ -23,6 +23,8 @@ import orjson
 
 from proxy.config import Config, ConfigError, load, parse_address
 from proxy.config_table import inflight_name
+from proxy.fleettls import insecure_warning
+from proxy.fleettls import load as check_backhaul_tls
 from proxy.master.admin import start_admin
 from proxy.master.control import ControlDirError, prepare_control_dir, serve_control
 from proxy.master.handover import (
@@ -48,6 +50,22 @@ from shm.reader import TableReader
 
 log = logging.getLogger("edgeproxy.master")
 
+
+def load_checked(path: str) -> Config:
+    """The config at `path`, its [backhaul] certificate files read and checked too (a
+    generation would not start on them: better refused now, with the file named)."""
+    config = load(path)
+    check_backhaul_tls(config)
+    return config
+
+
+def warn_insecure(config: Config) -> None:
+    """At every start and reload of a plaintext backhaul: say so."""
+    warning = insecure_warning(config)
+    if warning is not None:
+        log.warning("WARNING: %s", warning)
+
+
 READY_TIMEOUT = 30.0
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
@@ -61,6 +79,11 @@ class Master(MasterViews):
         takeover: socket.socket | None = None,
     ) -> None:
         self.handover = handover  # what a previous image (re-exec) or master (takeover) left
+        # The secret every worker derives its TLS session-ticket keys from, for this
+        # master's life and the lives it hands over to (a ticket resumes on any worker of
+        # any generation): carried by re-exec and takeover, new otherwise.
+        secret = handover.extra.get("ticket_secret") if handover is not None else None
+        self.ticket_secret = secret if isinstance(secret, str) else os.urandom(32).hex()
         self.takeover_sock = takeover  # takeover: the old master, told to retire once we serve
         self.fingerprint = code_fingerprint()
         self.config = config
@@ -85,6 +108,8 @@ class Master(MasterViews):
     # bookkeeping ---------------------------------------------------------------
     def kinds(self, config: Config) -> dict[str, tuple[Any, ...]]:
         kinds: dict[str, tuple[Any, ...]] = {"http": config.listen.http}
+        if config.listen.https:
+            kinds["https"] = config.listen.https
         if config.listen.backhaul is not None:
             kinds["backhaul"] = (config.listen.backhaul,)
         return kinds
@@ -111,6 +136,7 @@ class Master(MasterViews):
             "stats_fd": block.fd,
             "cell": cell,
             "inflight": inflight_name(config.table),
+            "ticket_secret": self.ticket_secret,
         }
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
@@ -289,7 +315,7 @@ class Master(MasterViews):
             sd_notify(b"RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
             try:
                 text = open(self.config_path, encoding="utf-8").read()  # noqa: SIM115
-                config = load(self.config_path)
+                config = load_checked(self.config_path)
             except (OSError, ConfigError) as e:
                 log.error("reload refused, keeping the running config: %s", e)
                 sd_notify(b"READY=1")
@@ -313,6 +339,7 @@ class Master(MasterViews):
                 sd_notify(b"READY=1")
                 return {"ok": False, "error": str(e)}
             self.config, self.config_text = config, text
+            warn_insecure(config)
             self.aggregator.set_apps([a.name for a in config.apps])
             for w in old:
                 w.state = "draining"
@@ -383,7 +410,13 @@ class Master(MasterViews):
             )
             for w in self.workers.values()
         ]
-        return Handover(self.generation, listeners, workers, started=self.started)
+        return Handover(
+            self.generation,
+            listeners,
+            workers,
+            started=self.started,
+            extra={"ticket_secret": self.ticket_secret},
+        )
 
     def adopt(self, h: Handover) -> list[WorkerProc]:
         """Take the listeners (and, after a re-exec, the workers) a handover brought."""
@@ -472,11 +505,12 @@ def retire_old(sock: socket.socket) -> None:
 def run(config_path: str, takeover: str | None = None) -> int:
     """`edgeproxy run -c FILE [--takeover SOCKET]`: exit 2 on a bad config."""
     try:
-        config = load(config_path)
+        config = load_checked(config_path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
+    warn_insecure(config)
     try:
         prepare_control_dir(config.listen.control)
     except ControlDirError as e:

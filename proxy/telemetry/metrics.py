@@ -17,8 +17,9 @@ from typing import Any
 import msgpack
 
 from proxy import __version__
+from proxy.telemetry import families
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NCLASS = len(STATUS_CLASSES)
 NO_APP = "_none"  # label of requests that matched no app; not a valid app name
@@ -41,6 +42,23 @@ ADMIT_EDGE, ADMIT_PEER = range(2)
 # Where a worker caught an exception of its own code (proxy.worker.faults).
 INTERNAL_WHERE = ("callback", "sweep", "batch", "loop")
 WHERE_CALLBACK, WHERE_SWEEP, WHERE_BATCH, WHERE_LOOP = range(4)
+# The backhaul's mutual TLS (proxy.worker.backhaul_tls), by side: "accept" is this node's
+# backhaul listener, "connect" its connections to peers. Handshakes by kind (a resumed one
+# skips the certificates and the key exchange); refusals by reason, all at the handshake:
+# plaintext (not TLS), protocol (TLS but not 1.3, or nothing in common), no_certificate
+# (the client sent none), unknown_ca (not signed by the fleet CA), expired (or not yet
+# valid), bad_certificate (any other verify failure or alert), not_a_node (no single
+# spiffe://edgeproxy/node/<id> name), wrong_node (a fleet node other than the one this node
+# meant to reach), timeout, incomplete (closed mid-handshake), overload (too many handshakes
+# at once), no_credentials (this node has no [backhaul] certificate to connect with).
+TLS_SIDES = ("accept", "connect")
+SIDE_ACCEPT, SIDE_CONNECT = range(2)
+TLS_KINDS = ("full", "resumed")
+KIND_FULL, KIND_RESUMED = range(2)
+TLS_REFUSALS = (
+    "plaintext", "protocol", "no_certificate", "unknown_ca", "expired", "bad_certificate",
+    "not_a_node", "wrong_node", "timeout", "incomplete", "overload", "no_credentials",
+)  # fmt: skip
 UPSTREAM_ERROR_STATUSES = (502, 504)
 UPSTREAM_502, UPSTREAM_504 = range(2)
 WORKER_STATES = ("starting", "serving", "draining")
@@ -65,9 +83,12 @@ class WorkerStats:
         "accepted",
         "admissions_refused",
         "apps",
+        "backhaul_handshakes",
+        "backhaul_refused",
         "bad_requests",
         "connect_buckets",
         "connect_sum",
+        "families",
         "generation",
         "inflight",
         "internal_errors",
@@ -109,6 +130,14 @@ class WorkerStats:
         self.open_connections = 0
         self.inflight = 0
         self.upstream_idle = 0
+        self.families = families.zeros()  # proxy.telemetry.families
+        # [side * len(TLS_KINDS) + kind] and [side * len(TLS_REFUSALS) + reason]
+        self.backhaul_handshakes = [0] * (len(TLS_SIDES) * len(TLS_KINDS))
+        self.backhaul_refused = [0] * (len(TLS_SIDES) * len(TLS_REFUSALS))
+
+    def family(self, name: str) -> list[int]:
+        """The counter list of family `name`, to keep and bump by index."""
+        return self.families[name]
 
     def observe_connect(self, seconds: float) -> None:
         """One upstream connect took `seconds`."""
@@ -149,6 +178,9 @@ class WorkerStats:
                 self.internal_errors,
                 self.accept_pauses,
                 self.accept_paused_seconds,
+                self.backhaul_handshakes,
+                self.backhaul_refused,
+                self.families,
             )
         )
         return data
@@ -184,6 +216,9 @@ class Snapshot:
     internal_errors: tuple[int, ...]
     accept_pauses: int
     accept_paused_seconds: float
+    backhaul_handshakes: tuple[int, ...]
+    backhaul_refused: tuple[int, ...]
+    families: dict[str, tuple[int, ...]]
 
     @property
     def state_name(self) -> str:
@@ -210,11 +245,11 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raw = msgpack.unpackb(data, use_list=True, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as e:
         raise SnapshotError(f"not a snapshot: {e}") from None
-    if not isinstance(raw, list) or len(raw) != 25 or raw[0] != SNAPSHOT_VERSION:
+    if not isinstance(raw, list) or len(raw) != 28 or raw[0] != SNAPSHOT_VERSION:
         raise SnapshotError(f"not a version {SNAPSHOT_VERSION} snapshot")
     (_, pid, slot, gen, state, apps, requests, cb, cbuckets, csum, rb, rbuckets, rsum,
      retries, bad, upstream, accepted, open_c, inflight, idle, no_pick, refused, internal,
-     pauses, paused_s) = raw  # fmt: skip
+     pauses, paused_s, handshakes, tls_refused, fams) = raw  # fmt: skip
     pid, slot, gen, state = _ints([pid, slot, gen, state], 4, "pid/slot/generation/state")
     if state >= len(WORKER_STATES):
         raise SnapshotError(f"unknown worker state {state}")
@@ -246,6 +281,9 @@ def decode_snapshot(data: bytes) -> Snapshot:
         internal_errors=_ints(internal, len(INTERNAL_WHERE), "internal errors"),
         accept_pauses=_ints([pauses], 1, "accept pauses")[0],
         accept_paused_seconds=_number(paused_s, "accept paused seconds"),
+        backhaul_handshakes=_ints(handshakes, len(TLS_SIDES) * len(TLS_KINDS), "handshakes"),
+        backhaul_refused=_ints(tls_refused, len(TLS_SIDES) * len(TLS_REFUSALS), "tls refused"),
+        families=families.decode(fams),
     )
 
 
@@ -260,12 +298,15 @@ class _Totals:
         "bad",
         "connect",
         "connect_sum",
+        "families",
+        "handshakes",
         "internal",
         "no_pick",
         "requests",
         "response",
         "response_sum",
         "retries",
+        "tls_refused",
         "upstream",
     )  # fmt: skip
 
@@ -282,9 +323,12 @@ class _Totals:
         self.no_pick = [0] * len(NO_PICK_REASONS)
         self.admissions = [0] * len(ADMISSION_SOURCES)
         self.internal = [0] * len(INTERNAL_WHERE)
+        self.handshakes = [0] * (len(TLS_SIDES) * len(TLS_KINDS))
+        self.tls_refused = [0] * (len(TLS_SIDES) * len(TLS_REFUSALS))
         self.accepted = 0
         self.accept_pauses = 0
         self.accept_paused_seconds = 0.0
+        self.families: dict[str, list[int]] = {}
 
     def copy(self) -> _Totals:
         t = _Totals()
@@ -301,6 +345,9 @@ class _Totals:
         _add(self.no_pick, other.no_pick)
         _add(self.admissions, other.admissions)
         _add(self.internal, other.internal)
+        _add(self.handshakes, other.handshakes)
+        _add(self.tls_refused, other.tls_refused)
+        families.add(self.families, other.families)
         self.connect_sum += other.connect_sum
         self.response_sum += other.response_sum
         self.accepted += other.accepted
@@ -319,6 +366,9 @@ class _Totals:
         _add(self.no_pick, s.no_pick)
         _add(self.admissions, s.admissions_refused)
         _add(self.internal, s.internal_errors)
+        _add(self.handshakes, s.backhaul_handshakes)
+        _add(self.tls_refused, s.backhaul_refused)
+        families.add(self.families, s.families)
         self.connect_sum += s.connect_sum
         self.response_sum += s.response_sum
         self.accepted += s.accepted
@@ -425,6 +475,15 @@ class Aggregator:
              "where", INTERNAL_WHERE, t.internal),
         ):  # fmt: skip
             _labelled(out, name, help_=help_, label=label, values=values, counts=counts)
+        _two_labels(out, "backhaul_tls_handshakes_total",
+                    help_="Backhaul TLS handshakes completed, by side and kind.",
+                    labels=("side", "kind"), rows=TLS_SIDES, cols=TLS_KINDS,
+                    counts=t.handshakes)  # fmt: skip
+        _two_labels(out, "backhaul_tls_refused_total",
+                    help_="Backhaul connections refused at the TLS handshake, by side and reason.",
+                    labels=("side", "reason"), rows=TLS_SIDES, cols=TLS_REFUSALS,
+                    counts=t.tls_refused)  # fmt: skip
+        families.render(out, t.families)
         _histogram(out, "upstream_connect_seconds", help_="Upstream connect time.",
                    bounds=CONNECT_BUCKETS, buckets=t.connect, total=t.connect_sum)  # fmt: skip
         _histogram(out, "response_seconds", help_="Request head received to response end.",
@@ -473,6 +532,24 @@ def _labelled(
         out.append(f'edgeproxy_{name}{{{label}="{v}"}} {n}')
 
 
+def _two_labels(
+    out: list[str],
+    name: str,
+    *,
+    help_: str,
+    labels: tuple[str, str],
+    rows: Sequence[str],
+    cols: Sequence[str],
+    counts: Sequence[int],
+) -> None:
+    """A counter family over two fixed label sets; `counts[row * len(cols) + col]`."""
+    _family(out, name, "counter", help_)
+    a, b = labels
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            out.append(f'edgeproxy_{name}{{{a}="{r}",{b}="{c}"}} {counts[i * len(cols) + j]}')
+
+
 def _histogram(
     out: list[str],
     name: str,
@@ -495,7 +572,8 @@ def block_size_for(n_apps: int, page: int = 4096) -> int:
     """Stats block size that always fits a snapshot of a worker serving `n_apps` apps."""
     lists = len(RETRY_REASONS) + len(BAD_REQUEST_STATUSES) + len(UPSTREAM_ERROR_STATUSES)
     lists += len(NO_PICK_REASONS) + len(ADMISSION_SOURCES) + len(INTERNAL_WHERE)
+    lists += len(TLS_SIDES) * (len(TLS_KINDS) + len(TLS_REFUSALS))
     ints = (n_apps + 1) * NCLASS + len(CONNECT_BUCKETS) + len(RESPONSE_BUCKETS) + lists + 32
     names = n_apps * 66  # msgpack str header + a name of at most 63 characters
-    worst = ints * 9 + names + 1024
+    worst = ints * 9 + names + families.size_bound() + 1024
     return max(64 * 1024, -(-(worst + 64) // page) * page)

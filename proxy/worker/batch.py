@@ -14,13 +14,21 @@ connection only: the others' writes of the iteration still happen.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from proxy.worker.exchange import UpstreamEvents
-    from proxy.worker.upstream import UpstreamConnection
+
+class Held(Protocol):
+    """A connection that holds output for the batch: an upstream connection (a request
+    head) or a client connection (response bytes)."""
+
+    def flush_out(self) -> None:
+        """Write what is held, now."""
+
+    def abort(self) -> None:
+        """Drop the connection (its write raised)."""
 
 
 class WriteBatch:
@@ -35,17 +43,17 @@ class WriteBatch:
     ) -> None:
         self.loop = loop
         self.failed = failed  # told of a write that raised (the connection is then aborted)
-        self.upstreams: list[UpstreamConnection] = []
-        self.clients: list[UpstreamEvents] = []
+        self.upstreams: list[Held] = []
+        self.clients: list[Held] = []
         self.armed = False
 
-    def add_upstream(self, up: UpstreamConnection) -> None:
+    def add_upstream(self, up: Held) -> None:
         """`up` holds a request head: write it with the others of this iteration."""
         self.upstreams.append(up)
         if not self.armed:
             self._arm()
 
-    def add_client(self, client: UpstreamEvents) -> None:
+    def add_client(self, client: Held) -> None:
         """`client` holds response bytes: write them with the others of this iteration."""
         self.clients.append(client)
         if not self.armed:

@@ -1,20 +1,38 @@
 """The client side of the request path: one asyncio protocol per accepted connection.
 
-Owns parsing client requests (httptools), answering them in order, framing
-bodies both ways, backpressure, tunnels and client-side timeouts. It asks the
-worker's router for a target and the pool for a connection; it must not know
-how targets are chosen or how the table is read.
+Owns parsing client requests (httptools), their queue (pipelining, bounded),
+the request body towards the upstream, what happens after each answer
+(keep-alive, the next request, closing), refusing bad requests and the
+client-side timeouts. Each request's exchange (routing, the upstream, the
+answer) is its own object (proxy.worker.exchange); the transport side that
+both use is the base class (proxy.worker.client_io). It must not know how
+targets are chosen or how the table is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from proxy.core.conn_state import (
+    BUSY,
+    CLOSING,
+    HALF_CLOSE,
+    HEAD,
+    HEAD_BEGIN,
+    IDLE,
+    KEEP,
+    LINGER,
+    LOST,
+    MADE,
+    REFUSE_LATER,
+    REFUSING,
+    START,
+    TUNNEL,
+    step,
+)
 from proxy.core.headers import (
     CHUNK_END,
     CHUNKED,
@@ -26,91 +44,56 @@ from proxy.core.headers import (
 )
 from proxy.core.request import Request
 from proxy.core.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
-from proxy.worker.exchange import (
-    D_HEAD,
-    D_IDLE,
-    D_LINGER,
-    D_NONE,
-    D_REQUEST,
-    D_TUNNEL,
+from proxy.worker.client_io import (
+    P_BACKLOG,
+    P_BUFFER,
+    P_QUEUE,
+    P_REFUSED,
     P_UPGRADE,
     P_UPSTREAM,
-    Abandoned,
-    UpstreamEvents,
+    ClientIO,
 )
-from proxy.worker.upstream import UpstreamConnection
+from proxy.worker.exchange import Abandoned, ClientExchange
 
 if TYPE_CHECKING:
-    from proxy.core.target import Target
     from proxy.worker.context import WorkerContext
 
-# Reasons to stop reading from the client (a bit each).
-P_QUEUE: Final = 1  # a pipelined request waits for its turn
-P_BUFFER: Final = 4  # body buffered while the upstream connects
-P_REFUSED: Final = 8  # a bad request waits for the answers to the ones before it
-P_BACKLOG: Final = 32  # parsing stopped at the pipelining bound; what was read waits
-
 _HEAD_END: Final = b"\r\n\r\n"
-
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_BUFFER: Final = 256 * 1024
 
 
-class ClientConnection(UpstreamEvents):
+class ClientConnection(ClientIO):
     """HTTP/1.1 towards one client; at most one exchange in flight, others queued.
 
     An asyncio protocol by its methods, not by inheritance (see UpstreamConnection)."""
 
     __slots__ = (
-        "backhaul",
         "backlog",
-        "ctx",
-        "deadline",
-        "dkind",
-        "front",
+        "ex",
         "head_raw",
         "in_body",
         "in_head",
-        "out",
         "parser",
-        "paused",
-        "queue",
-        "queued",
-        "refused",
+        "refusal",
         "req",
-        "resp_framing",
-        "resp_keep",
-        "sink_fd",
-        "transport",
-        "tunnel",
-        "up",
-        "write_paused",
     )
 
-    def __init__(self, ctx: WorkerContext, backhaul: bool = False) -> None:
-        self.ctx = ctx
-        self.backhaul = backhaul  # a peer node's connection: requests name their instance
-        self.transport: asyncio.Transport | None = None
-        self.sink_fd = -1  # the socket's descriptor: a response body may be spliced into it
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        backhaul: bool = False,
+        sni_app: str | None = None,
+        tls: bool = False,
+    ) -> None:
+        ClientIO.__init__(self, ctx, backhaul, sni_app, tls)
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: deque[Request] = deque()
         self.req: Request | None = None  # the request being parsed
-        self.up: UpstreamConnection | None = None
-        self.front = Front(FWD_SET, b"unknown", b"http", b"0")
+        self.ex: ClientExchange | None = None  # the exchange of the request in flight
         self.backlog = b""  # read but not yet parsed: past the pipelining bound
         self.in_body = False  # the parser is inside a request body
-        self.deadline = 0.0
-        self.dkind = D_NONE
         self.head_raw = 0
         self.in_head = False
-        self.out: list[bytes | memoryview] = []  # response bytes held (proxy.worker.batch)
-        self.queued = False  # in the worker's WriteBatch
-        self.refused: tuple[int, str] | None = None  # a bad request's answer, to come
-        self.paused = 0
-        self.write_paused = False
-        self.resp_framing = NO_BODY
-        self.resp_keep = True
-        self.tunnel = False
+        self.refusal = (0, "")  # phase REFUSING: the bad request's answer, to come
 
     # asyncio.Protocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,17 +109,19 @@ class ClientConnection(UpstreamEvents):
             mode = FWD_APPEND
         else:
             mode = FWD_SET
-        self.front = Front(mode, ip.encode(), b"http", port)
+        self.front = Front(mode, ip.encode(), b"https" if self.tls else b"http", port)
         # A response that fits is taken from the instance at full speed, whatever the
         # client's pace (the instance's slot frees as soon as it is done); past this, the
         # client's pace holds the instance back.
         t.set_write_buffer_limits(high=ctx.limits.response_buffer)
         sock = t.get_extra_info("socket")
-        if sock is not None and ctx.pool.splicer is not None:
+        # Under TLS the socket carries ciphertext: nothing may be spliced into it (the edge's
+        # HTTPS connections say so; a backhaul's mutual TLS shows in its transport).
+        tls = self.tls or t.get_extra_info("sslcontext") is not None
+        if sock is not None and ctx.pool.splicer is not None and not tls:
             self.sink_fd = sock.fileno()
         ctx.opened(self)
-        self.deadline = ctx.loop.time() + ctx.timeouts.client_header
-        self.dkind = D_HEAD
+        self.enter(MADE, ctx.loop.time() + ctx.timeouts.client_header)
 
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self.ctx
@@ -158,11 +143,13 @@ class ClientConnection(UpstreamEvents):
         for r in queue:
             ctx.done(r, 499 if not r.responded else 200)
         queue.clear()
+        self.ex = None
         self.out.clear()
         self.transport = None
+        self.phase = step(self.phase, LOST)
 
     def eof_received(self) -> bool:
-        if self.tunnel and self.up is not None and self.up.transport is not None:
+        if self.phase == TUNNEL and self.up is not None and self.up.transport is not None:
             self.up.write_eof()
             return True
         # A client that closes while waiting is gone (as nginx and Envoy see it): stop the
@@ -180,13 +167,14 @@ class ClientConnection(UpstreamEvents):
             self.up.pause_reading(False)
 
     def data_received(self, data: bytes) -> None:
-        if self.dkind == D_LINGER or self.refused is not None:
-            return
-        if self.tunnel:
+        phase = self.phase
+        if phase == TUNNEL:
             up = self.up
             if up is not None:
                 up.write(data)
                 self.deadline = self.ctx.loop.time() + self.ctx.timeouts.tunnel_idle
+            return
+        if phase > TUNNEL:  # refusing, lingering or closing: nothing more is read
             return
         q = self.queue
         if q and q[-1].tunnel:
@@ -223,10 +211,10 @@ class ClientConnection(UpstreamEvents):
                 piece = data[pos:end]
             if not self.feed(piece):
                 q = self.queue
-                if end < n and q and q[-1].tunnel and not self.tunnel:
+                if end < n and q and q[-1].tunnel and self.phase != TUNNEL:
                     q[-1].early += data[end:]  # held until the instance answers 101
                 return
-            if self.refused is not None or self.dkind == D_LINGER or self.transport is None:
+            if self.phase > BUSY:  # refused, answered early or closing: parsing is over
                 return
             pos = end
 
@@ -278,7 +266,7 @@ class ClientConnection(UpstreamEvents):
     def parse_backlog(self) -> None:
         """Answers went out: parse what was read past the pipelining bound."""
         data = self.backlog
-        if not data or self.transport is None or self.over_pipeline():
+        if not data or self.phase > BUSY or self.over_pipeline():
             return
         self.backlog = b""
         self.parse(data)
@@ -291,8 +279,7 @@ class ClientConnection(UpstreamEvents):
         self.req = Request(lim.max_headers, lim.max_header_bytes)
         self.in_head = True
         if not self.queue:
-            self.deadline = self.ctx.loop.time() + self.ctx.timeouts.client_header
-            self.dkind = D_HEAD
+            self.enter(HEAD_BEGIN, self.ctx.loop.time() + self.ctx.timeouts.client_header)
 
     def on_url(self, url: bytes) -> None:
         assert self.req is not None
@@ -365,167 +352,22 @@ class ClientConnection(UpstreamEvents):
             else:
                 r.body.append(CHUNK_END)
 
-    # flow control -----------------------------------------------------------
-    def pause(self, why: int) -> None:
-        if not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-        self.paused |= why
-
-    def resume(self, why: int) -> None:
-        if self.paused & why:
-            self.paused &= ~why
-            if not self.paused and self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
-
     # the exchange ---------------------------------------------------------------
     def start(self, r: Request) -> None:
-        """Route the request at the head of the queue and send it on its way."""
+        """The request at the head of the queue goes on its way (proxy.worker.exchange)."""
         ctx = self.ctx
         now = ctx.loop.time()
         r.started = now
-        self.deadline = now + ctx.timeouts.request
-        self.dkind = D_REQUEST
-        routing = ctx.routing
-        if self.backhaul:
-            self.start_backhauled(r)
-            return
-        app = routing.app_for_host(r.hostname())
-        if app is None:
-            self.local_response(r, 404, f"edgeproxy: no app serves host {r.hostname()!r}\n")
-            return
-        r.app_name = app
-        r.app = ctx.app_index.get(app, ctx.no_app)
-        target, status, why = routing.pick(app, r, time.time())
-        if target is None:
-            self.local_response(r, status, why, b"Retry-After: 1\r\n" if status == 503 else b"")
-            return
-        r.base_head = r.build(self.front)
-        self.dispatch(r, target)
-
-    def start_backhauled(self, r: Request) -> None:
-        """A request a peer node sent for one of our instances: admit it or reject it."""
-        ctx = self.ctx
-        routing = ctx.routing
-        iid = r.instance.decode("latin-1")
-        target, hard = routing.local_target(iid)
-        r.app_name = target.app if target is not None else ""
-        r.app = ctx.app_index.get(r.app_name, ctx.no_app)
-        if target is None:
-            self.local_response(r, 404, f"edgeproxy: no instance {iid!r} on this node\n")
-            return
-        if not routing.admit(target, r, hard, time.time()):
-            load = routing.load_of(target)
-            extra = b"X-Edgeproxy-Reject: full\r\nX-Edgeproxy-Load: %d\r\nRetry-After: 1\r\n" % load
-            self.local_response(r, 503, f"edgeproxy: instance {iid!r} is full\n", extra)
-            return
-        r.base_head = r.build(self.front)
-        self.dispatch(r, target)
-
-    def dispatch(self, r: Request, target: Target) -> None:
-        """Send `r` to `target` on a pooled connection, or connect one."""
-        r.target = target
-        r.rejected = False
-        extra = target.extra
-        if extra and r.framing != NO_BODY and not r.tunnel:
-            # Backhaul: no body byte leaves before the instance's node admitted the request.
-            extra += b"Expect: 100-continue\r\n"
-            r.hold = True
-        else:
-            r.hold = False
-        r.head_bytes = r.base_head[:-2] + extra + b"\r\n" if extra else r.base_head
-        ctx = self.ctx
-        up = None if r.tunnel else ctx.pool.get(target.key)
-        if up is not None:
-            self.attach(r, up)
-        else:
-            ctx.connect(self, r, target)
-
-    def attach(self, r: Request, up: UpstreamConnection) -> None:
-        """An upstream connection is ready for request `r`: send what we have."""
-        if self.transport is None or not self.queue or self.queue[0] is not r:
-            up.release(True)
-            return
-        self.up = up
-        r.sent = True
-        r.tries += 1
-        ctx = self.ctx
-        up.send(
-            self,
-            r.head_bytes,
-            r.method == b"HEAD",
-            ctx.loop.time() + ctx.timeouts.upstream_response,
-        )
-        if self.write_paused:
-            up.pause_reading(True)
-        if r.hold:
-            return  # the body waits for the peer's 100 Continue (upstream_continue)
-        self.send_body(r, up)
-
-    def send_body(self, r: Request, up: UpstreamConnection) -> None:
-        """Write what the client sent of the body so far; the rest follows as it comes."""
-        if r.expect_continue and not r.http10 and not r.complete:
-            assert self.transport is not None
-            self.flush_out()
-            self.transport.write(_CONTINUE)
-            r.expect_continue = False
-        if r.body:
-            for data in r.body:
-                up.write(data)
-            if r.tunnel or not r.replayable or r.body_size > self.ctx.limits.replay_body_bytes:
-                r.replayable = False
-                r.body.clear()
-            self.resume(P_BUFFER)
-
-    def upstream_continue(self) -> None:
-        r = self.queue[0] if self.queue else None
-        if r is not None and r.hold and self.up is not None:
-            r.hold = False
-            self.send_body(r, self.up)
-
-    def connect_failed(self, r: Request, why: str) -> None:
-        """The connection to r.target could not be made (nothing was sent)."""
-        if self.transport is None or not self.queue or self.queue[0] is not r:
-            return
-        status = 504 if why == "connect_timeout" else 502
-        r.tries += 1
-        ctx = self.ctx
-        target, st, text = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
-        if target is not None:
-            ctx.stats_retry(why)
-            self.dispatch(r, target)
-            return
-        if st == 503:  # the others are full: "come back later", not a gateway error
-            self.local_response(r, 503, text, b"Retry-After: 1\r\n")
-            return
-        self.local_response(r, status, f"edgeproxy: upstream {why.replace('_', ' ')}\n")
+        self.enter(START, now + ctx.timeouts.request)
+        ex = self.ex = ClientExchange(self, r)
+        ex.route()
 
     # ending an exchange -------------------------------------------------------
-    def local_response(self, r: Request, status: int, text: str, extra: bytes = b"") -> None:
-        """Answer `r` from the proxy itself."""
-        if self.transport is None:
-            return
-        self.flush_out()  # earlier answers first
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.abort()
-        keep = self.resp_keep and r.keep_alive and r.complete and not self.ctx.draining
-        keep = keep and status < 500
-        self.resp_keep = keep
-        if status in (502, 504):
-            self.ctx.upstream_error(status)
-        self.transport.write(
-            simple_response(
-                status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD"
-            )
-        )
-        r.responded = True
-        self.finish(r, status)
-
     def finish(self, r: Request, status: int) -> None:
         self.ctx.done(r, status)
         if self.queue and self.queue[0] is r:
             self.queue.popleft()
+            self.ex = None
         t = self.transport
         if t is None:
             return
@@ -535,7 +377,7 @@ class ClientConnection(UpstreamEvents):
             if not r.complete:
                 self.linger()
             else:
-                t.close()
+                self.close()
             return
         # That exchange's upstream no longer holds us back.
         self.resume(P_UPSTREAM | P_BUFFER)
@@ -547,29 +389,24 @@ class ClientConnection(UpstreamEvents):
                 self.resume(P_QUEUE)
             self.start(nxt)
             return
-        if self.refused is not None:
-            self._refuse_now(*self.refused)  # the requests before the bad one are answered
+        if self.phase == REFUSING:
+            self._refuse_now(*self.refusal)  # the requests before the bad one are answered
             return
         self.resume(P_QUEUE)
         ctx = self.ctx
-        if ctx.draining:
-            self.deadline = ctx.loop.time() + ctx.quiet_period
-        else:
-            self.deadline = ctx.loop.time() + ctx.timeouts.client_idle
-        self.dkind = D_IDLE
+        idle = ctx.quiet_period if ctx.draining else ctx.timeouts.client_idle
+        self.enter(KEEP, ctx.loop.time() + idle)
 
     def linger(self) -> None:
         """Half-close after an early final response and discard what the client still sends."""
         t = self.transport
         assert t is not None
-        self.tunnel = False
         self.backlog = b""
         self.flush_out()
         if t.can_write_eof():
             t.write_eof()
         self.resume(P_QUEUE | P_BUFFER | P_UPSTREAM | P_REFUSED | P_BACKLOG | P_UPGRADE)
-        self.deadline = self.ctx.loop.time() + 2.0
-        self.dkind = D_LINGER
+        self.enter(HALF_CLOSE, self.ctx.loop.time() + 2.0)
 
     def refuse(self, status: int, reason: str) -> None:
         """A bad request: answer it, after the requests pipelined before it, and close."""
@@ -586,7 +423,8 @@ class ClientConnection(UpstreamEvents):
         if q and q[-1] is not r:
             # Requests before the bad one are answered first, in order (as nginx and
             # HAProxy do); nothing more is read from this client.
-            self.refused = (status, reason)
+            self.refusal = (status, reason)
+            self.enter(REFUSE_LATER, self.deadline)  # the request in flight keeps its own
             self.pause(P_REFUSED)
             return
         self._refuse_now(status, reason)
@@ -595,7 +433,6 @@ class ClientConnection(UpstreamEvents):
         """Answer a bad request and close; one whose body was bad is cut upstream."""
         t = self.transport
         assert t is not None
-        self.refused = None
         up = self.up
         if up is not None:
             # The head may have gone upstream: that exchange cannot be finished.
@@ -604,57 +441,44 @@ class ClientConnection(UpstreamEvents):
         for r in self.queue:
             self.ctx.done(r, status)
         self.queue.clear()
+        self.ex = None
         self.flush_out()  # earlier answers first
         t.write(simple_response(status, f"edgeproxy: {reason}\n"))
         self.linger()
 
-    def abort(self) -> None:
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.abort()
-        self.out.clear()
-        if self.transport is not None:
-            self.transport.abort()
-
     def on_deadline(self, now: float) -> None:
         """The sweeper found this connection past its deadline."""
-        kind = self.dkind
+        phase = self.phase
         self.deadline = 0.0
         t = self.transport
         if t is None:
             return
         self.flush_out()
-        if kind in (D_IDLE, D_LINGER):
-            t.close()
-        elif kind == D_HEAD:
+        if phase in (IDLE, LINGER):
+            self.close()
+        elif phase == HEAD:
             self.ctx.bad_request(408)
             t.write(simple_response(408, "edgeproxy: request head not received in time\n"))
-            t.close()
-        elif kind == D_REQUEST:
+            self.close()
+        elif phase in (BUSY, REFUSING):
             r = self.queue[0] if self.queue else None
-            if r is not None and not r.responded:
+            ex = self.ex
+            if r is not None and not r.responded and ex is not None:
                 self.resp_keep = False
-                self.local_response(r, 504, "edgeproxy: request took too long\n")
+                ex.local_response(504, "edgeproxy: request took too long\n")
             else:
                 self.abort()
-        elif kind == D_TUNNEL:
+        elif phase == TUNNEL:
             # No byte either way for [timeouts] tunnel_idle: both sides are closed.
             up = self.up
             if up is not None:
                 self.up = None
                 up.abort()
-            t.close()
-
-    def upstream_timed_out(self) -> None:
-        """The upstream sent no response head in time."""
-        r = self.queue[0] if self.queue else None
-        if r is None or r.responded:
-            self.abort()
-            return
-        self.local_response(r, 504, "edgeproxy: the upstream did not answer in time\n")
+            self.close()
+        elif phase == CLOSING:
+            self.abort()  # the client took none of what was left to send in time
 
     def drain(self, now: float) -> None:
         """The worker is draining: idle connections close after the quiet period."""
-        if self.dkind == D_IDLE:
+        if self.phase == IDLE:
             self.deadline = min(self.deadline, now + self.ctx.quiet_period)

@@ -1,8 +1,10 @@
 """What every connection of a worker shares: its config, routing, pool and stats.
 
 Owns the per-request accounting (status classes, response times, in-flight
-release), starting upstream connects and the deadline sweep. It must not
-touch listeners or the process: proxy.worker does.
+release), the set of client connections (their count against max_connections,
+the deadline sweep, drain) and the upstream connects in progress. It must not
+touch listeners or the process (proxy.worker does), nor know a client
+connection beyond what the sweep needs of it (Connection).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import ipaddress
 import random
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.telemetry.metrics import (
     BAD_REQUEST_STATUSES,
@@ -21,19 +23,38 @@ from proxy.telemetry.metrics import (
     WHERE_SWEEP,
 )
 from proxy.worker.batch import WriteBatch
-from proxy.worker.client import ClientConnection
 from proxy.worker.faults import Faults
 from proxy.worker.routing import Routing
 from proxy.worker.upstream import Pool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections import deque
+    from collections.abc import Awaitable, Callable
 
     from proxy.config import Config
     from proxy.core.request import Request
     from proxy.core.target import Target
     from proxy.telemetry.metrics import WorkerStats
+    from proxy.worker.upstream import UpstreamConnection
     from shm.inflight import InflightCells
+
+
+class Connection(Protocol):
+    """A client connection as the worker's bookkeeping sees it (proxy.worker.client)."""
+
+    backhaul: bool  # a peer node's: not counted against max_connections
+    deadline: float  # loop time its on_deadline is due, 0.0 for none
+    queue: deque[Request]  # its requests in flight or waiting
+    transport: asyncio.Transport | None
+
+    def on_deadline(self, now: float) -> None:
+        """Its deadline passed."""
+
+    def drain(self, now: float) -> None:
+        """The worker drains: close when idle."""
+
+    def abort(self) -> None:
+        """Drop it at once."""
 
 
 class WorkerContext:
@@ -60,10 +81,13 @@ class WorkerContext:
         self.pool = Pool(
             loop, config.pool.max_idle, config.pool.idle_timeout, loop.time, self.batch
         )
+        # Connecting to a peer's backhaul (mutual TLS: proxy.worker.backhaul_tls); None: as
+        # to a local instance, plaintext ([backhaul] insecure).
+        self.peer_connect: Callable[[Pool, Target], Awaitable[UpstreamConnection]] | None = None
         self.upgrades = config.trust.upgrade  # protocols an Upgrade may switch to
         self.forwarders = config.trust.forwarded_from
-        self.clients: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.clients: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # upstream connects (proxy.worker.exchange)
         self.draining = False
         self.stats = stats
         # [limits] max_connections: client (not peer) connections of this worker. At the
@@ -75,7 +99,7 @@ class WorkerContext:
         self.on_accepting: Callable[[bool], None] | None = None
 
     # connections -------------------------------------------------------------
-    def opened(self, c: ClientConnection) -> None:
+    def opened(self, c: Connection) -> None:
         """`c` was accepted (its connection_made)."""
         self.clients.add(c)
         self.stats.accepted += 1
@@ -86,7 +110,7 @@ class WorkerContext:
                 if self.on_accepting is not None:
                     self.on_accepting(False)
 
-    def closed(self, c: ClientConnection) -> None:
+    def closed(self, c: Connection) -> None:
         """`c` is gone (its connection_lost)."""
         if c not in self.clients:
             return
@@ -130,30 +154,6 @@ class WorkerContext:
     def stats_retry(self, why: str) -> None:
         self.stats.retries[RETRY_REASONS.index(why)] += 1
 
-    # upstream connections -----------------------------------------------------
-    def connect(self, client: ClientConnection, r: Request, target: Target) -> None:
-        task = self.loop.create_task(self._connect(client, r, target))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _connect(self, client: ClientConnection, r: Request, target: Target) -> None:
-        t0 = self.loop.time()
-        try:
-            up = await self.pool.connect(
-                target.key, target.host, target.port, target.connect_timeout
-            )
-        except TimeoutError:
-            client.connect_failed(r, "connect_timeout")
-        except OSError:
-            client.connect_failed(r, "connect_refused")
-        else:
-            self.stats.observe_connect(self.loop.time() - t0)
-            client.attach(r, up)
-
-    def client_factory(self, backhaul: bool) -> Callable[[], Any]:
-        """The protocol factory of a listener (a backhaul one: peers name the instance)."""
-        return lambda: ClientConnection(self, backhaul)
-
     # housekeeping ----------------------------------------------------------------
     def sweep(self) -> None:
         """Act on every deadline that passed. An exception for one connection is reported
@@ -176,8 +176,8 @@ class WorkerContext:
             except Exception as e:
                 self.faults.report(WHERE_SWEEP, e, "an upstream deadline")
                 _abort(up)
-                if isinstance(ex, ClientConnection):
-                    _abort(ex)
+                if ex is not None:
+                    _abort(ex)  # and the client it was for
 
     def batch_failed(self, exc: Exception) -> None:
         """A held write raised (proxy.worker.batch closes that connection)."""

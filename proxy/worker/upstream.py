@@ -148,7 +148,12 @@ class UpstreamConnection(ResponseHead):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None and self.pool.splicer is not None:
+        # Under TLS the socket carries ciphertext: nothing may be spliced out of it.
+        if (
+            sock is not None
+            and self.pool.splicer is not None
+            and transport.get_extra_info("sslcontext") is None
+        ):
             self.fd = sock.fileno()
         self.pool.open.add(self)
 

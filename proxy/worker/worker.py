@@ -12,13 +12,15 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.config import loads
+from proxy.config import ConfigError, loads
+from proxy.fleettls import load as load_backhaul_tls
 from proxy.telemetry.metrics import (
     DRAINING,
     SERVING,
@@ -27,7 +29,12 @@ from proxy.telemetry.metrics import (
     WorkerStats,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.backhaul_tls import BackhaulTLS
+from proxy.worker.certs import CertCache
+from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
+from proxy.worker.tickets import TicketKeys, install, last_failure
+from proxy.worker.tls import ALPN, TlsEdge
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
@@ -56,6 +63,20 @@ class Worker:
         )
         self.cells = self.attach_cells(boot)
         self.ctx = WorkerContext(self.loop, self.config, self.stats, self.cells)
+        self.tls: TlsEdge | None = None  # the edge's HTTPS listeners, if any
+        self.tickets: TicketKeys | None = None
+        self.tickets_warned = False
+        # The backhaul's credentials, read now: a reload (a new worker) reads them again.
+        bh = self.config.backhaul
+        self.backhaul_tls = BackhaulTLS(
+            self.loop,
+            load_backhaul_tls(self.config),
+            bh.handshake_timeout,
+            self.stats,
+            self.ctx.faults,
+        )
+        if not bh.insecure:
+            self.ctx.peer_connect = self.backhaul_tls.connect
         self.servers: list[asyncio.Server] = []
         # Client listeners, kept open for the process's life: pausing at max_connections
         # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
@@ -78,9 +99,11 @@ class Worker:
             return None
         return InflightCells(seg, boot["cell"])
 
-    def factory(self, backhaul: bool) -> Any:
-        """The protocol factory of a listener."""
-        return self.ctx.client_factory(backhaul)
+    def factory(self, backhaul: bool, sni_app: str | None = None, tls: bool = False) -> Any:
+        """The protocol factory of a listener (a backhaul one: peers name the instance; a
+        TLS one: requests must name the app the SNI named, "" when it named none)."""
+        ctx = self.ctx
+        return lambda: ClientConnection(ctx, backhaul, sni_app, tls)
 
     async def serve(self) -> None:
         loop = self.loop
@@ -88,14 +111,20 @@ class Worker:
         for lst in self.boot["listeners"]:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
-            if lst["kind"] == "backhaul":
+            if lst["kind"] == "backhaul" and self.backhaul_tls.server is not None:
+                self.backhaul_tls.serve(sock, self.factory(True))  # mutual TLS first
+            elif lst["kind"] == "backhaul":  # [backhaul] insecure: plaintext
                 srv = await loop.create_server(
                     self.factory(True), sock=sock, backlog=4096, start_serving=True
                 )
                 self.servers.append(srv)
+            elif lst["kind"] == "https":
+                self.tls_edge().add(sock)
             else:
                 self.client_socks.append(sock)
         await self.listen_clients()
+        if self.tls is not None:
+            await self.tls.start()
         self.ctx.on_accepting = self.on_accepting
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGQUIT, self.on_signal, signal.SIGQUIT)
@@ -109,11 +138,55 @@ class Worker:
         loop.call_later(PUBLISH, self.publish_tick)
         await self.stop_event.wait()
         self.close_listeners()
+        if self.tls is not None:
+            await self.tls.stop()
+        self.backhaul_tls.close()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:
                 c.transport.abort()
         self.publish()
+
+    def tls_edge(self) -> TlsEdge:
+        """The HTTPS side of this worker, made with its first HTTPS listener."""
+        if self.tls is None:
+            ctx, config = self.ctx, self.config
+            tls = config.tls
+            certs = CertCache(
+                tls.certs_dir,
+                config.cluster.store if tls.store else None,
+                config.cluster.endpoints,
+                config.cluster.prefix,
+                cache_size=tls.cache_size,
+                miss_ttl=tls.miss_ttl,
+                alpn=tuple(p.decode() for p in ALPN),
+                configure=self.install_tickets,
+            )
+            self.tls = TlsEdge(
+                self.loop,
+                config,
+                certs,
+                self.stats,
+                lambda sni_app: self.factory(False, sni_app, True),
+                ctx.routing.app_for_host,
+            )
+        return self.tls
+
+    def install_tickets(self, ctx: ssl.SSLContext) -> None:
+        """Session tickets any worker of any generation can read (proxy.worker.tickets);
+        where that cannot be done, resumption stays per process (logged once)."""
+        if self.tickets is None:
+            secret = bytes.fromhex(self.boot["ticket_secret"])
+            self.tickets = TicketKeys(secret, self.config.tls.ticket_rotate)
+        if install(ctx, self.tickets):
+            return
+        self.stats.family("tls_ticket_errors_total")[0] += 1
+        if not self.tickets_warned:
+            self.tickets_warned = True
+            print(
+                f"edgeproxy worker: TLS session tickets stay per process: {last_failure()}",
+                file=sys.stderr,
+            )
 
     def on_signal(self, signum: int) -> None:
         if signum == signal.SIGTERM and not self.ctx.draining:
@@ -127,6 +200,9 @@ class Worker:
         for srv in self.servers:
             srv.close()
         self.servers = []
+        if self.tls is not None:
+            self.tls.close()
+        self.backhaul_tls.stop_accepting()
         self.stop_clients()
         for sock in self.client_socks:
             sock.close()
@@ -153,6 +229,8 @@ class Worker:
     def on_accepting(self, accepting: bool) -> None:
         """The context's connection count crossed max_connections."""
         s = self.stats
+        if self.tls is not None:
+            self.tls.accepting(accepting and not self.ctx.draining)
         if not accepting:
             self.stop_clients()
             if self.paused_at < 0:
@@ -200,7 +278,8 @@ class Worker:
             ctx.routing.attach()
         if os.getppid() != self.master_pid and not ctx.draining:
             self.start_drain()  # the master is gone: finish what we have, then leave
-        if ctx.draining and (not ctx.clients or self.loop.time() >= self.drain_deadline):
+        idle = not ctx.clients and (self.tls is None or not self.tls.pending)
+        if ctx.draining and (idle or self.loop.time() >= self.drain_deadline):
             self.stop_event.set()
             return
         self.loop.call_later(TICK, self.tick)
@@ -220,6 +299,10 @@ class Worker:
             now = self.loop.time()
             s.accept_paused_seconds += now - self.paused_at
             self.paused_at = now
+        if self.tls is not None:
+            self.tls.publish()
+        if self.tickets is not None:
+            s.family("tls_ticket_errors_total")[1] = self.tickets.callback_errors
         if self.block is not None:
             self.block.publish(s.snapshot())
 
@@ -238,7 +321,11 @@ def main() -> None:
     except ImportError:  # pragma: no cover - uvloop is a hard dependency
         pass
     boot = orjson.loads(sys.stdin.buffer.read())
-    worker = Worker(boot)
+    try:
+        worker = Worker(boot)
+    except ConfigError as e:  # a [backhaul] file changed since the master checked it
+        print(f"edgeproxy worker: {e}", file=sys.stderr)
+        sys.exit(2)
     asyncio.set_event_loop(worker.loop)
     worker.run()
 

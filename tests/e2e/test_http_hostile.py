@@ -447,6 +447,10 @@ def test_a_response_that_fits_the_buffer_frees_the_instance_before_a_slow_client
         with Client(p.port, rcvbuf=4096, timeout=20) as slow:
             slow.send(request_bytes("GET", "/big"))
             assert finished.wait(15), "the instance is still held by the slow client"
+            # The instance wrote it all; the proxy has read it all once the connection is
+            # back in its pool (the gauge is published about once a second).
+            idle = p.wait_metric('edgeproxy_upstream_idle_connections{worker="0"}', 1, 15)
+            assert idle == 1, "the response never left the instance's connection"
             assert p.get("/next").status == 200
             seen = raw.wait_requests(2)
             assert seen[1].conn == seen[0].conn, "the upstream connection was not released"

@@ -54,7 +54,7 @@ Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
 ALLOWED_LABELS = {"app", "class", "reason", "status", "le", "worker", "generation", "state",
-                  "version", "source", "where"}  # fmt: skip
+                  "version", "source", "where", "outcome", "event", "kind", "side"}  # fmt: skip
 
 
 def parse_exposition(text: str) -> Series:

@@ -2,7 +2,7 @@
 
 It follows Consul's documentation for what edgeproxy uses: sessions (create with TTL,
 Behavior, LockDelay; renew; destroy; info; TTL expiry, a TTL only as a lower bound),
-KV (get, recurse, put, ?acquire / ?release, delete) and blocking queries (X-Consul-Index,
+KV (get, recurse, raw, put, ?acquire / ?release, delete) and blocking queries (X-Consul-Index,
 index/wait with a wait/16 jitter). A real HTTP/1.1 server on 127.0.0.1 in a thread.
 """
 
@@ -316,8 +316,18 @@ class _Handler(BaseHTTPRequestHandler):
             entries = [dict(e) for _, e in rows]
         if not entries:
             self._send(404, None, idx)
+        elif "raw" in q and not recurse:  # the value alone, undecoded (Consul's ?raw)
+            self._send_raw(base64.b64decode(entries[0].get("Value") or ""), idx)
         else:
             self._send(200, entries, idx)
+
+    def _send_raw(self, raw: bytes, index: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("X-Consul-Index", str(index))
+        self.end_headers()
+        self.wfile.write(raw)
 
 
 class _Server(ThreadingHTTPServer):

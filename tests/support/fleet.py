@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleet_certs import FleetCerts
 from ports import free_port
 from proxyctl import REPO, TESTS, LineReader, env, stop_session, toml_value
 
@@ -194,6 +195,7 @@ class Fleet:
     upstreams: bool = True
     demo_instances: bool = False  # instances are proxy.demo.app (answers "instance <id>")
     proxies: bool = True  # False: pingers only (the table tests need no proxy)
+    tls: bool = True  # the backhaul is mutual TLS (a CA of this fleet's); False: insecure
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     nodes: dict[str, Node] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -201,8 +203,11 @@ class Fleet:
     advertise: dict[str, str] = field(default_factory=dict)  # store fleets: node -> ping addr
     via: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     upstream_procs: dict[str, Proc] = field(default_factory=dict)
+    certs: FleetCerts | None = None
 
     def __post_init__(self) -> None:
+        if self.tls:
+            self.certs = FleetCerts(self.workdir / f"fleet-{self.uid}")
         for i, (nid, region) in enumerate(self.nodes_spec):
             self.nodes[nid] = Node(nid, region, f"127.0.0.{self.first_ip + i}", self.uid)
 
@@ -304,6 +309,10 @@ class Fleet:
             "[table]",
             {"name": n.table_name, "writer": "pinger", "stale_after": self.stale_after},
         )
+        if self.certs is not None:
+            out += _table("[backhaul]", self.certs.backhaul_keys(n.id))
+        else:
+            out += _table("[backhaul]", {"insecure": True})
         out += _table(
             "[[app]]",
             {"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25},

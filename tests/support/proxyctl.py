@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -176,6 +177,9 @@ class ProxyConfig:
     extra_apps: list[dict[str, Any]] = field(default_factory=list)
     table_extra: dict[str, Any] = field(default_factory=dict)
     trust: dict[str, Any] = field(default_factory=dict)
+    https_port: int | None = None  # an HTTPS listener too (then `tls` names the certificates)
+    tls: dict[str, Any] = field(default_factory=dict)
+    cluster: dict[str, Any] = field(default_factory=dict)  # [cluster] (the store), if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -184,14 +188,14 @@ class ProxyConfig:
 
     def render(self) -> str:
         out = _section("node", {"id": f"t{self.uid}"})
-        out += _section(
-            "listen",
-            {
-                "http": [f"{HOST}:{self.port}"],
-                "admin": f"{HOST}:{self.admin_port}",
-                "control": self.control,
-            },
-        )
+        listen: dict[str, Any] = {
+            "http": [f"{HOST}:{self.port}"],
+            "admin": f"{HOST}:{self.admin_port}",
+            "control": self.control,
+        }
+        if self.https_port is not None:
+            listen["https"] = [f"{HOST}:{self.https_port}"]
+        out += _section("listen", listen)
         out += _section("workers", {"count": self.workers, **self.workers_extra})
         if self.timeouts:
             out += _section("timeouts", self.timeouts)
@@ -201,6 +205,10 @@ class ProxyConfig:
             out += _section("pool", self.pool)
         if self.trust:
             out += _section("trust", self.trust)
+        if self.tls:
+            out += _section("tls", self.tls)
+        if self.cluster:
+            out += _section("cluster", self.cluster)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
@@ -432,6 +440,9 @@ class Client:
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
         host: str = HOST,
+        tls: ssl.SSLContext | None = None,
+        sni: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
@@ -443,6 +454,8 @@ class Client:
         self.timeout = timeout
         try:
             self.sock.connect((host, port))
+            if tls is not None:  # the handshake, bounded by the same timeout
+                self.sock = tls.wrap_socket(self.sock, server_hostname=sni, session=session)
         except OSError:
             self.sock.close()
             raise

@@ -142,6 +142,8 @@ class Wrk:
         threads: int = 1,
         path: str = "/",
         host: str = "hello.test",
+        scheme: str = "http",
+        headers: tuple[str, ...] = (),
     ) -> None:
         self.duration = duration
         script = workdir / f"wrk-{uuid.uuid4().hex[:8]}.lua"
@@ -157,7 +159,8 @@ class Wrk:
             str(script),
             "-H",
             f"Host: {host}",
-            f"http://{HOST}:{port}{path}",
+            *(a for h in headers for a in ("-H", h)),
+            f"{scheme}://{HOST}:{port}{path}",
         ]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(

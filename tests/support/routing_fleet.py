@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleet_certs import FleetCerts
 from ports import free_port
 from proxyctl import REPO, Client, LineReader, Proxy, Response, env
 
@@ -160,6 +161,7 @@ class NodeConfig:
     tag: str
     backhauls: dict[int, int]
     pings: dict[int, int]
+    certs: FleetCerts | None = None  # None: [backhaul] insecure = true
     port: int = 0
     admin_port: int = 0
     workers: int = 2
@@ -189,6 +191,10 @@ class NodeConfig:
         out += f"[workers]\ncount = {self.workers}\ndrain_timeout = 5\nquiet_period = 1\n\n"
         out += f'[pinger]\nlisten = "{ip(n)}:{self.pings[n]}"\n\n'
         out += f'[table]\nname = "{self.table_name}"\nwriter = "master"\n\n'
+        if self.certs is not None:
+            out += self.certs.section(node_id(n))
+        else:
+            out += "[backhaul]\ninsecure = true\n\n"
         out += (
             f'[[app]]\nname = "{APP}"\nhosts = ["{APP_HOST}"]\nstrategy = "closest"\n'
             f"soft_limit = {SOFT}\nhard_limit = {HARD}\n\n"
@@ -309,8 +315,9 @@ class Fleet:
         return rcs
 
 
-def start_fleet(workdir: Path) -> Fleet:
-    """Three instances, then three proxies (started in parallel, each waiting for READY)."""
+def start_fleet(workdir: Path, tls: bool = True) -> Fleet:
+    """Three instances, then three proxies (started in parallel, each waiting for READY);
+    the backhaul is mutual TLS with a CA of this fleet's own, or plaintext (`tls` False)."""
     tag = f"{os.getpid()}-{next(_counter)}"
     instances: dict[int, Instance] = {}
     started: dict[int, Proxy] = {}
@@ -319,7 +326,8 @@ def start_fleet(workdir: Path) -> Fleet:
             instances[n] = Instance(n)
         backhauls = {n: free_port(ip(n)) for n in NODES}
         pings = {n: free_port(ip(n), socket.SOCK_DGRAM) for n in NODES}
-        cfgs = {n: NodeConfig(n, instances, tag, backhauls, pings) for n in NODES}
+        certs = FleetCerts(workdir / f"fleet-{tag}") if tls else None
+        cfgs = {n: NodeConfig(n, instances, tag, backhauls, pings, certs) for n in NODES}
         failures: list[BaseException] = []
 
         def boot(n: int) -> None:

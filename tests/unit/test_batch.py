@@ -11,8 +11,9 @@ import uvloop
 
 from proxy.config import loads
 from proxy.telemetry.metrics import WHERE_BATCH, WHERE_SWEEP, WorkerStats
+from proxy.worker.client import ClientConnection
+from proxy.worker.client_io import HOLD_MAX
 from proxy.worker.context import WorkerContext
-from proxy.worker.exchange import HOLD_MAX
 from proxy.worker.upstream import UpstreamConnection
 
 CONFIG = """
@@ -90,7 +91,7 @@ class World:
             self.ups.append((up, ut))
 
     def client(self) -> tuple[object, Recorder]:
-        c = self.ctx.client_factory(False)()
+        c = ClientConnection(self.ctx, False)
         t = Recorder()
         c.connection_made(t)
         return c, t
@@ -197,11 +198,11 @@ class Finished(Recorder):
 
 
 def _answered_client(world: World, transport: Recorder) -> object:
-    c = world.ctx.client_factory(False)()
+    c = ClientConnection(world.ctx, False)
     c.connection_made(transport)
     c.data_received(_request("/r"))  # type: ignore[attr-defined]
     world.end_iteration()
-    up = next(u for u, ut in world.ups if ut.writes and u.exchange is c)
+    up = next(u for u, ut in world.ups if ut.writes and getattr(u.exchange, "conn", None) is c)
     up.data_received(RESPONSE)  # held for the end of the iteration
     return c
 
@@ -225,7 +226,7 @@ def test_sweep_survives_a_deadline_that_raises(world: World) -> None:
     goods = [Recorder() for _ in range(3)]
     conns = []
     for t in [bad, *goods]:
-        c = world.ctx.client_factory(False)()
+        c = ClientConnection(world.ctx, False)
         c.connection_made(t)
         conns.append(c)
     now = world.loop.time()

@@ -1,8 +1,9 @@
 """A differential fuzzer of the head path against hostile clients and upstreams.
 
-Hostile request heads (tests/support/hostile_heads.py) go through a real httptools parser into
-proxy.core.request_head as proxy.worker.client drives it (tests/support/head_check.py); what the proxy would
-forward, in each forwarding mode, is read again by httptools and by a strict line scanner
+Hostile request heads (tests/support/hostile_heads.py) go through a real httptools parser
+into proxy.core.request_head as proxy.worker.client drives it (tests/support/head_check.py);
+what the proxy would forward, in each forwarding mode, is read again by httptools and by a
+strict line scanner
 and checked against the invariants: one request line in origin-form, one Host, one
 framing, no hop-by-hop field, forwarding fields as the mode says, ordinary fields
 unchanged. Upstream response heads go through ResponseHead the same way. What the fuzzer

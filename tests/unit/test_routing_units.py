@@ -35,6 +35,8 @@ id = "n2"
 [listen]
 http = ["127.0.0.2:8080"]
 backhaul = "127.0.0.2:9080"
+[backhaul]
+insecure = true  # routing only: no connection is made
 [[app]]
 name = "shop"
 hosts = ["shop.test"]

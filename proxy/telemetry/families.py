@@ -1,0 +1,138 @@
+"""Labelled counter families: one line each in FAMILIES, carried and rendered generically.
+
+Owns the registry of the counters that are a fixed set of label values (a reason, an
+outcome): a worker holds one list of ints per family and bumps `list[index]` on its
+path; the snapshot carries them by family name; the master sums and renders every
+family it knows, zeros included. A family a master does not know (another version's)
+is ignored, never an error. Label values are fixed words, never hosts or paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.core.certcheck import REASONS as CERT_REASONS
+from proxy.core.clienthello import REASONS as HELLO_REASONS
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str  # without the edgeproxy_ prefix, ending in _total
+    help: str
+    label: str
+    values: tuple[str, ...]
+
+
+# TLS at the edge (proxy.worker.tls): what became of each accepted HTTPS connection.
+TLS_OUTCOMES = (
+    "handshake_ok",  # the handshake completed: an HTTP connection started
+    "hello_refused",  # the ClientHello failed our parser: an alert was sent
+    "hello_timeout",  # no complete ClientHello within [timeouts] tls_handshake
+    "hello_eof",  # the client closed before a complete ClientHello
+    "no_certificate",  # no certificate for the name (or no SNI, no default): unrecognized_name
+    "no_alpn",  # ALPN offered, none of it served here: no_application_protocol
+    "handshake_failed",  # OpenSSL refused the handshake (version, cipher, alert ...)
+    "handshake_timeout",  # the handshake did not finish within [timeouts] tls_handshake
+)
+(
+    TLS_OK,
+    TLS_HELLO_REFUSED,
+    TLS_HELLO_TIMEOUT,
+    TLS_HELLO_EOF,
+    TLS_NO_CERT,
+    TLS_NO_ALPN,
+    TLS_HANDSHAKE_FAILED,
+    TLS_HANDSHAKE_TIMEOUT,
+) = range(len(TLS_OUTCOMES))
+
+# The certificate cache (proxy.worker.certs, its CertCounters fields by these names).
+CERT_EVENTS = (
+    "hits",  # a handshake's name found in the cache
+    "misses",  # looked for and not found (no file, no store key, or only refused ones)
+    "fetches",  # resolutions run (directory, then store)
+    "loaded",  # certificates checked and cached
+    "replaced",  # a cached one replaced by a newer valid one
+    "removed",  # dropped: its source no longer has it
+    "evicted_lru",
+    "evicted_expired",
+    "store_errors",  # store reads that failed
+    "timeouts",  # resolutions past their time limit
+)
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "tls_connections_total",
+        "HTTPS connections accepted, by what became of their handshake.",
+        "outcome",
+        TLS_OUTCOMES,
+    ),
+    Family(
+        "tls_hellos_refused_total",
+        "ClientHellos our parser refused (an alert, then a close), by reason.",
+        "reason",
+        HELLO_REASONS,
+    ),
+    Family(
+        "tls_certificate_events_total",
+        "What the certificate cache did, by event.",
+        "event",
+        CERT_EVENTS,
+    ),
+    Family(
+        "tls_ticket_errors_total",
+        "Session-ticket key trouble: contexts left with per-process tickets (install),"
+        " tickets not made or read because the key callback failed (callback).",
+        "kind",
+        ("install", "callback"),
+    ),
+    Family(
+        "tls_certificates_rejected_total",
+        "Certificates found (file or store) and refused by the checks, by reason.",
+        "reason",
+        CERT_REASONS,
+    ),
+)
+BY_NAME: Mapping[str, Family] = {f.name: f for f in FAMILIES}
+
+
+def zeros() -> dict[str, list[int]]:
+    """One zeroed counter list per family (a worker's starting point)."""
+    return {f.name: [0] * len(f.values) for f in FAMILIES}
+
+
+def decode(raw: Any) -> dict[str, tuple[int, ...]]:
+    """The families of a snapshot this master knows; others (or misshapen ones) dropped."""
+    out: dict[str, tuple[int, ...]] = {}
+    if not isinstance(raw, dict):
+        return out
+    for name, counts in raw.items():
+        fam = BY_NAME.get(name) if isinstance(name, str) else None
+        if fam is None or not isinstance(counts, list | tuple) or len(counts) != len(fam.values):
+            continue
+        if all(type(v) is int and v >= 0 for v in counts):
+            out[name] = tuple(counts)
+    return out
+
+
+def add(into: dict[str, list[int]], values: Mapping[str, Sequence[int]]) -> None:
+    for name, counts in values.items():
+        row = into.setdefault(name, [0] * len(counts))
+        for i, v in enumerate(counts):
+            row[i] += v
+
+
+def render(out: list[str], totals: Mapping[str, Sequence[int]]) -> None:
+    """Every family, zeros included, in the Prometheus text format."""
+    for fam in FAMILIES:
+        counts = totals.get(fam.name) or [0] * len(fam.values)
+        out.append(f"# HELP edgeproxy_{fam.name} {fam.help}")
+        out.append(f"# TYPE edgeproxy_{fam.name} counter")
+        for v, n in zip(fam.values, counts, strict=True):
+            out.append(f'edgeproxy_{fam.name}{{{fam.label}="{v}"}} {n}')
+
+
+def size_bound() -> int:
+    """Bytes a snapshot's families can take at most (names, headers, 9-byte ints)."""
+    return sum(len(f.name) + 8 + 9 * len(f.values) for f in FAMILIES) + 16
