@@ -189,13 +189,20 @@ class Daemon:
         mesh.changed.clear()
         if mesh.learned:
             now = self.wall()
-            for node, epoch, loads in mesh.learned:
+            for node, epoch, loads, at in mesh.learned:
+                t = now if at is None else at  # None: a pinger that does not send the time
                 for iid, load in loads.items():
-                    self.remote_load(node, iid, load, now, epoch)
+                    self.remote_load(node, iid, load, t, epoch)
             mesh.learned.clear()
 
     def remote_load(self, node: str, iid: str, load: int, t: float, epoch: int) -> None:
-        """A load for a remote instance (from a ping or the store); older data is ignored."""
+        """A load for a remote instance (from a ping or the store); older data is ignored.
+
+        `t` is the publisher's wall time of the value: store records and pings both carry
+        it, so the two paths order on one clock. (Stamped with its arrival instead, a ping
+        sent just before a change and delayed on the way would replace the changed value
+        the store brought first, and nothing corrects it if that pinger then dies.)
+        """
         if node == self.me or epoch < self.node_epochs.get(node, 0):
             return
         self.node_epochs[node] = epoch
@@ -326,6 +333,7 @@ class Daemon:
                 self.local_loads[iid] = load
                 self.unpublished[iid] = load
         self.mesh.local_loads = dict(self.local_loads) if self.local_loads else None
+        self.mesh.local_loads_at = now  # every value in it is the one read at `now`
         if self.store is not None and self.unpublished and not self._publishing:
             self._publishing = True
             batch, self.unpublished = self.unpublished, {}

@@ -72,11 +72,13 @@ class Mesh:
         self.peers: dict[str, Peer] = {}
         self.counters = Counters()
         self.local_loads: Mapping[str, int] | None = None  # sent with every probe and reply
+        self.local_loads_at: float | None = None  # wall time local_loads was read (sent too)
         self._due: list[tuple[float, int, str]] = []  # (when, tiebreak, peer id): next probe
         self._deadlines: list[tuple[float, str, int]] = []  # (when, peer id, seq): timeouts
         self._tick = 0
         self.changed: set[str] = set()  # peers whose snapshot may have changed
-        self.learned: list[tuple[str, int, Mapping[str, int]]] = []  # (node, epoch, loads)
+        # (node, epoch, loads, the sender's wall time of the loads or None from older pingers)
+        self.learned: list[tuple[str, int, Mapping[str, int], float | None]] = []
 
     # --- membership ---------------------------------------------------------------------
     def set_peers(self, peers: Mapping[str, Addr], now: float) -> None:
@@ -126,7 +128,8 @@ class Mesh:
                 continue
             p.seq += 1
             sent_ns = int(now * 1e9)
-            probe = Ping(PROBE, self.me, self.epoch, pid, p.seq, sent_ns, self.local_loads)
+            loads, at = self.local_loads, self.local_loads_at
+            probe = Ping(PROBE, self.me, self.epoch, pid, p.seq, sent_ns, loads, at)
             out.append((p.addr, ping_codec.encode(probe)))
             p.outstanding[p.seq] = now
             heapq.heappush(dl, (now + p.est.timeout(), pid, p.seq))
@@ -154,7 +157,7 @@ class Mesh:
             self._heard(msg)
             self.counters.probes_answered += 1
             return ping_codec.encode(
-                ping_codec.reply_to(msg, self.me, self.epoch, self.local_loads)
+                ping_codec.reply_to(msg, self.me, self.epoch, self.local_loads, self.local_loads_at)
             )
         assert msg.kind == REPLY
         p = self.peers.get(msg.sender)
@@ -181,7 +184,7 @@ class Mesh:
                 return  # a datagram from an older life of that node
             p.epoch = msg.epoch
         if msg.loads is not None:
-            self.learned.append((msg.sender, msg.epoch, msg.loads))
+            self.learned.append((msg.sender, msg.epoch, msg.loads, msg.loads_at))
 
 
 class MeshProtocol(asyncio.DatagramProtocol):

@@ -102,6 +102,12 @@ class ConsulStore(BaseStore):
                 )
             elif holder and holder != self.session:
                 # a previous life (or our last session) holds our keys: end it, so they go now
+                log.info(
+                    "consul: node %s: session %s (a previous life, or our last session) "
+                    "holds our keys, destroying it",
+                    me.id,
+                    holder,
+                )
                 await self._put("PUT", f"/v1/session/destroy/{holder}")
         recs: Sequence[Record] = [me, *self.instances, *self.loads.values()]
         await self._acquire_all(recs)

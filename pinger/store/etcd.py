@@ -118,6 +118,12 @@ class EtcdStore(BaseStore):
                 stale_lease = lease  # a previous life's (or our last session's) lease
         await self._txn([me, *self.instances, *self.loads.values()])
         if stale_lease:  # its keys are ours now; revoking removes what the new life lacks
+            log.info(
+                "etcd: node %s: took over the keys of lease %x (a previous life, or our "
+                "last session), revoking it",
+                me.id,
+                stale_lease,
+            )
             try:
                 await self._post("/v3/lease/revoke", {"ID": str(stale_lease)})
             except StoreError as e:

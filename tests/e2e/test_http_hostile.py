@@ -264,11 +264,10 @@ def test_underscored_names_of_owned_fields_are_dropped(px: Proxy, raw: RawInstan
 
 def test_forwarding_fields_from_a_trusted_client_are_kept(px: Proxy, raw: RawInstance) -> None:
     """A client in [trust] forwarded_from keeps its fields; X-Forwarded-For gets its address."""
-    sock = socket.socket()
-    sock.bind((TRUSTED, 0))
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", px.port))
-    with sock:
+    with socket.socket() as sock:  # closed even if bind or connect fails
+        sock.bind((TRUSTED, 0))
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", px.port))
         sock.sendall(request_bytes("GET", "/tfwd", headers=SPOOF, close=True))
         got = b""
         while data := sock.recv(65536):

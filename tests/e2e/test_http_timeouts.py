@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from ci_policy import skip_or_fail
-from proxyctl import HOST, Client, Proxy, Upstream, request_bytes
+from proxyctl import HOST, Client, Proxy, Upstream, request_bytes, wait_until
 
 pytestmark = [pytest.mark.request_path, pytest.mark.timeout(40)]
 
@@ -68,7 +68,9 @@ def test_client_gone_while_waiting_closes_the_upstream(
     tag = f"left{time.monotonic_ns()}"
     with Client(p.port) as c:
         c.send(request_bytes("GET", f"/hang?tag={tag}"))
-        time.sleep(0.3)
+        assert wait_until(lambda: upstream.stats()["tags"].get(tag, {}).get("hung"), 10), (
+            "the request never reached the instance"
+        )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not upstream.stats()["tags"][tag].get("closed"):
         time.sleep(0.05)

@@ -87,16 +87,27 @@ def test_killed_worker_is_replaced_within_a_second(proxy_factory: Factory) -> No
         assert p.get(f"/after-kill/{i}").status == 200
 
 
-def test_sigterm_finishes_in_flight_request_then_exits_0(proxy_factory: Factory) -> None:
-    """SIGTERM is a graceful stop: an in-flight request completes, then the master exits 0."""
+def test_sigterm_finishes_in_flight_request_then_exits_0(
+    proxy_factory: Factory, upstream: Upstream
+) -> None:
+    """SIGTERM is a graceful stop: an in-flight request completes, then the master exits 0.
+
+    The instance holds the request (tests/support/upstream.py /hold) until the master
+    says it is stopping; only then is it let go."""
     p = proxy_factory()
-    with Client(p.port, timeout=10) as c:
-        c.send(request_bytes("GET", "/inflight?delay=1.5"))
-        time.sleep(0.5)
+    tag = f"term{time.monotonic_ns()}"
+    with Client(p.port, timeout=20) as c:
+        c.send(request_bytes("GET", f"/hold?tag={tag}"))
+        assert wait_until(lambda: upstream.stats()["tags"].get(tag, {}).get("held"), 10), (
+            "the request never reached the instance"
+        )
         os.kill(p.proc.pid, signal.SIGTERM)
-        r = c.response(timeout=8)
+        assert wait_until(lambda: p.status()["master"]["stopping"], 10), p.status()
+        assert upstream.stats()["tags"][tag].get("answered") is None, "answered before the stop"
+        upstream.release(tag)
+        r = c.response(timeout=10)
         assert r.status == 200, r
-        assert r.json()["path"] == "/inflight"
+        assert r.json() == {"tag": tag, "released": True}
     rc = p.proc.wait(timeout=10)
     assert rc == 0, f"exit status {rc} after SIGTERM"
 

@@ -139,11 +139,13 @@ def test_wrk_across_three_sighup_reloads_counts_no_errors(
 # -- 2. a 30 s download and a WebSocket across a reload ------------------------------------
 
 DL_BYTES = 48 << 20
-DL_RATE = DL_BYTES / 30.0  # bytes per second: the client reads it in ~30 s
+DL_RATE = DL_BYTES / 30.0  # bytes per second: the client reads no faster (~30 s in all)
+HOLD_AT = 4 << 20  # the upstream sends this much, then waits for the test's release
 
 
 class SlowDownload(threading.Thread):
-    """GET /big read at DL_RATE by a small-buffered client; length and sha256 recorded."""
+    """GET /big read at DL_RATE at most by a small-buffered client; length and sha256
+    recorded. The upstream stops after HOLD_AT bytes until the test releases `tag`."""
 
     def __init__(self, port: int, tag: str) -> None:
         super().__init__(daemon=True)
@@ -166,20 +168,22 @@ class SlowDownload(threading.Thread):
         c = Client(self.port, timeout=20, rcvbuf=65536)
         self.client = c
         t0 = time.monotonic()
-        c.send(request_bytes(path=f"/big?bytes={DL_BYTES}&tag={self.tag}"))
+        c.send(request_bytes(path=f"/big?bytes={DL_BYTES}&tag={self.tag}&hold_at={HOLD_AT}"))
         status, _, _, headers, _ = c.read_head()
         self.head = (status, headers)
         h = hashlib.sha256()
         data, c.buf = c.buf, b""
+        next_at = time.monotonic()  # the reading pace: no credit for time spent waiting
         while True:
             if data:
                 h.update(data)
                 self.received += len(data)
+                next_at = max(next_at, time.monotonic()) + len(data) / DL_RATE
             if self.received >= DL_BYTES:
                 break
-            ahead = self.received / DL_RATE - (time.monotonic() - t0)
+            ahead = next_at - time.monotonic()
             if ahead > 0:
-                time.sleep(ahead)
+                time.sleep(ahead)  # pacing the reader, not waiting for an event
             data = c.sock.recv(min(65536, DL_BYTES - self.received))
             if not data:
                 break
@@ -204,80 +208,101 @@ def ws_echo(ws: Client, msg: bytes, timeout: float = 5.0) -> bytes:
 def test_long_download_and_websocket_finish_intact_across_reload(
     tree_proxy: Callable[..., TreeProxy], upstream: Upstream
 ) -> None:
-    """A ~30 s download and an open WebSocket begun before a reload finish intact after it."""
+    """A ~30 s download and an open WebSocket begun before a reload finish intact after it.
+
+    The upstream sends HOLD_AT bytes, then waits until the reload is done: the rest
+    provably goes through the draining worker, whatever the socket buffers could hold;
+    the client reads at DL_RATE at most from then on, so it outlasts quiet_period."""
     p = tree_proxy(workers=2)  # drain_timeout: the default (300 s)
     gen0 = generation(p)
     old = set(assert_one_generation(p, gen0, 2))
     tag = f"dl{time.monotonic_ns()}"
     dl = SlowDownload(p.port, tag)
     dl.start()
-    ws = Client(p.port, timeout=10)
-    try:
-        ws.send(
-            request_bytes(
-                path="/ws",
-                headers=[
-                    ("Connection", "Upgrade"),
-                    ("Upgrade", "websocket"),
-                    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                    ("Sec-WebSocket-Version", "13"),
-                ],
+    try:  # on every path the download's client is closed: a failed run must not leak it
+        ws = Client(p.port, timeout=10)
+        try:
+            ws.send(
+                request_bytes(
+                    path="/ws",
+                    headers=[
+                        ("Connection", "Upgrade"),
+                        ("Upgrade", "websocket"),
+                        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                        ("Sec-WebSocket-Version", "13"),
+                    ],
+                )
             )
+            r = ws.response()
+            assert r.status == 101, r
+            assert ws_echo(ws, b"before the reload\n") == b"before the reload\n"
+
+            # The download runs through an old worker: the upstream sent HOLD_AT bytes and
+            # waits, the client has read part of them.
+            def under_way() -> bool:
+                got = upstream.stats()["tags"].get(tag, {}).get("held_at") == HOLD_AT
+                return (got and dl.received >= 1 << 20) or dl.error is not None
+
+            assert wait_until(under_way, 20), (dl.received, upstream.stats()["tags"].get(tag))
+            assert dl.error is None, dl.error
+            sent_at_reload = upstream.stats()["tags"].get(tag, {}).get("sent", 0)
+
+            rr = p.cli("reload", timeout=60)
+            assert rr.returncode == 0, (rr.returncode, rr.stdout, rr.stderr)
+            assert f"generation {gen0 + 1} serves" in rr.stdout
+            st = p.status()
+            draining = [w for w in st["workers"] if w["generation"] == gen0]
+            # An old worker with no connection may be gone already; the busy one drains.
+            assert draining and {w["pid"] for w in draining} <= old, st
+            assert all(w["state"] == "draining" for w in draining), st
+            assert sum(w["open_connections"] for w in draining) == 2, draining
+            print(
+                f"at the reload: client had {dl.received} B, upstream had sent {sent_at_reload} B"
+            )
+            upstream.release(tag)  # the rest goes through the draining worker
+
+            # Echo through the tunnel every 2 s until the download is done (past quiet_period).
+            n = 0
+            while dl.is_alive():
+                n += 1
+                msg = b"after the reload %d\n" % n
+                assert ws_echo(ws, msg) == msg, f"echo {n} failed after the reload"
+                dl.join(timeout=2.0)
+            assert n >= 10, f"the download ended only {2 * n} s after the reload"
+            assert ws_echo(ws, b"last\n") == b"last\n"
+            assert any(alive(pid) for pid in old), "the old workers left before the tunnel closed"
+            ws.sock.shutdown(socket.SHUT_WR)  # the client ends the tunnel
+            ws.expect_clean_close(timeout=5)
+        finally:
+            ws.close()
+            dl.join(timeout=60)
+        assert dl.error is None, f"download failed after {dl.received} B: {dl.error!r}"
+        assert dl.head is not None and dl.head[0] == 200, dl.head
+        assert dl.received == DL_BYTES, f"got {dl.received} of {DL_BYTES} bytes"
+        assert dl.sha == pattern_sha256(DL_BYTES), "download content differs from what was sent"
+        assert dl.elapsed >= 25, f"the download took only {dl.elapsed:.1f} s"
+        print(
+            f"download: {dl.received} B in {dl.elapsed:.1f} s, sha ok; {n} echoes after the reload"
         )
-        r = ws.response()
-        assert r.status == 101, r
-        assert ws_echo(ws, b"before the reload\n") == b"before the reload\n"
-        assert wait_until(lambda: dl.received >= 4 << 20 or dl.error is not None, 10)
-        assert dl.error is None, dl.error
-        sent_at_reload = upstream.stats()["tags"].get(tag, {}).get("sent", 0)
-
-        rr = p.cli("reload", timeout=60)
-        assert rr.returncode == 0, (rr.returncode, rr.stdout, rr.stderr)
-        assert f"generation {gen0 + 1} serves" in rr.stdout
-        st = p.status()
-        draining = [w for w in st["workers"] if w["generation"] == gen0]
-        # An old worker with no connection may be gone already; the busy one drains.
-        assert draining and {w["pid"] for w in draining} <= old, st
-        assert all(w["state"] == "draining" for w in draining), st
-        assert sum(w["open_connections"] for w in draining) == 2, draining
-        print(f"at the reload: client had {dl.received} B, upstream had sent {sent_at_reload} B")
-
-        # Echo through the tunnel every 2 s until the download is done (past quiet_period).
-        n = 0
-        while dl.is_alive():
-            n += 1
-            msg = b"after the reload %d\n" % n
-            assert ws_echo(ws, msg) == msg, f"echo {n} failed after the reload"
-            dl.join(timeout=2.0)
-        assert n >= 10, f"the download ended only {2 * n} s after the reload"
-        assert ws_echo(ws, b"last\n") == b"last\n"
-        assert any(alive(pid) for pid in old), "the old workers left before the tunnel closed"
-        ws.sock.shutdown(socket.SHUT_WR)  # the client ends the tunnel
-        ws.expect_clean_close(timeout=5)
+        up_tag = upstream.stats()["tags"][tag]
+        assert up_tag.get("done") is True, up_tag
+        assert sent_at_reload < DL_BYTES // 2, (
+            f"the upstream had sent {sent_at_reload} of {DL_BYTES} B before the reload: "
+            "the draining worker did not relay most of it"
+        )
+        # The download's connection, idle on a draining worker, closes cleanly after quiet_period.
+        assert dl.client is not None
+        closed, extra = dl.client.closed_within(10)
+        dl.client.close()
+        assert closed and extra == b"", (closed, extra)
+        left = wait_old_gone(p, old, timeout=10)
+        assert not left, f"old workers outlived their last connection: {left}"
+        assert_one_generation(p, gen0 + 1, 2)
+        no_tracebacks(p)
     finally:
-        ws.close()
         dl.join(timeout=60)
-    assert dl.error is None, f"download failed after {dl.received} B: {dl.error!r}"
-    assert dl.head is not None and dl.head[0] == 200, dl.head
-    assert dl.received == DL_BYTES, f"got {dl.received} of {DL_BYTES} bytes"
-    assert dl.sha == pattern_sha256(DL_BYTES), "download content differs from what was sent"
-    assert dl.elapsed >= 25, f"the download took only {dl.elapsed:.1f} s"
-    print(f"download: {dl.received} B in {dl.elapsed:.1f} s, sha ok; {n} echoes after the reload")
-    up_tag = upstream.stats()["tags"][tag]
-    assert up_tag.get("done") is True, up_tag
-    assert sent_at_reload < DL_BYTES // 2, (
-        f"the upstream had sent {sent_at_reload} of {DL_BYTES} B before the reload: "
-        "the draining worker did not relay most of it"
-    )
-    # The download's connection, idle on a draining worker, closes cleanly after quiet_period.
-    assert dl.client is not None
-    closed, extra = dl.client.closed_within(10)
-    dl.client.close()
-    assert closed and extra == b"", (closed, extra)
-    left = wait_old_gone(p, old, timeout=10)
-    assert not left, f"old workers outlived their last connection: {left}"
-    assert_one_generation(p, gen0 + 1, 2)
-    no_tracebacks(p)
+        if dl.client is not None:
+            dl.client.close()
 
 
 # -- 3. a broken config ---------------------------------------------------------------------
@@ -499,24 +524,30 @@ def test_takeover_through_control_socket_under_wrk(
 
 
 @pytest.mark.slow
-def test_status_shows_draining_workers_with_inflight(tree_proxy: Callable[..., TreeProxy]) -> None:
+def test_status_shows_draining_workers_with_inflight(
+    tree_proxy: Callable[..., TreeProxy], upstream: Upstream
+) -> None:
     """During a drain `status` shows the old workers as draining with their in-flight count."""
     p = tree_proxy(workers=2)
     gen0 = generation(p)
     old = set(assert_one_generation(p, gen0, 2))
     result: dict[str, Any] = {}
+    tag = f"drain{time.monotonic_ns()}"
 
     def slow() -> None:
         try:
-            with Client(p.port, timeout=20) as c:
-                c.send(request_bytes(path="/?delay=5", close=True))
-                result["response"] = c.response(timeout=20)
+            with Client(p.port, timeout=60) as c:
+                c.send(request_bytes(path=f"/hold?tag={tag}", close=True))
+                result["response"] = c.response(timeout=60)
         except BaseException as e:
             result["error"] = e
 
     t = threading.Thread(target=slow, daemon=True)
     t.start()
-    time.sleep(0.7)
+    # In flight on an old worker until released (tests/support/upstream.py /hold).
+    assert wait_until(lambda: upstream.stats()["tags"].get(tag, {}).get("held"), 10), (
+        "the request never reached the instance"
+    )
     rr = p.cli("reload", timeout=30)
     assert rr.returncode == 0, (rr.returncode, rr.stdout, rr.stderr)
     seen: dict[str, Any] = {}
@@ -546,6 +577,8 @@ def test_status_shows_draining_workers_with_inflight(tree_proxy: Callable[..., T
     busy = [r for r in rows if int(r[0]) in old and r[3] == "draining" and r[5] == "1"]
     assert busy, text
     print(text)
+    assert upstream.stats()["tags"][tag].get("answered") is None
+    upstream.release(tag)
     t.join(timeout=20)
     assert "error" not in result, result
     assert result["response"].status == 200, result["response"]

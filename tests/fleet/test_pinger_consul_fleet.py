@@ -37,7 +37,7 @@ def test_consul_kill9_pinger_keys_vanish_and_come_back_new(
     tmp_path: Path, consul: ConsulDouble
 ) -> None:
     """kill -9 of hkg's pinger: gone from the others' tables in TTL + 1 s, back with a new epoch."""
-    with store_fleet(tmp_path, "consul", [consul.url]) as f:
+    with store_fleet(tmp_path, "consul", [consul.url], demo_instances=False) as f:
         got = scenario_kill9(f)
         print(f"consul kill -9: {got}")
 
@@ -47,6 +47,6 @@ def test_consul_quick_restart_drops_the_last_lifes_load(
     tmp_path: Path, consul: ConsulDouble
 ) -> None:
     """A pinger restarted within its session TTL: peers show its new epoch, none of the old load."""
-    with store_fleet(tmp_path, "consul", [consul.url], ttl=QUICK_TTL) as f:
+    with store_fleet(tmp_path, "consul", [consul.url], ttl=QUICK_TTL, demo_instances=False) as f:
         got = scenario_quick_restart(f)
         print(f"consul quick restart: {got}")

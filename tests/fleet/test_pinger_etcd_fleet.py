@@ -12,11 +12,13 @@ instance, so the instance leaves every table; routing then never tries it at all
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,8 +35,12 @@ pytestmark = pytest.mark.request_path
 THREE = [("nrt", "nrt"), ("hkg", "hkg"), ("sin", "sin")]
 ONE_WAY = {("nrt", "hkg"): 25.0, ("nrt", "sin"): 35.0, ("hkg", "sin"): 17.0}
 TTL = 3.0
-QUICK_TTL = 8.0  # the quick-restart scenario: room for a held load, a kill and a restart
+# The quick-restart scenario's TTL: the kill, the checks and the restart must fit in it
+# (checked: the new life must take over the old life's keys). Nothing waits for it in a
+# passing run, so it is roomy for a busy machine.
+QUICK_TTL = 20.0
 CONVERGE = 15.0  # seconds a fresh fleet may take to learn everyone (bounded wait)
+HOLD_CLIENT_TIMEOUT = 60.0  # a held request's client waits this long at most
 
 FleetFactory = Callable[..., AbstractContextManager[Fleet]]
 
@@ -113,15 +119,126 @@ def shares(n: Node, count: int) -> Counter[str]:
     return Counter(served_by(n) for _ in range(count))
 
 
-def hold_inflight(n: Node, count: int, ms: int) -> list[threading.Thread]:
-    """`count` requests to node n's own instance that each take `ms` milliseconds."""
-    threads = [
-        threading.Thread(target=served_by, args=(n, f"/?sleep={ms}"), daemon=True)
-        for _ in range(count)
-    ]
-    for t in threads:
-        t.start()
-    return threads
+def http_get(
+    addr: tuple[str, int], path: str, timeout: float = 10.0, host: str = "hello.test"
+) -> tuple[int, bytes]:
+    """(status, body) of one GET on a new connection; the response ends at the close."""
+    req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    chunks = []
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(req)
+        while data := s.recv(65536):
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"0"
+    return int(status) if status.isdigit() else 0, body
+
+
+class Holds:
+    """`count` requests through node n's proxy that its own instance holds until release().
+
+    The instance is tests/support/upstream.py (a fleet with demo_instances=False): its
+    /hold answers only after /_release for the same tag, and /_stats counts the held and
+    answered ones, so the test knows the load is there instead of hoping a timed one is.
+    """
+
+    def __init__(self, n: Node, count: int, tag: str) -> None:
+        self.n = n
+        self.tag = tag
+        host, _, port = n.upstream.rpartition(":")
+        self.instance = (host, int(port))
+        self.results: list[tuple[int, bytes] | str] = []
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._one, daemon=True) for _ in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _one(self) -> None:
+        try:
+            got: tuple[int, bytes] | str = http_get(
+                (self.n.ip, self.n.http), f"/hold?tag={self.tag}", HOLD_CLIENT_TIMEOUT
+            )
+        except OSError as e:
+            got = repr(e)
+        with self._lock:
+            self.results.append(got)
+
+    def counts(self) -> tuple[int, int]:
+        """(held, answered) as the instance counts them."""
+        status, body = http_get(self.instance, "/_stats")
+        assert status == 200, (status, body)
+        tag = json.loads(body)["tags"].get(self.tag, {})
+        return int(tag.get("held", 0)), int(tag.get("answered", 0))
+
+    def release(self) -> None:
+        """Let the instance answer them all; wait (bounded) until every client has its answer."""
+        assert http_get(self.instance, f"/_release?tag={self.tag}")[0] == 200
+        for t in self.threads:
+            t.join(timeout=10)
+        assert not any(t.is_alive() for t in self.threads), "a held request never ended"
+
+    def all_released(self) -> bool:
+        """Every request ended with a 200 from the instance saying it was released."""
+        ok = {"tag": self.tag, "released": True}
+        return len(self.results) == len(self.threads) and all(
+            isinstance(r, tuple) and r[0] == 200 and json.loads(r[1]) == ok for r in self.results
+        )
+
+
+def proxy_inflight(n: Node) -> dict[str, int]:
+    """Node n's in-flight totals per local instance, from its proxy's counter segment."""
+    from proxy.config import load as load_config
+    from proxy.config_table import inflight_name
+    from shm.inflight import InflightSegment
+
+    seg = InflightSegment.attach(inflight_name(load_config(str(n.config_path)).table))
+    try:
+        return seg.totals()
+    finally:
+        seg.close()
+
+
+def store_value(f: Fleet, rel: str) -> dict[str, Any] | None:
+    """The record the store holds under the fleet's prefix + `rel` now (None: no such key),
+    read from the store itself (etcd's JSON gateway, or the Consul double's KV API)."""
+    prefix = f"/edgeproxy-{f.uid}/"
+    ep = f.endpoints[0]
+    if f.store == "etcd":
+        body = json.dumps({"key": base64.b64encode((prefix + rel).encode()).decode()}).encode()
+        req = urllib.request.Request(ep + "/v3/kv/range", data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            kvs = json.loads(r.read()).get("kvs") or []
+        return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+    assert f.store == "consul", f.store
+    try:
+        with urllib.request.urlopen(f"{ep}/v1/kv/{prefix.lstrip('/')}{rel}", timeout=5) as r:
+            entries = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 404:
+            return None
+        raise
+    return json.loads(base64.b64decode(entries[0]["Value"]))
+
+
+def stored_load(f: Fleet, node: str, iid: str) -> tuple[int, int] | None:
+    """(load, publisher epoch) of the store's load record for instance `iid` of `node`."""
+    rec = store_value(f, f"load/{node}/{iid}")
+    return None if rec is None else (rec["load"], rec["boot_epoch"])
+
+
+def shown(watchers: Sequence[Node], iid: str) -> list[tuple[int, int] | None]:
+    """(load, publisher epoch) of instance `iid` in each watcher's table (None: no row)."""
+    out: list[tuple[int, int] | None] = []
+    for n in watchers:
+        i = instances(dump(n)).get(iid)
+        out.append(None if i is None else (i["load"], i["publisher_epoch"]))
+    return out
+
+
+# The line a pinger's store logs when its registration found this node's keys still held
+# by an older lease or session, i.e. a restart within the TTL (pinger/store/etcd.py, consul.py).
+TAKEOVER = {"etcd": "took over the keys of lease", "consul": "holds our keys, destroying it"}
 
 
 # --- scenarios (shared with the Consul tests) ------------------------------------------------
@@ -162,69 +279,74 @@ def scenario_routing(f: Fleet) -> dict[str, Any]:
 
 def scenario_kill9(f: Fleet) -> dict[str, Any]:
     """kill -9 of hkg's pinger: its instance leaves nrt's and sin's tables within TTL + 1 s;
-    restarted, it is back under a new epoch, and no load from before the kill is used."""
+    restarted, it is back under a new epoch, and no load from before the kill is used.
+
+    Needs a fleet with demo_instances=False: the load is held by Holds until the kill has
+    been seen through (the instance answered nothing before), then released."""
     wait_converged(f)
     hkg = f.nodes["hkg"]
     watchers = [f.nodes["nrt"], f.nodes["sin"]]
     e1 = nodes(dump(hkg))["hkg"]["boot_epoch"]
     held = 7
-    threads = hold_inflight(hkg, held, ms=int((TTL + 2.5) * 1000))
+    holds = Holds(hkg, held, "kill9")
+    try:
+        assert poll(lambda: True if holds.counts() == (held, 0) else None, timeout=10.0), (
+            holds.counts()
+        )
 
-    def loaded() -> bool | None:
-        for n in watchers:
-            i = instances(dump(n)).get("hello-hkg")
-            if i is None or i["load"] != held or i["publisher_epoch"] != e1:
-                return None
-        return True
+        def loaded() -> bool | None:
+            return True if shown(watchers, "hello-hkg") == [(held, e1)] * 2 else None
 
-    assert poll(loaded, timeout=5.0, step=0.05), [instances(dump(n)) for n in watchers]
-    before = {n.id: instances(dump(n))["hello-hkg"] for n in watchers}
+        assert poll(loaded, timeout=CONVERGE, step=0.05), shown(watchers, "hello-hkg")
+        before = {n.id: instances(dump(n))["hello-hkg"] for n in watchers}
 
-    assert hkg.pinger is not None
-    hkg.pinger.signal(signal.SIGKILL)
-    hkg.pinger.proc.wait(timeout=5)
-    t_kill = time.monotonic()
-    vanished: dict[str, float] = {}
+        assert hkg.pinger is not None
+        hkg.pinger.signal(signal.SIGKILL)
+        hkg.pinger.proc.wait(timeout=5)
+        t_kill = time.monotonic()
+        vanished: dict[str, float] = {}
 
-    def all_gone() -> bool | None:
-        for n in watchers:
-            if n.id not in vanished:
-                t = dump(n)
-                if "hello-hkg" not in instances(t) and "hkg" not in nodes(t):
-                    vanished[n.id] = time.monotonic() - t_kill
-        return True if len(vanished) == len(watchers) else None
+        def all_gone() -> bool | None:
+            for n in watchers:
+                if n.id not in vanished:
+                    t = dump(n)
+                    if "hello-hkg" not in instances(t) and "hkg" not in nodes(t):
+                        vanished[n.id] = time.monotonic() - t_kill
+            return True if len(vanished) == len(watchers) else None
 
-    assert poll(all_gone, timeout=TTL + 1.0, step=0.02), (vanished, [dump(n) for n in watchers])
-    for t in threads:  # the held requests end: hkg's real load is 0 from now on
-        t.join(timeout=10)
-    assert not any(t.is_alive() for t in threads)
+        assert poll(all_gone, timeout=TTL + 1.0, step=0.02), (
+            vanished,
+            [dump(n) for n in watchers],
+        )
+        assert holds.counts() == (held, 0), "the load was not held through the kill"
+    finally:
+        holds.release()  # hkg's real load is 0 from now on
+    assert holds.all_released(), holds.results
+    assert poll(lambda: True if proxy_inflight(hkg) == {"hello-hkg": 0} else None, timeout=5.0)
 
     f.restart_pinger("hkg")
     t_restart = time.monotonic()
+    e2 = nodes(dump(hkg))["hkg"]["boot_epoch"]
+    assert e2 > e1
     samples: list[tuple[str, int, int, float]] = []  # (watcher, epoch, load, seconds)
 
     def back() -> bool | None:
-        done = True
+        """Until the store and both watchers hold hkg's new life: (0, e2), node at e2."""
+        done = stored_load(f, "hkg", "hello-hkg") == (0, e2)
         for n in watchers:
-            i = instances(dump(n)).get("hello-hkg")
+            t = dump(n)
+            i = instances(t).get("hello-hkg")
             if i is None:
                 done = False
-            else:
-                samples.append(
-                    (n.id, i["publisher_epoch"], i["load"], time.monotonic() - t_restart)
-                )
+                continue
+            s = (n.id, i["publisher_epoch"], i["load"], time.monotonic() - t_restart)
+            samples.append(s)
+            node_epoch = nodes(t).get("hkg", {}).get("boot_epoch")
+            done = done and (s[1], s[2], node_epoch) == (e2, 0, e2)
         return True if done else None
 
     assert poll(back, timeout=TTL + 2.0, step=0.02), [dump(n) for n in watchers]
     returned = max(s[3] for s in samples)
-    end = time.monotonic() + 2.0  # keep sampling: a late old value must not show up
-    while time.monotonic() < end:
-        back()
-        time.sleep(0.05)
-    e2 = nodes(dump(hkg))["hkg"]["boot_epoch"]
-    assert e2 > e1
-    for n in watchers:
-        assert nodes(dump(n))["hkg"]["boot_epoch"] == e2
     bad = [s for s in samples if s[1] != e2 or s[2] == held]
     assert not bad, (e1, e2, bad[:10])
     return {
@@ -239,57 +361,61 @@ def scenario_kill9(f: Fleet) -> dict[str, Any]:
 
 def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
     """kill -9 of hkg's pinger and a restart before its TTL ran out: once the others see the
-    new epoch, hkg's instance shows that epoch and never the load of the last life.
+    new epoch, hkg's instance shows that epoch and the new life's load, never the last life's.
 
-    Run with a fleet of TTL QUICK_TTL: the held load must still be held when the pinger is
-    killed (else the old life's last word was 0, and there is nothing to hide), over before
-    the restart (the new life must see the real load, 0), and the restart must come before
-    the TTL runs out. A load that reached the others too late in the hold is not a result:
-    the hold is waited out and the setup tried again."""
+    Every precondition is made and checked, not hoped for (fleet: TTL QUICK_TTL,
+    demo_instances=False): the load (5) is held by the instance until the test releases it
+    (Holds); before the kill the store and both watchers hold it under the old epoch; after
+    the kill nothing has moved (still held, counted by the proxy, in the store, at the
+    watchers), so the old life's last word is 5; the hold is released and the proxy counts
+    0 before the restart, so the new life's real load is 0; the new life's store logs that
+    it took over the old life's keys, so the restart came within the TTL. Then every sample
+    of a watcher that shows the new epoch must show (0, new epoch), until the store and
+    both watchers hold exactly that."""
     wait_converged(f)
     hkg = f.nodes["hkg"]
     watchers = [f.nodes["nrt"], f.nodes["sin"]]
     e1 = nodes(dump(hkg))["hkg"]["boot_epoch"]
     held = 5
-    hold = QUICK_TTL / 2  # seconds: the kill comes at least 1.5 s before its end
 
-    def seen(load: int) -> Callable[[], bool | None]:
-        def check() -> bool | None:
-            views = [instances(dump(n)).get("hello-hkg", {}).get("load") for n in watchers]
-            return True if all(v == load for v in views) else None
-
-        return check
-
-    for _attempt in range(3):
-        started = time.monotonic()
-        threads = hold_inflight(hkg, held, ms=int(hold * 1000))
-        if poll(seen(held), timeout=hold - 1.5, step=0.02):
-            break
-        for t in threads:
-            t.join(timeout=hold + 5)
-        # The next attempt starts from a load the others see as 0: else the end of this
-        # hold could still be on its way and reach them after they showed the next one's.
-        assert poll(seen(0), timeout=QUICK_TTL, step=0.02), [instances(dump(n)) for n in watchers]
-    else:
-        raise AssertionError(
-            f"hkg's load never reached the others within {hold - 1.5} s of {hold} s holds: "
-            f"{[instances(dump(n)) for n in watchers]}"
+    holds = Holds(hkg, held, "quick")
+    try:
+        assert poll(lambda: True if holds.counts() == (held, 0) else None, timeout=10.0), (
+            holds.counts()
         )
-    assert hkg.pinger is not None
-    hkg.pinger.signal(signal.SIGKILL)
-    hkg.pinger.proc.wait(timeout=5)
-    assert time.monotonic() - started < hold, "killed after the hold ended"
-    # the old life's keys are still there (TTL), with load 5: the restart must hide them
-    assert all(instances(dump(n))["hello-hkg"]["load"] == held for n in watchers)
-    for t in threads:
-        t.join(timeout=10)
-    f.restart_pinger("hkg")
+        assert proxy_inflight(hkg) == {"hello-hkg": held}
+        assert poll(
+            lambda: True if stored_load(f, "hkg", "hello-hkg") == (held, e1) else None,
+            timeout=CONVERGE,
+            step=0.02,
+        ), stored_load(f, "hkg", "hello-hkg")
+        assert poll(
+            lambda: True if shown(watchers, "hello-hkg") == [(held, e1)] * 2 else None,
+            timeout=CONVERGE,
+            step=0.02,
+        ), shown(watchers, "hello-hkg")
+
+        assert hkg.pinger is not None
+        hkg.pinger.signal(signal.SIGKILL)
+        hkg.pinger.proc.wait(timeout=5)
+        # nothing moved: the old life's last word, in the store and at the others, is 5
+        assert holds.counts() == (held, 0)
+        assert proxy_inflight(hkg) == {"hello-hkg": held}
+        assert stored_load(f, "hkg", "hello-hkg") == (held, e1)
+        assert shown(watchers, "hello-hkg") == [(held, e1)] * 2
+    finally:
+        holds.release()
+    assert holds.all_released(), holds.results
+    assert poll(lambda: True if proxy_inflight(hkg) == {"hello-hkg": 0} else None, timeout=5.0)
+
+    p = f.restart_pinger("hkg")
     e2 = nodes(dump(hkg))["hkg"]["boot_epoch"]
     assert e2 > e1
-    seen: list[tuple[str, int, int]] = []
+    took_over = TAKEOVER[f.store]
+    seen: list[tuple[str, int, int]] = []  # (watcher, publisher epoch, load)
 
-    def renewed() -> bool | None:
-        done = True
+    def settled() -> bool | None:
+        done = took_over in p.stderr() and stored_load(f, "hkg", "hello-hkg") == (0, e2)
         for n in watchers:
             t = dump(n)
             if nodes(t).get("hkg", {}).get("boot_epoch") != e2:
@@ -300,14 +426,15 @@ def scenario_quick_restart(f: Fleet) -> dict[str, Any]:
                 done = False
                 continue
             seen.append((n.id, i["publisher_epoch"], i["load"]))
+            done = done and (i["publisher_epoch"], i["load"]) == (e2, 0)
         return True if done else None
 
-    assert poll(renewed, timeout=QUICK_TTL + 1.0, step=0.01), [dump(n) for n in watchers]
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:
-        renewed()
-        time.sleep(0.02)
-    bad = [x for x in seen if x[1] != e2 or x[2] == held]
+    ok = poll(settled, timeout=QUICK_TTL, step=0.01)
+    assert took_over in p.stderr(), (
+        f"not a quick restart: the new life did not find the old life's keys\n{p.stderr()}"
+    )
+    assert ok, (stored_load(f, "hkg", "hello-hkg"), [dump(n) for n in watchers])
+    bad = [x for x in seen if (x[1], x[2]) != (e2, 0)]
     assert not bad, (e1, e2, bad[:10])
     return {"e1": e1, "e2": e2, "samples": len(seen)}
 
@@ -328,7 +455,7 @@ def test_etcd_kill9_pinger_keys_vanish_and_come_back_new(
     tmp_path: Path, etcd1: EtcdCluster
 ) -> None:
     """kill -9 of hkg's pinger: gone from the others' tables in TTL + 1 s, back with a new epoch."""
-    with store_fleet(tmp_path, "etcd", etcd1.endpoints) as f:
+    with store_fleet(tmp_path, "etcd", etcd1.endpoints, demo_instances=False) as f:
         got = scenario_kill9(f)
         print(f"etcd kill -9: {got}")
 
@@ -337,7 +464,7 @@ def test_etcd_kill9_pinger_keys_vanish_and_come_back_new(
 @pytest.mark.etcd
 def test_etcd_quick_restart_drops_the_last_lifes_load(tmp_path: Path, etcd1: EtcdCluster) -> None:
     """A pinger restarted within its TTL: peers show its new epoch and none of the old load."""
-    with store_fleet(tmp_path, "etcd", etcd1.endpoints, ttl=QUICK_TTL) as f:
+    with store_fleet(tmp_path, "etcd", etcd1.endpoints, ttl=QUICK_TTL, demo_instances=False) as f:
         got = scenario_quick_restart(f)
         print(f"etcd quick restart: {got}")
 

@@ -114,6 +114,13 @@ class Upstream:
             r = c.response()
         return json.loads(r.body)
 
+    def release(self, tag: str) -> None:
+        """Let the requests it holds for `tag` (/hold, /big?hold_at=) go on."""
+        head = f"GET /_release?tag={tag} HTTP/1.1\r\nHost: up\r\nConnection: close\r\n\r\n"
+        with Client(self.port) as c:
+            c.send(head.encode())
+            assert c.response().status == 200
+
     def wait_open(self, want: int, timeout: float = 5.0) -> int:
         """Poll until the upstream has `want` connections open; return the last count."""
         deadline = time.monotonic() + timeout

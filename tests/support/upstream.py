@@ -21,6 +21,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 MAX_HEAD = 1 << 20
 STATS_PATH = "/_stats"
+RELEASE_PATH = "/_release"
+HOLD_MAX = 120.0  # seconds a /hold waits for its release at most (?max= overrides)
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _BLOCK = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(2048))  # 64 KiB
@@ -63,10 +65,21 @@ class State:
         self.open = 0  # connections open now, /_stats ones excluded
         self.accepted = 0
         self.tags: dict[str, dict[str, object]] = {}
+        self.gates: dict[str, threading.Event] = {}  # /hold tag -> set by /_release
 
     def tag(self, name: str, **values: object) -> None:
         with self.lock:
             self.tags.setdefault(name, {}).update(values)
+
+    def count(self, name: str, key: str) -> None:
+        """Add one to the `key` counter of tag `name` (shown on /_stats)."""
+        with self.lock:
+            t = self.tags.setdefault(name, {})
+            t[key] = int(str(t.get(key, 0))) + 1
+
+    def gate(self, name: str) -> threading.Event:
+        with self.lock:
+            return self.gates.setdefault(name, threading.Event())
 
 
 class Conn:
@@ -188,7 +201,7 @@ class Handler:
             if head is None:
                 return
             req = Request(head)
-            if not self.counted and req.path != STATS_PATH:
+            if not self.counted and req.path not in (STATS_PATH, RELEASE_PATH):
                 self.counted = True
                 with self.state.lock:
                     self.state.open += 1
@@ -293,6 +306,10 @@ class Handler:
         p = req.path
         if p == STATS_PATH:
             return self.stats(req)
+        if p == RELEASE_PATH:
+            return self.release(req)
+        if p == "/hold":
+            return self.hold(req)
         if p == "/garbage":
             return self.garbage(req)
         if p == "/hang":
@@ -354,6 +371,26 @@ class Handler:
             body = json.dumps(info).encode()
         return self.respond(req, 200, body)
 
+    def hold(self, req: Request) -> bool:
+        """Answer only once `/_release?tag=` came for this request's tag (or after `max`
+        seconds, HOLD_MAX by default). /_stats counts per tag `held` (arrived) and
+        `answered`: held - answered are waiting now. The body says whether the release
+        came."""
+        tag = req.query.get("tag", "")
+        self.consume_body(req)
+        gate = self.state.gate(tag)
+        self.state.count(tag, "held")
+        released = gate.wait(float(req.query.get("max", HOLD_MAX)))
+        self.state.count(tag, "answered")
+        body = json.dumps({"tag": tag, "released": released}).encode()
+        return self.respond(req, 200, body)
+
+    def release(self, req: Request) -> bool:
+        """Let every /hold of `tag` answer, now and from now on."""
+        self.consume_body(req)
+        self.state.gate(req.query.get("tag", "")).set()
+        return self.respond(req, 200, b"{}")
+
     def garbage(self, req: Request) -> bool:
         self.consume_body(req)
         self.sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\nthis is not http at all\r\n\r\n")
@@ -401,13 +438,16 @@ class Handler:
 
     def big(self, req: Request) -> bool:
         """Stream `bytes` pattern bytes; blocking sendall is the backpressure.
-        `step` bytes per send (64 KiB), `pause` ms between sends (0)."""
+        `step` bytes per send (64 KiB), `pause` ms between sends (0). With `hold_at`
+        and `tag`: stop after that many bytes (tag `held_at` set) until /_release?tag=
+        (at most HOLD_MAX seconds), then send the rest."""
         self.consume_body(req)
         q = req.query
         total = int(q.get("bytes", "0"))
         step = int(q.get("step", "65536"))
         pause = float(q.get("pause", "0")) / 1000
         tag = q.get("tag")
+        hold_at = int(q.get("hold_at", "-1")) if tag else -1
         chunked = q.get("chunked") == "1"
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         hs = [("Content-Type", "application/octet-stream")]
@@ -417,9 +457,15 @@ class Handler:
             return True
         sent = 0
         while sent < total:
+            if sent == hold_at and tag:
+                self.state.tag(tag, held_at=sent)
+                self.state.gate(tag).wait(HOLD_MAX)
             if pause and sent:
                 time.sleep(pause)
-            piece = pattern(sent, min(step, total - sent))
+            n = min(step, total - sent)
+            if sent < hold_at:
+                n = min(n, hold_at - sent)
+            piece = pattern(sent, n)
             if chunked:
                 self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
             else:

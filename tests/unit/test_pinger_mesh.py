@@ -129,16 +129,29 @@ def test_probe_for_another_node_is_not_answered() -> None:
 
 
 def test_reply_carries_the_load_vector_and_epoch() -> None:
-    """A probe from a node we do not probe yet is answered with our loads; its loads are learned."""
+    """A probe from a node we do not probe yet is answered with our loads and the time we
+    read them; its loads are learned with the time the sender read them."""
     m = _mesh("nrt", epoch=5)
     m.local_loads = {"hello-nrt": 4}
-    probe = encode(Ping(PROBE, "hkg", 9, "nrt", 1, 77, {"hello-hkg": 2}))
+    m.local_loads_at = 1700000000.25
+    probe = encode(Ping(PROBE, "hkg", 9, "nrt", 1, 77, {"hello-hkg": 2}, 1700000000.5))
     reply = m.receive(probe, 1.0)
     assert reply is not None
     r = decode(reply)
     assert (r.sender, r.epoch, r.target, r.seq, r.sent_ns) == ("nrt", 5, "hkg", 1, 77)
-    assert r.loads == {"hello-nrt": 4}
-    assert m.learned == [("hkg", 9, {"hello-hkg": 2})]
+    assert (r.loads, r.loads_at) == ({"hello-nrt": 4}, 1700000000.25)
+    assert m.learned == [("hkg", 9, {"hello-hkg": 2}, 1700000000.5)]
+
+
+def test_probes_carry_the_load_vector_and_its_time() -> None:
+    """A probe carries this node's load vector and the wall time it was read."""
+    m = _mesh("nrt", epoch=5)
+    m.set_peers({"hkg": B}, 0.0)
+    m.local_loads = {"hello-nrt": 4}
+    m.local_loads_at = 1700000000.25
+    (addr, data), *_ = m.due(2.0)
+    p = decode(data)
+    assert (addr, p.kind, p.loads, p.loads_at) == (B, PROBE, {"hello-nrt": 4}, 1700000000.25)
 
 
 def test_loads_from_an_older_epoch_are_ignored() -> None:
@@ -147,7 +160,7 @@ def test_loads_from_an_older_epoch_are_ignored() -> None:
     m.set_peers({"hkg": B}, 0.0)
     m.receive(encode(Ping(PROBE, "hkg", 9, "nrt", 1, 1, {"i": 1})), 1.0)
     m.receive(encode(Ping(PROBE, "hkg", 8, "nrt", 2, 1, {"i": 99})), 1.1)
-    assert m.learned == [("hkg", 9, {"i": 1})]
+    assert m.learned == [("hkg", 9, {"i": 1}, None)]
     assert m.peers["hkg"].epoch == 9
 
 
