@@ -28,6 +28,7 @@ COMPILED = [
     "proxy/core/router.py",
     "proxy/worker/routing.py",
     "proxy/worker/splice.py",
+    "proxy/worker/tls.py",
     "proxy/master/static_table.py",
     "proxy/worker/upstream.py",
     "proxy/core/target.py",

@@ -165,7 +165,9 @@ class TlsEdge:
                 self.rest = self.loop.call_later(ACCEPT_RETRY, self._rested)
                 break
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No TCP_NODELAY here: the transport sets it (uvloop and asyncio both do),
+            # and the one write before that, a refusal's alert, is the first segment
+            # on the connection, which Nagle never holds back.
             h = _Handshake(self, sock, self.loop.time() + self.timeout)
             self.pending.add(h)
             h.start()
@@ -206,44 +208,51 @@ class _Handshake:
         self.timer = edge.loop.call_at(deadline, self.expired)
 
     def start(self) -> None:
-        self.waiting = True
-        self.edge.loop.add_reader(self.fd, self.readable)
+        """Peek at once: a client sends its hello right after the TCP handshake, so it is
+        often in the buffer already at accept, and then no reader is registered (and
+        removed) for it at all. Otherwise wait until the socket is readable."""
+        if self.peek():
+            self.waiting = True
+            self.edge.loop.add_reader(self.fd, self.peek)
 
-    def readable(self) -> None:
+    def peek(self) -> bool:
+        """Read the hello so far; True while it is incomplete (wait for more)."""
         sock = self.sock
         if sock is None:
-            return
+            return False
         try:
             data = sock.recv(MAX_HELLO, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return
+            return True
         except OSError:
             self.finish(TLS_HELLO_EOF)
-            return
+            return False
         if not data:
             self.finish(TLS_HELLO_EOF)
-            return
+            return False
         try:
             res = parse_client_hello(data)
         except HelloError as e:
             self.edge.refusals[REASONS.index(e.reason)] += 1
             self.refuse(e.alert, TLS_HELLO_REFUSED)
-            return
+            return False
         if isinstance(res, int):
             if len(data) <= self.seen:
                 # Readable with nothing new: below SO_RCVLOWAT only the peer's FIN (or an
                 # error) wakes us. The hello will never complete.
                 self.finish(TLS_HELLO_EOF)
-                return
+                return False
             self.seen = len(data)
             # Not readable again before the parser can go further (and no more than a
             # hello can be: the parser refuses past MAX_HELLO).
             _lowat(sock, min(res, MAX_HELLO))
-            return
+            return True
         self.stop_reading()
-        _lowat(sock, 1)
+        if self.seen:  # SO_RCVLOWAT was raised (only ever after a partial hello)
+            _lowat(sock, 1)
         self.hello = res
         self.choose(res)
+        return False
 
     def stop_reading(self) -> None:
         if self.waiting:
@@ -331,7 +340,8 @@ class _Handshake:
         with contextlib.suppress(OSError):
             sock.send(alert_record(description))
             sock.shutdown(socket.SHUT_WR)
-        _lowat(sock, 1)
+        if self.seen:
+            _lowat(sock, 1)
         self.outcome = outcome
         self.timer.cancel()
         self.timer = self.edge.loop.call_later(LINGER, self.lingered)
