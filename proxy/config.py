@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from proxy.config_overload import OverloadConfig, overload_section
 from proxy.config_reader import (
     HOST_RE,
     Address,
@@ -35,6 +36,7 @@ __all__ = [
     "BackhaulConfig",
     "Config",
     "ConfigError",
+    "OverloadConfig",
     "TlsConfig",
     "default_control_dir",
     "load",
@@ -188,6 +190,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
+    overload: OverloadConfig = field(default_factory=OverloadConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -277,6 +280,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "trust",
             "tls",
             "backhaul",
+            "overload",
             "app",
             "instance",
             "peer",
@@ -439,6 +443,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         trust=trust,
         tls=tls,
         backhaul=backhaul_tls,
+        overload=overload_section(top.table("overload")),
     )
 
 

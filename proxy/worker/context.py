@@ -90,6 +90,9 @@ class WorkerContext:
         self.tasks: set[asyncio.Task[None]] = set()  # upstream connects (proxy.worker.exchange)
         self.draining = False
         self.stats = stats
+        # [overload]: while the loop lags (proxy.worker.loopwatch), new requests get a 503.
+        self.shedding = False
+        self.shed_extra = b"Retry-After: %d\r\n" % config.overload.retry_after
         # [limits] max_connections: client (not peer) connections of this worker. At the
         # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
         # `on_accepting(True)` to resume (proxy.worker owns the listeners).

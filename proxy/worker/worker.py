@@ -33,6 +33,7 @@ from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.certs import CertCache
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
+from proxy.worker.loopwatch import LagProbe, Watchdog
 from proxy.worker.tickets import TicketKeys, install, last_failure
 from proxy.worker.tls import ALPN, TlsEdge
 from shm.errors import ShmError
@@ -88,6 +89,8 @@ class Worker:
         self.stop_event = asyncio.Event()
         self.fast = False
         self.drain_deadline = 0.0
+        self.probe = LagProbe(self.loop, self.config.overload, self.stats, self.on_shed)
+        self.watchdog: Watchdog | None = None
 
     @staticmethod
     def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
@@ -136,7 +139,16 @@ class Worker:
         os.close(self.boot["notify_fd"])
         loop.call_later(TICK, self.tick)
         loop.call_later(PUBLISH, self.publish_tick)
+        self.probe.start()
+        blocked = self.config.overload.blocked_ms / 1000.0
+        if blocked > 0:
+            counts = self.stats.family("loop_blocked_total")
+            self.watchdog = Watchdog(self.probe, blocked, counts, sys.stderr)
+            self.watchdog.start()
         await self.stop_event.wait()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.probe.stop()
         self.close_listeners()
         if self.tls is not None:
             await self.tls.stop()
@@ -244,6 +256,10 @@ class Worker:
             return
         if self.resuming is None or self.resuming.done():
             self.resuming = self.loop.create_task(self.listen_clients())
+
+    def on_shed(self, shedding: bool) -> None:
+        """The lag probe started or stopped shedding (proxy.worker.loopwatch)."""
+        self.ctx.shedding = shedding
 
     # errors --------------------------------------------------------------------------
     def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

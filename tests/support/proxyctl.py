@@ -173,6 +173,7 @@ class ProxyConfig:
     https_port: int | None = None  # an HTTPS listener too (then `tls` names the certificates)
     tls: dict[str, Any] = field(default_factory=dict)
     cluster: dict[str, Any] = field(default_factory=dict)  # [cluster] (the store), if any
+    overload: dict[str, Any] = field(default_factory=dict)  # [overload], if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -202,6 +203,8 @@ class ProxyConfig:
             out += _section("tls", self.tls)
         if self.cluster:
             out += _section("cluster", self.cluster)
+        if self.overload:
+            out += _section("overload", self.overload)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
