@@ -15,6 +15,7 @@ import random
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy.telemetry.histograms import REQUEST_BODY, RESPONSE_BODY
 from proxy.telemetry.metrics import (
     BAD_REQUEST_STATUSES,
     RETRY_REASONS,
@@ -145,7 +146,12 @@ class WorkerContext:
         if 1 <= cls <= 5:
             s.requests[app * 5 + cls - 1] += 1
         if r.started:
-            s.observe_response(self.loop.time() - r.started)
+            now = self.loop.time()
+            s.observe_response(now - r.started)
+            if r.resp_at:
+                s.hists[RESPONSE_BODY].observe(app, now - r.resp_at)
+        if r.body_last:
+            s.hists[REQUEST_BODY].observe(app, r.body_last - r.body_first)
 
     def bad_request(self, status: int) -> None:
         if status in BAD_REQUEST_STATUSES:

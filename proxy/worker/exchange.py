@@ -264,6 +264,7 @@ class ClientExchange(Exchange):
             )
             return
         r.responded = True
+        r.resp_at = ctx.loop.time()
         self.framing = framing
         conn.resp_keep = keep
         r.status = status
