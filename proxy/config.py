@@ -26,6 +26,7 @@ from proxy.config_reader import (
     parse_address,
 )
 from proxy.config_tls import BackhaulConfig, TlsConfig, backhaul_section, tls_section
+from proxy.config_tracing import TracingConfig, tracing_section
 
 # Re-exported: the rest of the project takes these from proxy.config.
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "OverloadConfig",
     "TlsConfig",
+    "TracingConfig",
     "default_control_dir",
     "load",
     "loads",
@@ -191,6 +193,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -281,6 +284,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "tls",
             "backhaul",
             "overload",
+            "tracing",
             "app",
             "instance",
             "peer",
@@ -444,6 +448,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         tls=tls,
         backhaul=backhaul_tls,
         overload=overload_section(top.table("overload")),
+        tracing=tracing_section(top.table("tracing")),
     )
 
 

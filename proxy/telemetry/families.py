@@ -67,6 +67,9 @@ SHED_REASONS = ("loop_lag",)  # the loop's lag stayed above [overload] shed_lag_
 BLOCKED_OUTCOMES = ("logged", "rate_limited")  # the stack was logged, or not (one a minute)
 BLOCKED_LOGGED, BLOCKED_RATE_LIMITED = range(len(BLOCKED_OUTCOMES))
 
+# Tracing (proxy.worker.tracing): what became of the spans of traced requests.
+SPAN_OUTCOMES = ("exported", "buffer_full", "export_failed")
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "tls_connections_total",
@@ -112,6 +115,13 @@ FAMILIES: tuple[Family, ...] = (
         " whether its stack was logged.",
         "outcome",
         BLOCKED_OUTCOMES,
+    ),
+    Family(
+        "trace_spans_total",
+        "Spans of slow, failed, retried or sampled requests: exported, dropped because"
+        " the worker's buffer was full, or dropped after failed export tries.",
+        "outcome",
+        SPAN_OUTCOMES,
     ),
 )
 BY_NAME: Mapping[str, Family] = {f.name: f for f in FAMILIES}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import ssl
@@ -36,6 +37,7 @@ from proxy.worker.context import WorkerContext
 from proxy.worker.loopwatch import LagProbe, Watchdog
 from proxy.worker.tickets import TicketKeys, install, last_failure
 from proxy.worker.tls import ALPN, TlsEdge
+from proxy.worker.tracing import Exporter, Tracer
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
@@ -91,6 +93,12 @@ class Worker:
         self.drain_deadline = 0.0
         self.probe = LagProbe(self.loop, self.config.overload, self.stats, self.on_shed)
         self.watchdog: Watchdog | None = None
+        self.exporter: Exporter | None = None
+        if self.config.tracing.enabled:
+            spans = self.stats.family("trace_spans_total")
+            tracer = Tracer(self.config.tracing, spans, random.Random().random)
+            self.ctx.tracer = tracer
+            self.exporter = Exporter(self.config, tracer)
 
     @staticmethod
     def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
@@ -140,6 +148,8 @@ class Worker:
         loop.call_later(TICK, self.tick)
         loop.call_later(PUBLISH, self.publish_tick)
         self.probe.start()
+        if self.exporter is not None:
+            self.exporter.start()
         blocked = self.config.overload.blocked_ms / 1000.0
         if blocked > 0:
             counts = self.stats.family("loop_blocked_total")
@@ -157,6 +167,8 @@ class Worker:
         for c in list(self.ctx.clients):
             if c.transport is not None:
                 c.transport.abort()
+        if self.exporter is not None:
+            self.exporter.stop()  # what is buffered goes out (one try each), bounded
         self.publish()
 
     def tls_edge(self) -> TlsEdge:
