@@ -13,14 +13,14 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-PER_APP: Final = "app"
-PER_WORKER: Final = "worker"
-LAG_BUCKETS: Final = (
+PER_APP = "app"
+PER_WORKER = "worker"
+LAG_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
-BODY_BUCKETS: Final = (
+BODY_BUCKETS = (
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
 
