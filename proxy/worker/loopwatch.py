@@ -143,7 +143,7 @@ class Watchdog:
             self.thread.join(timeout=1.0)
 
     def watch(self) -> None:
-        step = min(max(self.blocked / 4.0, 0.005), 0.25)
+        step = min(max(self.blocked / 2.0, 0.01), 0.5)  # 4 wakes a second at the default
         reported = 0.0  # the `due` of the stall already reported
         while not self.stopped.wait(step):
             due = self.probe.due
