@@ -23,6 +23,7 @@ COMPILED = [
     "proxy/core/conn_state.py",
     "proxy/core/headers.py",
     "proxy/telemetry/metrics.py",
+    "proxy/telemetry/histograms.py",
     "proxy/core/request.py",
     "proxy/core/request_head.py",
     "proxy/core/router.py",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from proxy.config_overload import OverloadConfig, overload_section
 from proxy.config_reader import (
     HOST_RE,
     Address,
@@ -25,6 +26,7 @@ from proxy.config_reader import (
     parse_address,
 )
 from proxy.config_tls import BackhaulConfig, TlsConfig, backhaul_section, tls_section
+from proxy.config_tracing import TracingConfig, tracing_section
 
 # Re-exported: the rest of the project takes these from proxy.config.
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "BackhaulConfig",
     "Config",
     "ConfigError",
+    "OverloadConfig",
     "TlsConfig",
+    "TracingConfig",
     "default_control_dir",
     "load",
     "loads",
@@ -188,6 +192,8 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
+    overload: OverloadConfig = field(default_factory=OverloadConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -277,6 +283,8 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "trust",
             "tls",
             "backhaul",
+            "overload",
+            "tracing",
             "app",
             "instance",
             "peer",
@@ -439,6 +447,8 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         trust=trust,
         tls=tls,
         backhaul=backhaul_tls,
+        overload=overload_section(top.table("overload")),
+        tracing=tracing_section(top.table("tracing")),
     )
 
 

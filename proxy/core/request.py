@@ -18,6 +18,8 @@ class Request(RequestHead):
         "app_name",
         "base_head",
         "body",
+        "body_first",
+        "body_last",
         "body_size",
         "complete",
         "early",
@@ -26,6 +28,7 @@ class Request(RequestHead):
         "hold",
         "rejected",
         "replayable",
+        "resp_at",
         "responded",
         "sent",
         "slot",
@@ -40,6 +43,9 @@ class Request(RequestHead):
         RequestHead.__init__(self, max_count, max_bytes)
         self.body: list[bytes] = []  # framed bytes not yet written upstream
         self.body_size = 0
+        self.body_first = 0.0  # loop time of the body's first byte from the client
+        self.body_last = 0.0  # loop time of its last byte (0.0: not there yet)
+        self.resp_at = 0.0  # loop time the response head came from the instance
         self.complete = False
         self.early = b""  # client bytes after an upgrade head, held until the 101
         self.head_bytes = b""

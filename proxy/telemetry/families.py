@@ -61,6 +61,15 @@ CERT_EVENTS = (
     "timeouts",  # resolutions past their time limit
 )
 
+# Overload (proxy.worker.loopwatch): requests shed, and callbacks that held the loop.
+SHED_REASONS = ("loop_lag",)  # the loop's lag stayed above [overload] shed_lag_ms
+(SHED_LOOP_LAG,) = range(len(SHED_REASONS))
+BLOCKED_OUTCOMES = ("logged", "rate_limited")  # the stack was logged, or not (one a minute)
+BLOCKED_LOGGED, BLOCKED_RATE_LIMITED = range(len(BLOCKED_OUTCOMES))
+
+# Tracing (proxy.worker.tracing): what became of the spans of traced requests.
+SPAN_OUTCOMES = ("exported", "buffer_full", "export_failed")
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "tls_connections_total",
@@ -92,6 +101,27 @@ FAMILIES: tuple[Family, ...] = (
         "Certificates found (file or store) and refused by the checks, by reason.",
         "reason",
         CERT_REASONS,
+    ),
+    Family(
+        "shed_total",
+        "Requests answered 503 + Retry-After before routing, the worker being overloaded,"
+        " by reason.",
+        "reason",
+        SHED_REASONS,
+    ),
+    Family(
+        "loop_blocked_total",
+        "Times one callback held a worker's event loop past [overload] blocked_ms, by"
+        " whether its stack was logged.",
+        "outcome",
+        BLOCKED_OUTCOMES,
+    ),
+    Family(
+        "trace_spans_total",
+        "Spans of slow, failed, retried or sampled requests: exported, dropped because"
+        " the worker's buffer was full, or dropped after failed export tries.",
+        "outcome",
+        SPAN_OUTCOMES,
     ),
 )
 BY_NAME: Mapping[str, Family] = {f.name: f for f in FAMILIES}

@@ -17,9 +17,9 @@ from typing import Any
 import msgpack
 
 from proxy import __version__
-from proxy.telemetry import families
+from proxy.telemetry import families, histograms
 
-SNAPSHOT_VERSION = 3
+SNAPSHOT_VERSION = 4
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NCLASS = len(STATUS_CLASSES)
 NO_APP = "_none"  # label of requests that matched no app; not a valid app name
@@ -90,8 +90,10 @@ class WorkerStats:
         "connect_sum",
         "families",
         "generation",
+        "hists",
         "inflight",
         "internal_errors",
+        "loop_lag",
         "no_app",
         "no_pick",
         "open_connections",
@@ -100,6 +102,7 @@ class WorkerStats:
         "response_buckets",
         "response_sum",
         "retries",
+        "shedding",
         "slot",
         "state",
         "upstream_errors",
@@ -134,6 +137,9 @@ class WorkerStats:
         # [side * len(TLS_KINDS) + kind] and [side * len(TLS_REFUSALS) + reason]
         self.backhaul_handshakes = [0] * (len(TLS_SIDES) * len(TLS_KINDS))
         self.backhaul_refused = [0] * (len(TLS_SIDES) * len(TLS_REFUSALS))
+        self.hists = histograms.zeros(self.no_app + 1)  # proxy.telemetry.histograms
+        self.loop_lag = 0.0  # seconds, the lag probe's last reading (proxy.worker.loopwatch)
+        self.shedding = 0  # 1 while the worker sheds new requests
 
     def family(self, name: str) -> list[int]:
         """The counter list of family `name`, to keep and bump by index."""
@@ -181,6 +187,9 @@ class WorkerStats:
                 self.backhaul_handshakes,
                 self.backhaul_refused,
                 self.families,
+                histograms.pack(self.hists),
+                self.loop_lag,
+                self.shedding,
             )
         )
         return data
@@ -219,6 +228,9 @@ class Snapshot:
     backhaul_handshakes: tuple[int, ...]
     backhaul_refused: tuple[int, ...]
     families: dict[str, tuple[int, ...]]
+    hists: dict[str, histograms.Rows]
+    loop_lag: float
+    shedding: int
 
     @property
     def state_name(self) -> str:
@@ -245,11 +257,11 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raw = msgpack.unpackb(data, use_list=True, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as e:
         raise SnapshotError(f"not a snapshot: {e}") from None
-    if not isinstance(raw, list) or len(raw) != 28 or raw[0] != SNAPSHOT_VERSION:
+    if not isinstance(raw, list) or len(raw) != 31 or raw[0] != SNAPSHOT_VERSION:
         raise SnapshotError(f"not a version {SNAPSHOT_VERSION} snapshot")
     (_, pid, slot, gen, state, apps, requests, cb, cbuckets, csum, rb, rbuckets, rsum,
      retries, bad, upstream, accepted, open_c, inflight, idle, no_pick, refused, internal,
-     pauses, paused_s, handshakes, tls_refused, fams) = raw  # fmt: skip
+     pauses, paused_s, handshakes, tls_refused, fams, hists, lag, shedding) = raw  # fmt: skip
     pid, slot, gen, state = _ints([pid, slot, gen, state], 4, "pid/slot/generation/state")
     if state >= len(WORKER_STATES):
         raise SnapshotError(f"unknown worker state {state}")
@@ -284,6 +296,9 @@ def decode_snapshot(data: bytes) -> Snapshot:
         backhaul_handshakes=_ints(handshakes, len(TLS_SIDES) * len(TLS_KINDS), "handshakes"),
         backhaul_refused=_ints(tls_refused, len(TLS_SIDES) * len(TLS_REFUSALS), "tls refused"),
         families=families.decode(fams),
+        hists=histograms.decode(hists, apps, slot, NO_APP),
+        loop_lag=_number(lag, "loop lag"),
+        shedding=_ints([shedding], 1, "shedding")[0],
     )
 
 
@@ -300,6 +315,7 @@ class _Totals:
         "connect_sum",
         "families",
         "handshakes",
+        "hists",
         "internal",
         "no_pick",
         "requests",
@@ -329,6 +345,7 @@ class _Totals:
         self.accept_pauses = 0
         self.accept_paused_seconds = 0.0
         self.families: dict[str, list[int]] = {}
+        self.hists: histograms.Totals = {}
 
     def copy(self) -> _Totals:
         t = _Totals()
@@ -348,6 +365,7 @@ class _Totals:
         _add(self.handshakes, other.handshakes)
         _add(self.tls_refused, other.tls_refused)
         families.add(self.families, other.families)
+        histograms.merge(self.hists, other.hists)
         self.connect_sum += other.connect_sum
         self.response_sum += other.response_sum
         self.accepted += other.accepted
@@ -369,6 +387,7 @@ class _Totals:
         _add(self.handshakes, s.backhaul_handshakes)
         _add(self.tls_refused, s.backhaul_refused)
         families.add(self.families, s.families)
+        histograms.add(self.hists, s.hists)
         self.connect_sum += s.connect_sum
         self.response_sum += s.response_sum
         self.accepted += s.accepted
@@ -488,6 +507,8 @@ class Aggregator:
                    bounds=CONNECT_BUCKETS, buckets=t.connect, total=t.connect_sum)  # fmt: skip
         _histogram(out, "response_seconds", help_="Request head received to response end.",
                    bounds=RESPONSE_BUCKETS, buckets=t.response, total=t.response_sum)  # fmt: skip
+        histograms.render(out, t.hists, (*apps, NO_APP))
+        histograms.render_loop(out, ((s.slot, s.loop_lag, s.shedding) for s in self._live.values()))
 
         slots: dict[int, list[int]] = {}
         for s in self._live.values():
@@ -575,5 +596,5 @@ def block_size_for(n_apps: int, page: int = 4096) -> int:
     lists += len(TLS_SIDES) * (len(TLS_KINDS) + len(TLS_REFUSALS))
     ints = (n_apps + 1) * NCLASS + len(CONNECT_BUCKETS) + len(RESPONSE_BUCKETS) + lists + 32
     names = n_apps * 66  # msgpack str header + a name of at most 63 characters
-    worst = ints * 9 + names + families.size_bound() + 1024
+    worst = ints * 9 + names + families.size_bound() + histograms.size_bound(n_apps + 1) + 1024
     return max(64 * 1024, -(-(worst + 64) // page) * page)

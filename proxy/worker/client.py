@@ -323,6 +323,8 @@ class ClientConnection(ClientIO):
         r = self.req
         assert r is not None
         data = chunk(body) if r.framing == CHUNKED else body
+        if not r.body_size:
+            r.body_first = self.ctx.loop.time()
         r.body_size += len(body)
         up = self.up
         if up is not None and r.sent and not r.hold and self.queue[0] is r:
@@ -344,6 +346,8 @@ class ClientConnection(ClientIO):
         if r.tunnel:
             return
         r.complete = True
+        if r.body_size:
+            r.body_last = self.ctx.loop.time()
         if r.framing == CHUNKED:
             if self.up is not None and r.sent and not r.hold and self.queue and self.queue[0] is r:
                 self.up.write(CHUNK_END)

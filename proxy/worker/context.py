@@ -15,6 +15,7 @@ import random
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy.telemetry.histograms import REQUEST_BODY, RESPONSE_BODY
 from proxy.telemetry.metrics import (
     BAD_REQUEST_STATUSES,
     RETRY_REASONS,
@@ -25,6 +26,7 @@ from proxy.telemetry.metrics import (
 from proxy.worker.batch import WriteBatch
 from proxy.worker.faults import Faults
 from proxy.worker.routing import Routing
+from proxy.worker.tracing import Tracer
 from proxy.worker.upstream import Pool
 
 if TYPE_CHECKING:
@@ -90,6 +92,11 @@ class WorkerContext:
         self.tasks: set[asyncio.Task[None]] = set()  # upstream connects (proxy.worker.exchange)
         self.draining = False
         self.stats = stats
+        # [overload]: while the loop lags (proxy.worker.loopwatch), new requests get a 503.
+        self.shedding = False
+        self.shed_extra = b"Retry-After: %d\r\n" % config.overload.retry_after
+        # [tracing]: requests that become spans (proxy.worker.tracing); None: no tracing.
+        self.tracer: Tracer | None = None
         # [limits] max_connections: client (not peer) connections of this worker. At the
         # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
         # `on_accepting(True)` to resume (proxy.worker owns the listeners).
@@ -142,7 +149,21 @@ class WorkerContext:
         if 1 <= cls <= 5:
             s.requests[app * 5 + cls - 1] += 1
         if r.started:
-            s.observe_response(self.loop.time() - r.started)
+            now = self.loop.time()
+            elapsed = now - r.started
+            s.observe_response(elapsed)
+            if r.resp_at:
+                s.hists[RESPONSE_BODY].observe(app, now - r.resp_at)
+            tr = self.tracer
+            if tr is not None and (
+                elapsed > tr.slow
+                or status >= 499
+                or r.tries > 1
+                or (tr.rate > 0.0 and tr.rng() < tr.rate)
+            ):
+                tr.record(r, status, now, elapsed)
+        if r.body_last:
+            s.hists[REQUEST_BODY].observe(app, r.body_last - r.body_first)
 
     def bad_request(self, status: int) -> None:
         if status in BAD_REQUEST_STATUSES:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from proxy.core.conn_state import BUSY, REFUSING, TUNNEL, UPGRADE
 from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk, simple_response
+from proxy.telemetry.families import SHED_LOOP_LAG
 from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
 from proxy.worker.routing import MAX_TRIES
 from proxy.worker.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
@@ -46,6 +47,9 @@ class ClientExchange(Exchange):
         conn = self.conn
         ctx = conn.ctx
         r = self.r
+        if ctx.shedding:
+            self.shed()
+            return
         if conn.backhaul:
             self.admit()
             return
@@ -66,6 +70,17 @@ class ClientExchange(Exchange):
             return
         r.base_head = r.build(conn.front)
         self.dispatch(target)
+
+    def shed(self) -> None:
+        """The worker's loop is overloaded ([overload] shed_lag_ms): a 503 now rather than
+        a place in a queue. A peer's request gets the "full" reject, so its edge retries
+        it on another instance (the load report is left out: this node's load is not it)."""
+        ctx = self.conn.ctx
+        ctx.stats.families["shed_total"][SHED_LOOP_LAG] += 1
+        extra = ctx.shed_extra
+        if self.conn.backhaul:
+            extra = b"X-Edgeproxy-Reject: full\r\n" + extra
+        self.local_response(503, "edgeproxy: this node is overloaded, retry later\n", extra)
 
     def admit(self) -> None:
         """A request a peer node sent for one of our instances: admit it or reject it."""
@@ -249,6 +264,7 @@ class ClientExchange(Exchange):
             )
             return
         r.responded = True
+        r.resp_at = ctx.loop.time()
         self.framing = framing
         conn.resp_keep = keep
         r.status = status

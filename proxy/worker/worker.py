@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import ssl
@@ -31,7 +32,9 @@ from proxy.telemetry.statsblock import StatsBlock
 from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
+from proxy.worker.loopwatch import LagProbe, Watchdog
 from proxy.worker.tls import ALPN, TlsEdge
+from proxy.worker.tracing import Exporter, Tracer
 from shm.errors import ShmError
 from shm.inflight import InflightCells, InflightSegment
 
@@ -87,6 +90,14 @@ class Worker:
         self.stop_event = asyncio.Event()
         self.fast = False
         self.drain_deadline = 0.0
+        self.probe = LagProbe(self.loop, self.config.overload, self.stats, self.on_shed)
+        self.watchdog: Watchdog | None = None
+        self.exporter: Exporter | None = None
+        if self.config.tracing.enabled:
+            spans = self.stats.family("trace_spans_total")
+            tracer = Tracer(self.config.tracing, spans, random.Random().random)
+            self.ctx.tracer = tracer
+            self.exporter = Exporter(self.config, tracer)
 
     @staticmethod
     def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
@@ -135,7 +146,18 @@ class Worker:
         os.close(self.boot["notify_fd"])
         loop.call_later(TICK, self.tick)
         loop.call_later(PUBLISH, self.publish_tick)
+        self.probe.start()
+        if self.exporter is not None:
+            self.exporter.start()
+        blocked = self.config.overload.blocked_ms / 1000.0
+        if blocked > 0:
+            counts = self.stats.family("loop_blocked_total")
+            self.watchdog = Watchdog(self.probe, blocked, counts, sys.stderr)
+            self.watchdog.start()
         await self.stop_event.wait()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.probe.stop()
         self.close_listeners()
         if self.tls is not None:
             await self.tls.stop()
@@ -144,6 +166,8 @@ class Worker:
         for c in list(self.ctx.clients):
             if c.transport is not None:
                 c.transport.abort()
+        if self.exporter is not None:
+            self.exporter.stop()  # what is buffered goes out (one try each), bounded
         self.publish()
 
     def tls_edge(self) -> TlsEdge:
@@ -247,6 +271,10 @@ class Worker:
             return
         if self.resuming is None or self.resuming.done():
             self.resuming = self.loop.create_task(self.listen_clients())
+
+    def on_shed(self, shedding: bool) -> None:
+        """The lag probe started or stopped shedding (proxy.worker.loopwatch)."""
+        self.ctx.shedding = shedding
 
     # errors --------------------------------------------------------------------------
     def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

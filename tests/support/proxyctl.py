@@ -153,6 +153,8 @@ def toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(v)
 
 
@@ -180,6 +182,8 @@ class ProxyConfig:
     https_port: int | None = None  # an HTTPS listener too (then `tls` names the certificates)
     tls: dict[str, Any] = field(default_factory=dict)
     cluster: dict[str, Any] = field(default_factory=dict)  # [cluster] (the store), if any
+    overload: dict[str, Any] = field(default_factory=dict)  # [overload], if any
+    tracing: dict[str, Any] = field(default_factory=dict)  # [tracing], if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -209,6 +213,10 @@ class ProxyConfig:
             out += _section("tls", self.tls)
         if self.cluster:
             out += _section("cluster", self.cluster)
+        if self.overload:
+            out += _section("overload", self.overload)
+        if self.tracing:
+            out += _section("tracing", self.tracing)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]

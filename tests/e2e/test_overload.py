@@ -1,0 +1,138 @@
+"""A worker whose event loop is slowed on purpose (tests/support/stall_harness.py), over real
+sockets: the loop lag shows in its stats, the blocking callback is logged with its stack
+(once, the rest counted), new requests are shed with 503 + Retry-After while the lag stays
+high, and served again once it is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+from proxyctl import HOST, REPO, TESTS, Client, ProxyConfig, Response, Upstream, env, request_bytes
+
+from proxy.telemetry.families import BLOCKED_LOGGED, BLOCKED_RATE_LIMITED, SHED_LOOP_LAG
+from proxy.telemetry.histograms import LAG_BUCKETS
+from proxy.telemetry.metrics import Aggregator, decode_snapshot
+from proxy.telemetry.statsblock import StatsBlock
+
+pytestmark = pytest.mark.request_path
+
+
+@contextmanager
+def harness_worker(cfg: ProxyConfig, tmp_path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """The stall harness as one worker on a listener of ours; yields its port and, once the
+    block is over, a list holding its final snapshot."""
+    listener = socket.create_server((HOST, 0))
+    block = StatsBlock.create()
+    r, w = os.pipe()
+    boot = {
+        "config_text": cfg.render(),
+        "config_path": str(tmp_path / "harness.toml"),
+        "slot": 0,
+        "generation": 1,
+        "master_pid": os.getpid(),
+        "listeners": [{"kind": "http", "address": "", "fd": listener.fileno()}],
+        "notify_fd": w,
+        "stats_fd": block.fd,
+        "cell": 0,
+        "inflight": "/edgeproxy-harness-none",  # absent: the worker runs without cells
+    }
+    stderr = open(tmp_path / "worker.stderr", "wb")  # noqa: SIM115  # closed below
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "stall_harness.py")],
+        stdin=subprocess.PIPE,
+        stderr=stderr,
+        pass_fds=[listener.fileno(), w, block.fd],
+        cwd=REPO,
+        env=env(),
+    )
+    os.close(w)
+    assert proc.stdin is not None
+    proc.stdin.write(orjson.dumps(boot))
+    proc.stdin.close()
+    final: list[bytes] = []
+    try:
+        assert os.read(r, 64).startswith(b"READY"), "the harness worker did not start"
+        yield listener.getsockname()[1], final
+    finally:
+        proc.send_signal(signal.SIGINT)  # fast stop: publishes its last snapshot
+        proc.wait(timeout=10)
+        stderr.close()
+        os.close(r)
+        listener.close()
+        data = block.read()
+        block.close()
+        if data is not None:
+            final.append(data)
+
+
+def get(port: int, path: str = "/") -> Response:
+    with Client(port, timeout=10.0) as c:
+        c.send(request_bytes(path=path, close=True))
+        return c.response()
+
+
+def poll(port: int, status: int, timeout: float = 15.0) -> Response:
+    """GET / on fresh connections until one is answered `status` (or the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = get(port)
+        if resp.status == status or time.monotonic() > deadline:
+            return resp
+
+
+@pytest.mark.timeout(60)
+def test_slowed_loop_is_measured_logged_and_sheds(tmp_path: Path, upstream: Upstream) -> None:
+    """A loop held 150 ms per iteration: lag over 0.1 s recorded, the blocking callback's
+    stack logged once (later stalls counted, not logged), new requests get 503 with the
+    configured Retry-After and are counted as shed; after the stall they are served again."""
+    cfg = ProxyConfig(
+        upstream=upstream.address,
+        workers=1,
+        overload={
+            "probe_ms": 10,
+            "blocked_ms": 100,
+            "shed_lag_ms": 50,
+            "shed_after": 2,
+            "retry_after": 7,
+        },
+    )
+    with harness_worker(cfg, tmp_path) as (port, final):
+        assert get(port).status == 200
+        assert get(port, "/_stall?ms=150").status == 200
+        shed = poll(port, 503)
+        assert shed.status == 503, shed
+        assert shed.header("Retry-After") == "7", shed
+        assert b"overloaded" in shed.body
+        assert get(port, "/_stall?ms=0").status == 200
+        back = poll(port, 200)
+        assert back.status == 200, back
+    (data,) = final
+    snap = decode_snapshot(data)
+    shed_n = snap.families["shed_total"][SHED_LOOP_LAG]
+    assert shed_n >= 1
+    blocked = snap.families["loop_blocked_total"]
+    assert blocked[BLOCKED_LOGGED] == 1, blocked  # one stack a minute
+    assert blocked[BLOCKED_RATE_LIMITED] >= 1, blocked
+    counts, _ = snap.hists["loop_lag_seconds"]["0"]
+    over = sum(counts[LAG_BUCKETS.index(0.1) + 1 :])
+    assert over >= 2, counts  # probes that ran more than 0.1 s late
+    assert snap.shedding == 0  # recovered
+    log = (tmp_path / "worker.stderr").read_text()
+    assert log.count("event loop blocked for") == 1, log
+    assert "in hold_the_loop" in log, log  # the stack names the blocking callback
+    agg = Aggregator(["hello"])
+    agg.update(data)
+    text = agg.render()
+    assert f'edgeproxy_shed_total{{reason="loop_lag"}} {shed_n}' in text
+    assert f'edgeproxy_loop_lag_seconds_count{{worker="0"}} {sum(counts)}' in text
+    assert 'edgeproxy_shedding{worker="0"} 0' in text
