@@ -122,7 +122,14 @@ class Outcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def wrk_argv(port: int, path: str, duration: float, connections: int) -> list[str]:
+def wrk_argv(
+    port: int,
+    path: str,
+    duration: float,
+    connections: int,
+    scheme: str = "http",
+    headers: tuple[str, ...] = (),
+) -> list[str]:
     wrk = shutil.which("wrk") or "/usr/bin/wrk"
     return [
         wrk,
@@ -136,7 +143,8 @@ def wrk_argv(port: int, path: str, duration: float, connections: int) -> list[st
         str(BENCH_DIR / "report.lua"),
         "-H",
         f"Host: {EDGEPROXY_HOSTNAME}",
-        f"http://{HOST}:{port}{path}",
+        *(arg for h in headers for arg in ("-H", h)),
+        f"{scheme}://{HOST}:{port}{path}",
     ]
 
 

@@ -42,7 +42,7 @@ from bench.targets import (
     default_edgeproxy_cmd,
     render,
 )
-from bench.wrk_compare import WrkResult, cpu_model, fmt_errors, fmt_num, fmt_us
+from bench.wrk_compare import WrkResult, cpu_model, fmt_errors, fmt_num, fmt_us, wrk_argv
 
 MODES = ("keepalive", "handshake")
 
@@ -102,22 +102,8 @@ class EdgeProxyTls(EdgeProxy):
 
 
 def wrk(port: int, duration: float, connections: int, close: bool) -> WrkResult:
-    argv = [
-        shutil.which("wrk") or "/usr/bin/wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
-        "--timeout",
-        "2s",
-        "--latency",
-        "-s",
-        str(BENCH_DIR / "report.lua"),
-        "-H",
-        f"Host: {EDGEPROXY_HOSTNAME}",
-    ]
-    if close:
-        argv += ["-H", "Connection: close"]
-    argv.append(f"https://{HOST}:{port}/small")
+    headers = ("Connection: close",) if close else ()
+    argv = wrk_argv(port, "/small", duration, connections, "https", headers)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip()}")

@@ -5,74 +5,18 @@ high, and served again once it is gone."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import orjson
 import pytest
-from proxyctl import HOST, REPO, TESTS, Client, ProxyConfig, Response, Upstream, env, request_bytes
+from harness_worker import harness_worker
+from proxyctl import Client, ProxyConfig, Response, Upstream, request_bytes
 
 from proxy.telemetry.families import BLOCKED_LOGGED, BLOCKED_RATE_LIMITED, SHED_LOOP_LAG
 from proxy.telemetry.histograms import LAG_BUCKETS
 from proxy.telemetry.metrics import Aggregator, decode_snapshot
-from proxy.telemetry.statsblock import StatsBlock
 
 pytestmark = pytest.mark.request_path
-
-
-@contextmanager
-def harness_worker(cfg: ProxyConfig, tmp_path: Path) -> Iterator[tuple[int, list[bytes]]]:
-    """The stall harness as one worker on a listener of ours; yields its port and, once the
-    block is over, a list holding its final snapshot."""
-    listener = socket.create_server((HOST, 0))
-    block = StatsBlock.create()
-    r, w = os.pipe()
-    boot = {
-        "config_text": cfg.render(),
-        "config_path": str(tmp_path / "harness.toml"),
-        "slot": 0,
-        "generation": 1,
-        "master_pid": os.getpid(),
-        "listeners": [{"kind": "http", "address": "", "fd": listener.fileno()}],
-        "notify_fd": w,
-        "stats_fd": block.fd,
-        "cell": 0,
-        "inflight": "/edgeproxy-harness-none",  # absent: the worker runs without cells
-    }
-    stderr = open(tmp_path / "worker.stderr", "wb")  # noqa: SIM115  # closed below
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "stall_harness.py")],
-        stdin=subprocess.PIPE,
-        stderr=stderr,
-        pass_fds=[listener.fileno(), w, block.fd],
-        cwd=REPO,
-        env=env(),
-    )
-    os.close(w)
-    assert proc.stdin is not None
-    proc.stdin.write(orjson.dumps(boot))
-    proc.stdin.close()
-    final: list[bytes] = []
-    try:
-        assert os.read(r, 64).startswith(b"READY"), "the harness worker did not start"
-        yield listener.getsockname()[1], final
-    finally:
-        proc.send_signal(signal.SIGINT)  # fast stop: publishes its last snapshot
-        proc.wait(timeout=10)
-        stderr.close()
-        os.close(r)
-        listener.close()
-        data = block.read()
-        block.close()
-        if data is not None:
-            final.append(data)
 
 
 def get(port: int, path: str = "/") -> Response:
@@ -106,7 +50,7 @@ def test_slowed_loop_is_measured_logged_and_sheds(tmp_path: Path, upstream: Upst
             "retry_after": 7,
         },
     )
-    with harness_worker(cfg, tmp_path) as (port, final):
+    with harness_worker("stall_harness.py", cfg, tmp_path) as (port, final):
         assert get(port).status == 200
         assert get(port, "/_stall?ms=150").status == 200
         shed = poll(port, 503)

@@ -4,19 +4,13 @@ other connections and timeouts go on."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import orjson
 import pytest
-from proxyctl import HOST, REPO, TESTS, Client, ProxyConfig, Upstream, env, request_bytes
+from harness_worker import harness_worker
+from proxyctl import Client, ProxyConfig, Upstream, request_bytes
 
 from proxy.telemetry.metrics import WHERE_CALLBACK, decode_snapshot
-from proxy.telemetry.statsblock import StatsBlock
 
 
 @pytest.mark.timeout(30)
@@ -27,37 +21,7 @@ def test_callback_exception_is_counted_logged_once_and_the_worker_goes_on(
     each of those connections closed; a normal request is still served and a slow
     request head still gets its 408 from the deadline sweep."""
     cfg = ProxyConfig(upstream=upstream.address, workers=1, timeouts={"client_header": 0.5})
-    listener = socket.create_server((HOST, 0))
-    block = StatsBlock.create()
-    r, w = os.pipe()
-    boot = {
-        "config_text": cfg.render(),
-        "config_path": str(tmp_path / "harness.toml"),
-        "slot": 0,
-        "generation": 1,
-        "master_pid": os.getpid(),
-        "listeners": [{"kind": "http", "address": "", "fd": listener.fileno()}],
-        "notify_fd": w,
-        "stats_fd": block.fd,
-        "cell": 0,
-        "inflight": "/edgeproxy-harness-none",  # absent: the worker runs without cells
-    }
-    stderr = open(tmp_path / "worker.stderr", "wb")  # noqa: SIM115  # closed below
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "worker_harness.py")],
-        stdin=subprocess.PIPE,
-        stderr=stderr,
-        pass_fds=[listener.fileno(), w, block.fd],
-        cwd=REPO,
-        env=env(),
-    )
-    os.close(w)
-    assert proc.stdin is not None
-    proc.stdin.write(orjson.dumps(boot))
-    proc.stdin.close()
-    port = listener.getsockname()[1]
-    try:
-        assert os.read(r, 64).startswith(b"READY"), "the harness worker did not start"
+    with harness_worker("worker_harness.py", cfg, tmp_path) as (port, final):
         for _ in range(3):
             with Client(port) as c:
                 c.send(request_bytes(path="/_raise"))
@@ -69,16 +33,8 @@ def test_callback_exception_is_counted_logged_once_and_the_worker_goes_on(
         with Client(port) as c:
             c.send(b"GET /slow HTTP/1.1\r\nHost: hello.test\r\n")  # the head never ends
             assert c.response(timeout=5.0).status == 408
-    finally:
-        proc.send_signal(signal.SIGINT)  # fast stop: publishes its last snapshot
-        proc.wait(timeout=10)
-        stderr.close()
-        os.close(r)
-        listener.close()
-    data = block.read()
-    block.close()
-    assert data is not None
-    snap = decode_snapshot(data)
+    assert final, "the worker published no final stats"
+    snap = decode_snapshot(final[0])
     assert snap.internal_errors[WHERE_CALLBACK] == 3, snap.internal_errors
     log = (tmp_path / "worker.stderr").read_text()
     assert log.count("RuntimeError: raised on purpose in data_received") == 1, log
