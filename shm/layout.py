@@ -1,6 +1,7 @@
 """Where things are in a table segment of given capacities, and what it is called.
 
-Owns the offsets of the three row tables, the total size, the expected static
+Owns the offsets of the three row tables, of the group blocks and the order array
+(one of each per instance slot at most), the total size, the expected static
 header, and the versioned segment names. Pure arithmetic on codec constants:
 no mmap, no I/O.
 """
@@ -45,8 +46,18 @@ class Layout:
         return self.apps_at + self.max_apps * codec.APP_ROW
 
     @property
+    def groups_at(self) -> int:
+        """The group blocks: at most one group per instance."""
+        return self.instances_at + self.max_instances * codec.INSTANCE_ROW
+
+    @property
+    def order_at(self) -> int:
+        """The order array: one entry per instance."""
+        return self.groups_at + self.max_instances * codec.HOT_SIZE
+
+    @property
     def total_size(self) -> int:
-        end = self.instances_at + self.max_instances * codec.INSTANCE_ROW
+        end = self.order_at + self.max_instances * codec.ORDER_ENTRY.size
         return (end + PAGE - 1) // PAGE * PAGE
 
     def node(self, index: int) -> int:
@@ -60,6 +71,14 @@ class Layout:
     def instance(self, index: int) -> int:
         """Offset of instance slot `index`."""
         return self.instances_at + index * codec.INSTANCE_ROW
+
+    def group(self, index: int) -> int:
+        """Offset of group block `index`."""
+        return self.groups_at + index * codec.HOT_SIZE
+
+    def entry(self, index: int) -> int:
+        """Offset of order array entry `index`."""
+        return self.order_at + index * codec.ORDER_ENTRY.size
 
     def static(self) -> codec.Static:
         """The static header a segment of this layout carries."""
