@@ -14,12 +14,16 @@ class Candidate:
     (-1 with `node_up` False when the instance's node has no row). `load_time_us` is when
     `load` was measured, in µs. `index` is the reader's slot for the instance (e.g. its
     in-flight counter); `load_at` and `node_at` are the offsets of its load and its node's
-    hot block in the segment (0: not read from a table, or no node row).
+    hot block in the segment (0: not read from a table, or no node row). `group` is its
+    group's number in the table's layout (-1: none), `cell` its in-flight counter slot
+    when it is local and the worker counts it (-1: none; its published load is used).
     """
 
     __slots__ = (
         "address",
         "app",
+        "cell",
+        "group",
         "hard_limit",
         "id",
         "index",
@@ -73,6 +77,8 @@ class Candidate:
         self.jitter_us = 0
         self.loss_permille = 0
         self.last_heard_us = 0
+        self.group = -1
+        self.cell = -1
 
     def __repr__(self) -> str:
         return (
