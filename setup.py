@@ -24,6 +24,7 @@ COMPILED = [
     "proxy/core/request_head.py",
     "proxy/core/router.py",
     "proxy/worker/routing.py",
+    "proxy/worker/walk.py",
     "proxy/worker/splice.py",
     "proxy/master/static_table.py",
     "proxy/worker/upstream.py",
@@ -31,6 +32,7 @@ COMPILED = [
     "shm/candidate.py",
     "shm/inflight.py",
     "shm/reader.py",
+    "shm/view.py",
 ]
 
 
