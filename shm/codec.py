@@ -374,6 +374,32 @@ def group_fields(
     return tag, n_soft | n_hard << 32, min_load, n_min
 
 
+# --- app summaries: the groups of an app in the order a reader walks them -----------------
+# Per app slot: a hot block (signature of the order, the app's lowest load over soft) and
+# two bitmaps over the order's positions, SUMMARY_WORDS(max_nodes) words each: groups
+# with an instance under soft, groups at the app's lowest load. A reader uses them only
+# when its own order has the same signature; every bit is checked against the group's
+# block before it is trusted.
+def summary_words(max_nodes: int) -> int:
+    """64-bit words per bitmap: one bit per node, and room for a few nodes with no row."""
+    return max_nodes // 64 + 1
+
+
+def summary_size(max_nodes: int) -> int:
+    return HOT_SIZE + 2 * 8 * summary_words(max_nodes)
+
+
+def summary_signature(indexes: list[int]) -> int:
+    """The signature of an order of group numbers (never 0: 0 means "no summary")."""
+    h = len(indexes) + 1
+    for i in indexes:
+        h = (h * 0x100000001B3 ^ (i + 1)) & 0x1FFFFFFFFFFFFFFF
+    return h or 1
+
+
+SUMMARY_WORD: Final = struct.Struct("<Q")
+
+
 # --- header -------------------------------------------------------------------------------
 # 0 magic | 8 version | 12 header size | 16 total size | 24 capacities and row sizes
 # 48 writer block (pid, boot epoch) | 96 heartbeat block (time us)

@@ -17,14 +17,30 @@ from shm.codec import KEY_FULL, KEY_UNDER_SOFT
 class Group:
     """One (app, node) group: slots in segment order, with their class keys (sorted)."""
 
-    __slots__ = ("index", "keys", "pos", "slots", "start")
+    __slots__ = (
+        "app",
+        "counted",
+        "index",
+        "keys",
+        "node",
+        "pos",
+        "published",
+        "rank",
+        "slots",
+        "start",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, app: str = "", node: str = "") -> None:
+        self.app = app
+        self.node = node
         self.slots: list[int] = []  # instance slots, in the order of the table's segment
         self.keys: list[int] = []  # class key of each position, ascending
         self.pos: dict[int, int] = {}  # instance slot -> position
         self.index = -1  # group number in the layout last written (-1: not written yet)
         self.start = 0  # its first entry in the order array
+        self.rank = -1  # its position in its app's summary order
+        self.counted = False  # in its app's summary bits (not at RTT 0)
+        self.published = (0, 0, 0, 0)  # the counts its block holds
 
     def __len__(self) -> int:
         return len(self.slots)

@@ -1,7 +1,8 @@
 """Where things are in a table segment of given capacities, and what it is called.
 
 Owns the offsets of the three row tables, of the group blocks and the order array
-(one of each per instance slot at most), the total size, the expected static
+(one of each per instance slot at most), of the app summaries (one per app slot),
+the total size, the expected static
 header, and the versioned segment names. Pure arithmetic on codec constants:
 no mmap, no I/O.
 """
@@ -56,8 +57,14 @@ class Layout:
         return self.groups_at + self.max_instances * codec.HOT_SIZE
 
     @property
-    def total_size(self) -> int:
+    def summaries_at(self) -> int:
+        """The app summaries: one per app slot."""
         end = self.order_at + self.max_instances * codec.ORDER_ENTRY.size
+        return (end + 7) // 8 * 8
+
+    @property
+    def total_size(self) -> int:
+        end = self.summaries_at + self.max_apps * codec.summary_size(self.max_nodes)
         return (end + PAGE - 1) // PAGE * PAGE
 
     def node(self, index: int) -> int:
@@ -79,6 +86,10 @@ class Layout:
     def entry(self, index: int) -> int:
         """Offset of order array entry `index`."""
         return self.order_at + index * codec.ORDER_ENTRY.size
+
+    def summary(self, app_slot: int) -> int:
+        """Offset of app slot `app_slot`'s summary block (its bitmaps follow)."""
+        return self.summaries_at + app_slot * codec.summary_size(self.max_nodes)
 
     def static(self) -> codec.Static:
         """The static header a segment of this layout carries."""

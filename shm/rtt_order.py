@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 
+from shm.codec import RTT_UNKNOWN
+
 
 class RttOrder:
-    """Node id -> order key, and the sorted keys (with a reader's own node's 0 always)."""
+    """Node id -> order key, and the sorted keys (with 0 and RTT_UNKNOWN always in)."""
 
     __slots__ = ("keys", "sorted")
 
     def __init__(self) -> None:
         self.keys: dict[str, int] = {}
-        # 0 stands for the reader's own node (its instances rank at RTT 0): a node
-        # reaching or leaving RTT 0 changes a tie with it even when that node has no row.
-        self.sorted: list[int] = [0]
+        # 0 stands for the reader's own node (its instances rank at RTT 0), RTT_UNKNOWN
+        # for an instance's node that has no row (it ranks as unknown): a node reaching or
+        # leaving either changes a tie with them, whatever rows there are.
+        self.sorted: list[int] = [0, RTT_UNKNOWN]
 
     def set(self, node: str, key: int) -> bool:
         """Record `node`'s key; True when the order or a tie may have changed."""

@@ -26,6 +26,7 @@ from shm.groups import Group
 from shm.layout import Layout
 from shm.rtt_order import RttOrder
 from shm.segment import Segment, fence
+from shm.summary import Summary, word
 
 R = TypeVar("R")
 _Encode = Callable[[int, R | None], bytes]
@@ -87,6 +88,8 @@ class TableWriter:
         self._rtt = RttOrder()
         self._epoch = 0  # the RTT order epoch
         self._tag = 0  # the group layout's number
+        self._summaries: dict[str, Summary] = {}  # app -> its groups in walk order
+        self._resummarize = True  # an order changed: write every app's summary again
         if fresh:
             self._gen = 0
             self.boot_epoch = 1
@@ -150,21 +153,25 @@ class TableWriter:
 
     def put_node(self, row: codec.NodeRow) -> None:
         """Add or update a node (its RTT block is kept on update, zeroed on add)."""
-        self._put(
-            slots=self._nodes,
-            key=row.id,
-            row=row,
-            encode=codec.encode_node,
-            offset=self._layout.node,
-            hot_at=codec.NODE_HOT_AT,
-        )
-        if row.id not in self._rtt.keys:  # a zeroed RTT block: down, not measured
-            self._rtt.set(row.id, codec.order_key(0, False))
+        with self.batch():  # the summaries follow before readers see the new node
+            self._put(
+                slots=self._nodes,
+                key=row.id,
+                row=row,
+                encode=codec.encode_node,
+                offset=self._layout.node,
+                hot_at=codec.NODE_HOT_AT,
+            )
+            if row.id not in self._rtt.keys:  # a zeroed RTT block: down, not measured
+                self._rtt.set(row.id, codec.order_key(0, False))
+                self._resummarize = True
 
     def remove_node(self, node_id: str) -> None:
         """Remove a node; KeyError if unknown."""
-        self._remove(self._nodes, node_id, codec.encode_node, self._layout.node)
-        self._rtt.remove(node_id)
+        with self.batch():  # the summaries follow before readers miss the node
+            self._remove(self._nodes, node_id, codec.encode_node, self._layout.node)
+            self._rtt.remove(node_id)
+            self._resummarize = True
 
     def put_app(self, row: codec.AppRow) -> None:
         """Add or update an app; ValueError if one of its hosts belongs to another app."""
@@ -172,6 +179,7 @@ class TableWriter:
             owner = self._hosts.get(h)
             if owner is not None and owner != row.name:
                 raise ValueError(f"host {h!r} already belongs to app {owner!r}")
+        self._resummarize = True  # written by the generation bump below
         self._put(
             slots=self._apps,
             key=row.name,
@@ -187,6 +195,9 @@ class TableWriter:
 
     def remove_app(self, name: str) -> None:
         """Remove an app (its instances stay until removed); KeyError if unknown."""
+        if name not in self._apps.index:
+            raise KeyError(name)
+        self._resummarize = True  # written by the generation bump below
         self._remove(self._apps, name, codec.encode_app, self._layout.app)
         for h in [h for h, a in self._hosts.items() if a == name]:
             del self._hosts[h]
@@ -275,6 +286,7 @@ class TableWriter:
         if self._rtt.set(node_id, codec.order_key(rtt_us, up)):
             self._epoch += 1  # after the RTT: a reader that sees the epoch sees the RTT
             self._write_order()
+            self._write_summaries()
 
     def heartbeat(self, now: float, store_state: int = 0, store_since: float = 0.0) -> None:
         """Say the writer is alive at `now` (wall-clock seconds); call it periodically.
@@ -288,7 +300,7 @@ class TableWriter:
     def _join(self, row: codec.InstanceRow, slot: int, key: int) -> None:
         group = self._groups.get((row.app, row.node))
         if group is None:
-            group = self._groups[row.app, row.node] = Group()
+            group = self._groups[row.app, row.node] = Group(row.app, row.node)
         group.add(slot, key)
         self._relayout = True
 
@@ -313,8 +325,56 @@ class TableWriter:
         self._write_group(group)
 
     def _write_group(self, group: Group) -> None:
+        counts = group.counts()
+        old = group.published
+        group.published = counts
         at = self._layout.group(group.index)
-        self._write_hot(at, *codec.group_fields(self._tag, *group.counts()))
+        self._write_hot(at, *codec.group_fields(self._tag, *counts))
+        summary = self._summaries.get(group.app)
+        if self._resummarize or summary is None or counts == old:
+            return  # every summary is written again before the next generation
+        was_low = old[1] > old[0] and old[2] == summary.low
+        soft_moved, low_moved = summary.update(group, old, counts)
+        slot = self._apps.index[group.app]
+        at = self._layout.summary(slot)
+        words = summary.words
+        if soft_moved:
+            w = group.rank // 64
+            self._write_word(at + codec.HOT_SIZE + 8 * w, word(summary.soft, w))
+        if low_moved:
+            self._write_summary(slot, summary)
+        elif group.counted and was_low != (counts[1] > counts[0] and counts[2] == summary.low):
+            summary.at_low_bits ^= 1 << group.rank
+            w = group.rank // 64
+            self._write_word(at + codec.HOT_SIZE + 8 * (words + w), word(summary.at_low_bits, w))
+
+    def _write_word(self, at: int, value: int) -> None:
+        codec.SUMMARY_WORD.pack_into(self._mm, at, value)
+
+    def _write_summaries(self) -> None:
+        """Every app's groups in walk order again (RTTs crossed, groups or apps changed)."""
+        words = codec.summary_words(self._layout.max_nodes)
+        by_app: dict[str, list[Group]] = {}
+        for group in self._groups.values():
+            by_app.setdefault(group.app, []).append(group)
+        self._summaries = {}
+        for app, slot in self._apps.index.items():
+            summary = Summary(by_app.get(app, []), self._rtt.keys, words)
+            self._summaries[app] = summary
+            self._write_summary(slot, summary)
+        self._resummarize = False
+
+    def _write_summary(self, slot: int, summary: Summary) -> None:
+        """An app's whole summary: signature 0 first, so a reader of the old order stops
+        trusting the bits before they change, the bits, then the signature."""
+        at = self._layout.summary(slot)
+        self._write_hot(at, 0, -1, 0, 0)
+        summary.at_low_bits = summary.at_low()
+        bits_at = at + codec.HOT_SIZE
+        for w in range(summary.words):
+            self._write_word(bits_at + 8 * w, word(summary.soft, w))
+            self._write_word(bits_at + 8 * (summary.words + w), word(summary.at_low_bits, w))
+        self._write_hot(at, summary.sig, summary.low, 0, 0)
 
     def _write_order(self) -> None:
         self._write_hot(codec.ORDER_AT, self._epoch, self._tag, 0, 0)
@@ -333,6 +393,7 @@ class TableWriter:
             entries.byteswap()
         at = self._layout.order_at
         self._mm[at : at + len(entries) * entries.itemsize] = entries.tobytes()
+        self._resummarize = True
         for _, group in groups:
             self._write_group(group)
         self._write_order()
@@ -407,6 +468,8 @@ class TableWriter:
     def _bump(self) -> None:
         if self._relayout:
             self._write_layout()
+        if self._resummarize:
+            self._write_summaries()
         fence()  # rows before the generation that announces them
         self._gen += 1
         self._mm[codec.GEN_AT : codec.GEN_AT + codec.GEN.size] = codec.encode_gen(self._gen)

@@ -72,8 +72,9 @@ def test_class_key_follows_the_rules_limits() -> None:
 
 
 def signature(keys: dict[str, int]) -> list[frozenset[str]]:
-    """The nodes (and "", a reader's own node at 0) as ordered classes of equal keys."""
-    everything = {**keys, "": 0}
+    """The nodes (with "", a reader's own node at 0, and "?", a node with no row, unknown)
+    as ordered classes of equal keys."""
+    everything = {**keys, "": 0, "?": RTT_UNKNOWN}
     out: list[frozenset[str]] = []
     for k in sorted(set(everything.values())):
         out.append(frozenset(n for n, v in everything.items() if v == k))
@@ -110,7 +111,7 @@ def test_rtt_order_says_when_the_order_or_a_tie_changed(
         model[node] = key
         if not new:
             assert moved == (signature(model) != before)
-        assert order.sorted == sorted([0, *model.values()])
+        assert order.sorted == sorted([0, RTT_UNKNOWN, *model.values()])
         assert order.sorted[bisect_left(order.sorted, 0)] == 0
 
 

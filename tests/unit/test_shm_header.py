@@ -46,8 +46,9 @@ def test_layout_version_and_row_sizes_are_pinned() -> None:
     assert codec.ORDER_AT + codec.HOT_SIZE == codec.HEADER_SIZE == 256
     assert codec.ORDER_ENTRY.size == 4
     lay = Layout(1024, 1024, 16384)
-    assert (lay.groups_at, lay.order_at) == (7_799_040, 8_585_472)
-    assert lay.total_size == 8_654_848
+    assert (lay.groups_at, lay.order_at, lay.summaries_at) == (7_799_040, 8_585_472, 8_651_008)
+    assert codec.summary_words(1024) == 17 and codec.summary_size(1024) == 320
+    assert lay.total_size == 8_982_528
     assert inflight_codec.INFLIGHT_VERSION == 1
     assert inflight_codec.DIR_ENTRY == 88
     assert inflight_codec.InflightLayout(64, 256).total_size == 155_648

@@ -39,7 +39,7 @@ def entries(mm: object, lay: Layout, start: int, n: int) -> list[int]:
 
 
 def signature(keys: dict[str, int]) -> list[frozenset[str]]:
-    everything = {**keys, "": 0}
+    everything = {**keys, "": 0, "?": codec.RTT_UNKNOWN}
     return [
         frozenset(n for n, v in everything.items() if v == k)
         for k in sorted(set(everything.values()))
@@ -167,6 +167,44 @@ class OrderModel(RuleBasedStateMachine):
                 tag, n_soft, n_hard, low, middle.count(low) if middle else 0
             )
             start += len(members)
+
+    @invariant()
+    def summaries_match_model(self) -> None:
+        """Each app's groups in (order key, node) order, their signature, and the bits of
+        groups (not at RTT 0) with an instance under soft and at the app's lowest load."""
+        groups = sorted({(r.app, r.node) for r in self.rows.values()})
+        words = codec.summary_words(self.lay.max_nodes)
+        for app in APPS:
+            mine = [g for g in groups if g[0] == app]
+            key = {g: self.node_keys.get(g[1], codec.RTT_UNKNOWN) for g in mine}
+            order = sorted(mine, key=lambda g: (key[g], g[1]))
+            at = self.lay.summary(self.w._apps.index[app])
+            block = codec.decode_hot(self.mm, at)
+            assert block is not None
+            assert block[1] == codec.summary_signature([groups.index(g) for g in order])
+            soft = at_low = 0
+            lows: dict[tuple[str, str], int] = {}
+            for p, g in enumerate(order):
+                if key[g] == 0:
+                    continue
+                ks = sorted(
+                    codec.class_key(self.load[i], r.soft_limit, r.hard_limit)
+                    for i, r in self.rows.items()
+                    if (r.app, r.node) == g
+                )
+                if ks[0] == codec.KEY_UNDER_SOFT:
+                    soft |= 1 << p
+                middle = [k for k in ks if codec.KEY_UNDER_SOFT < k < codec.KEY_FULL]
+                if middle:
+                    lows[g] = middle[0]
+            low = min(lows.values(), default=-1)
+            for p, g in enumerate(order):
+                if lows.get(g, -2) == low:
+                    at_low |= 1 << p
+            assert block[2] == low
+            bits = self.mm[at + codec.HOT_SIZE : at + codec.HOT_SIZE + 16 * words]
+            assert int.from_bytes(bits[: 8 * words], "little") == soft
+            assert int.from_bytes(bits[8 * words :], "little") == at_low
 
     @invariant()
     def views_follow_the_rtt_order(self) -> None:
