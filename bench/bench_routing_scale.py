@@ -310,7 +310,16 @@ def _tree(rev: str, workdir: Path, compiled: bool) -> Path:
                 ["git", "archive", rev], cwd=ROOT, capture_output=True, check=True
             ).stdout
         else:  # this tree as it is (uncommitted changes too), without compiled modules
-            files = _run(["git", "ls-files", "-co", "--exclude-standard", "proxy", "shm"], ROOT)
+            paths = [
+                "proxy",
+                "shm",
+                "pinger",
+                "setup.py",
+                "setup.cfg",
+                "pyproject.toml",
+                "README.md",
+            ]
+            files = _run(["git", "ls-files", "-co", "--exclude-standard", *paths], ROOT)
             archive = subprocess.run(
                 ["tar", "-c", *files.split()], cwd=ROOT, capture_output=True, check=True
             ).stdout

@@ -65,6 +65,8 @@ class TableReader:
         self._node_keys: dict[str, int] = {}  # node id -> order key at the epoch
         self._epoch = -1  # RTT order epoch the views were sorted at (-1: sort again)
         self._tag = -1  # group layout the topology was read with
+        self._app_slots: dict[str, int] = {}  # app -> its slot (its summary's place)
+        self._words = codec.summary_words(layout.max_nodes)
         self._heartbeat_us = 0
         self._store = (0, 0)  # (store state, since µs) from the heartbeat block
         self._writer = (0, 0)
@@ -180,8 +182,51 @@ class TableReader:
             if groups is None:
                 return None
             v = build(app, groups, self._by_app[app], self._node_keys, self.local_node)
+            slot = self._app_slots.get(app)
+            if slot is not None and len(groups) <= 64 * self._words:
+                v.summary_at = self._layout.summary(slot)
             self._views[app] = v
         return v
+
+    def soft_bits(self, v: AppView) -> int:
+        """Bit p: the table counts an instance under soft in `v`'s group at position p
+        (groups of RTT 0 excluded: a pick reads those itself); -1 when the table's
+        summary of the app is not for this order (or is being written)."""
+        at = v.summary_at
+        if at < 0 or not self._summary_ok(v):
+            return -1
+        at += codec.HOT_SIZE
+        return int.from_bytes(self._mm[at : at + 8 * self._words], "little")
+
+    def low_bits(self, v: AppView) -> tuple[int, int] | None:
+        """(the app's lowest load over soft and under hard, bit p: `v`'s group at position
+        p has it), RTT 0 excluded; None when the summary is not usable for `v`."""
+        at = v.summary_at
+        if at < 0:
+            return None
+        got = self._read_hot(at)
+        if got is None or got[0] != v.sig:
+            return None
+        at += codec.HOT_SIZE + 8 * self._words
+        return got[1], int.from_bytes(self._mm[at : at + 8 * self._words], "little")
+
+    def _summary_ok(self, v: AppView) -> bool:
+        s, sig, low, x, y, k = codec.HOT.unpack_from(self._mm, v.summary_at)
+        if sig != v.sig:
+            return False
+        chk = s ^ sig * 0xC2B2AE3D27D4EB4F ^ low * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+        return not s & 1 and k == (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+
+    def fresh_load(self, c: Candidate) -> None:
+        """Read `c`'s load now (not its node's RTT: a view's order stands for it)."""
+        s, a, b, x, y, k = codec.HOT.unpack_from(self._mm, c.load_at)
+        chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+        if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+            self._reread_load(c)
+        else:
+            c.load = a
+            c.load_time_us = b
+            c.publisher_epoch = x
 
     def fresh(self, c: Candidate) -> None:
         """Read `c`'s load and its node's RTT now (what `candidates()` does for each)."""
@@ -368,6 +413,7 @@ class TableReader:
             for slot, (_, row) in self._nodes.items()
         }
         self._app_rows = {row.name: row for _, row in self._apps.values()}
+        self._app_slots = {row.name: slot for slot, (_, row) in self._apps.items()}
         self._hosts = {h: row.name for row in self._app_rows.values() for h in row.hosts}
         cands: dict[str, Candidate] = {}
         by_app: dict[str, list[Candidate]] = {}

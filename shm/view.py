@@ -9,7 +9,7 @@ snapshot of the nodes' order keys. Plain values: no segment reads, no routing ru
 from __future__ import annotations
 
 from shm.candidate import Candidate
-from shm.codec import RTT_UNKNOWN
+from shm.codec import RTT_UNKNOWN, summary_signature
 
 
 class Group:
@@ -72,15 +72,48 @@ class Run:
 class AppView:
     """An app as a pick walks it: runs nearest first, and every candidate (for sampling)."""
 
-    __slots__ = ("all", "app", "groups", "runs")
+    __slots__ = (
+        "all",
+        "app",
+        "first",
+        "groups",
+        "pos",
+        "ranks",
+        "run_of",
+        "runs",
+        "sig",
+        "starts",
+        "summary_at",
+    )
 
     def __init__(
         self, app: str, runs: list[Run], groups: list[Group], all: list[Candidate]
     ) -> None:
         self.app = app
         self.runs = runs
-        self.groups = groups  # the runs' groups, nearest first
+        self.groups = groups  # the runs' groups, nearest first: a group's position
         self.all = all
+        self.pos = {g.name: p for p, g in enumerate(groups)}  # group name -> position
+        self.starts: list[int] = []  # a run's first position
+        self.run_of: list[int] = []  # position -> its run
+        for r, run in enumerate(runs):
+            self.starts.append(len(self.run_of))
+            self.run_of.extend([r] * len(run.groups))
+        # The table's summary of this app is usable when the writer ordered its groups
+        # the same way: same signature (see codec, app summaries). Set by the reader.
+        self.sig = summary_signature([g.index for g in groups])
+        self.summary_at = -1
+        # An app's groups have consecutive numbers: ranks[c.group - first] is the order key
+        # of c's group, which ranks c by RTT as its node's RTT now would (same order, same
+        # ties) until the epoch moves.
+        self.first = min((g.index for g in groups), default=0)
+        self.ranks = [0] * len(groups)
+        for g in groups:
+            self.ranks[g.index - self.first] = g.key
+
+    def rank(self, c: Candidate) -> int:
+        """`c`'s RTT rank: 0 on this node, its node's order key otherwise."""
+        return self.ranks[c.group - self.first]
 
     def __len__(self) -> int:
         return len(self.all)
@@ -115,5 +148,5 @@ def build(
     return AppView(app, runs, ordered, all)
 
 
-def _by_key(g: Group) -> tuple[int, bool]:
-    return g.key, not g.local
+def _by_key(g: Group) -> tuple[int, str]:
+    return g.key, g.node

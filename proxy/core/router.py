@@ -70,6 +70,10 @@ class FullMarks:
         """Ids filed under `group` that may have feedback (a superset; None: none)."""
         return self._groups.get(group) if self._groups else None
 
+    def filed(self) -> dict[str, set[str]]:
+        """Every group name with ids filed under it (read only)."""
+        return self._groups
+
     def is_full(self, instance_id: str, now: float) -> bool:
         """Whether the instance is marked full at `now`."""
         return now < self._full.get(instance_id, now)

@@ -62,17 +62,28 @@ class Walk:
         self.full: dict[str, float] = _NO_MARKS
         self.loads: dict[str, tuple[int, int]] = _NO_LOADS
         self.marked = False
+        self._best_load = self._best_key = _NOT_YET  # the closest fallback's best so far
+        self._ex: list[Candidate] = []
+        self._hg: list[Group] = []
 
     # --- reading and the rules' pieces ----------------------------------------------------
     def read(self, c: Candidate) -> None:
-        """`c`'s values now: a local one's in-flight count (or its published load when the
-        worker has no cell for it), a remote one's load and RTT (-1 if its node is down)."""
+        """`c`'s load now: a local one's in-flight count (or its published load when the
+        worker has no cell for it), a remote one's from the table. Not its RTT: the view's
+        order and ties stand for the RTTs until the epoch moves (view.rank)."""
         if c.local:
             cells = self.cells
             if cells is not None and c.cell >= 0:
                 c.load = cells.total(c.cell)
             else:
                 self.reader.load_of(c)
+        else:
+            self.reader.fresh_load(c)
+
+    def read_all(self, c: Candidate) -> None:
+        """`c`'s load and RTT now, for the router's own rules (-1 if its node is down)."""
+        if c.local:
+            self.read(c)
         else:
             self.reader.fresh(c)
             if not c.node_up:
@@ -166,18 +177,48 @@ class Walk:
         marks: FullMarks | None = None,
     ) -> Candidate | NoPick:
         """proxy.core.router.pick_closest over the view: runs nearest first; the first
-        run with an instance under soft gives one of those; else the least loaded."""
+        run with an instance under soft gives one of those; else the least loaded.
+
+        Runs at RTT 0 (this node's instances, counted here) are read; past them, the
+        table's summary of the app says which runs have room, so the walk goes there
+        directly (every run otherwise, when the summary is not for this order)."""
         cands = view.all
         if len(cands) <= SMALL:
             for c in cands:
-                self.read(c)
+                self.read_all(c)
             return pick_closest(cands, rng, now, tried, marks)
         self._start(rng, now, tried, marks)
-        for run in view.runs:
-            got = self._soft_in_run(run)
+        runs = view.runs
+        i = 0
+        if runs and runs[0].key == 0:
+            got = self._soft_in_run(runs[0])
             if got is not None:
                 return got
-        return self._closest_fallback(view)
+            i = 1
+        bits = self.reader.soft_bits(view) if i < len(runs) else -1
+        if bits < 0:
+            for r in range(i, len(runs)):
+                got = self._soft_in_run(runs[r])
+                if got is not None:
+                    return got
+            return self._closest_fallback(view, -1)
+        starts = view.starts
+        while i < len(runs):
+            rest = bits >> starts[i]
+            if not rest:
+                break
+            r = view.run_of[starts[i] + (rest & -rest).bit_length() - 1]
+            got = self._filed_soft(view, i, r)
+            if got is not None:
+                return got
+            got = self._soft_in_run(runs[r])
+            if got is not None:
+                return got
+            i = r + 1
+        got = self._filed_soft(view, i, len(runs))
+        if got is not None:
+            return got
+        return self._closest_fallback(view, bits)
 
     def _soft_in_run(self, run: Run) -> Candidate | None:
         """One of the run's instances under soft, or None: those the table counts (and the
@@ -239,15 +280,15 @@ class Walk:
             got: list[Candidate] = []
             stale = False
             for j in range(g.n_soft):
-                c = reader.entry(g, j)
-                if c is None:
+                e = reader.entry(g, j)
+                if e is None:
                     stale = True
                     break
-                self.read(c)
-                if not _table_soft(c):
+                self.read(e)
+                if not _table_soft(e):
                     stale = True
                     break
-                got.append(c)
+                got.append(e)
             if stale:  # the hint was wrong (a write in progress): the members themselves
                 got = []
                 for c in g.members:
@@ -278,11 +319,48 @@ class Walk:
                         best = c
         return best
 
+    def _filed_soft(self, view: AppView, a: int, b: int) -> Candidate | None:
+        """Runs a..b-1, which the summary says have no room by the table: one of the
+        nearest this worker was told is under soft after all, if any."""
+        marks = self.marks
+        if marks is None or a >= b:
+            return None
+        filed = marks.filed()
+        if not filed:
+            return None
+        best_run = b
+        picks: list[Candidate] = []
+        for name, ids in filed.items():
+            p = view.pos.get(name, -1)
+            if p < 0:
+                continue
+            r = view.run_of[p]
+            if r < a or r > best_run or r == b:
+                continue
+            for c in self._filed_read(view.groups[p], ids, UNKNOWN_RTT_US):
+                if not _table_soft(c) and self._soft_ok(c):
+                    if r < best_run:
+                        best_run = r
+                        picks = [c]
+                    else:
+                        picks.append(c)
+        return picks[int(self.rng.random() * len(picks))] if picks else None
+
     def _soft_in_local(self, g: Group) -> Candidate | None:
-        """The local group (its loads are in-flight counts, no hint): probes, then all."""
+        """The local group, whose loads are in-flight counts: probes among the ones the
+        table last saw under soft (its load as published), then among all, then all of
+        them. Any it returns is under soft by its count now; only "none" needs them all."""
         members = g.members
         n = len(members)
         rand = self.rng.random
+        reader = self.reader
+        if n > PROBES and reader.hint(g) and g.n_soft:
+            for _ in range(PROBES):
+                e = reader.entry(g, int(rand() * g.n_soft))
+                if e is not None:
+                    self.read(e)
+                    if self._soft_ok(e):
+                        return e
         if n > PROBES:
             for _ in range(PROBES):
                 c = members[int(rand() * n)]
@@ -299,69 +377,132 @@ class Walk:
                     best = c
         return best
 
-    def _closest_fallback(self, view: AppView) -> Candidate | NoPick:
+    # --- closest, when none is under soft ---------------------------------------------------
+    def _closest_fallback(self, view: AppView, soft_bits: int) -> Candidate | NoPick:
         """None under soft: the least loaded under hard, then the closest, uniformly among
-        equals. Every group's hint gives its lowest load (O(groups)); only the best
-        groups' entries at that load are read. A hint that named no usable entry is
-        replaced by its group's members, and the choice made again."""
+        equals. With the table's summary: the groups at RTT 0, the ones the summary says
+        have an instance under soft by the table (not by the rules), filed feedback, and
+        the groups at the app's lowest load. Without (or if the summary proves wrong):
+        every group's hint (O(groups)), and a hint that named no usable entry is replaced
+        by its group's members, the choice made again."""
+        if soft_bits >= 0:
+            quick = self._fallback_summary(view, soft_bits)
+            if quick is not None:
+                return quick
         demoted: set[int] = set()
-        reader = self.reader
         while True:
-            best_load = best_key = _NOT_YET
-            ex: list[Candidate] = []  # read, at the best (load, key) so far
-            hg: list[Group] = []  # hinted groups whose lowest load is the best so far
+            self._best_reset()
             for g in view.groups:
-                key = g.key
-                if g.local or g.index in demoted or not reader.hint(g):
-                    for c in g.members:
-                        self.read(c)
-                    own = [c for c in g.members if not self._out(c)]
-                    hinted = False
-                else:
-                    hinted = True
-                    filed = self._filed(g)
-                    own = []
-                    if filed:
-                        low = g.min_load if g.n_hard > g.n_soft else UNKNOWN_RTT_US
-                        own = self._filed_read(g, filed, min(best_load, low))
-                    if g.n_soft:  # under soft by the table, not by the rules: read them
-                        under = self._under_soft_entries(g, filed)
-                        if under is None:
-                            demoted.add(g.index)
-                            break
-                        own.extend(under)
-                for c in own:
-                    load = self._load(c)
-                    if load >= c.hard_limit:
-                        continue
-                    if load < best_load or (load == best_load and key < best_key):
-                        best_load, best_key = load, key
-                        ex = [c]
-                        hg = []
-                    elif load == best_load and key == best_key:
-                        ex.append(c)
-                if hinted and g.n_hard > g.n_soft:
-                    low = g.min_load
-                    if low < best_load or (low == best_load and key < best_key):
-                        best_load, best_key = low, key
-                        ex = []
-                        hg = [g]
-                    elif low == best_load and key == best_key:
-                        hg.append(g)
+                if not self._weigh(g, demoted, True, True, True):
+                    break  # `g` was demoted: again
             else:
-                if best_load == _NOT_YET:
-                    return self._no_pick(view)
-                if not hg:
-                    return ex[int(self.rng.random() * len(ex))]
-                got = self._lowest(hg, best_load, ex)
-                if isinstance(got, Candidate):
+                got = self._best_pick(view)
+                if not isinstance(got, Group):
                     return got
                 demoted.add(got.index)
+
+    def _fallback_summary(self, view: AppView, soft_bits: int) -> Candidate | NoPick | None:
+        lows = self.reader.low_bits(view)
+        if lows is None:
+            return None
+        low, bits = lows
+        runs = view.runs
+        none: set[int] = set()  # no group is demoted here: a wrong hint goes the long way
+        self._best_reset()
+        r0 = 0
+        if runs and runs[0].key == 0:
+            r0 = 1
+            for g in runs[0].groups:
+                if not self._weigh(g, none, True, True, True):
+                    return None
+        first = len(runs[0].groups) if r0 else 0  # positions past the RTT 0 run
+        rest = soft_bits >> first << first
+        while rest:  # under soft by the table, not by the rules: tried, marked, raised
+            p = (rest & -rest).bit_length() - 1
+            rest &= rest - 1
+            if not self._weigh(view.groups[p], none, True, False, False):
+                return None
+        marks = self.marks
+        if marks is not None:
+            for name in marks.filed():
+                p = view.pos.get(name, -1)
+                if p >= 0 and view.run_of[p] >= r0:
+                    self._weigh(view.groups[p], none, False, True, False)
+        if bits and low >= 0:
+            p = (bits & -bits).bit_length() - 1
+            r = view.run_of[p]
+            start = view.starts[r]
+            for q in range(start, start + len(runs[r].groups)):
+                if bits >> q & 1:
+                    g = view.groups[q]
+                    if not self.reader.hint(g) or g.n_hard <= g.n_soft or g.min_load != low:
+                        return None  # the summary and the group disagree: the long way
+                    self._weigh(g, none, False, False, True)
+        got = self._best_pick(view)
+        return None if isinstance(got, Group) else got
+
+    def _best_reset(self) -> None:
+        self._best_load = self._best_key = _NOT_YET
+        self._ex = []  # read, at the best (load, key) so far
+        self._hg = []  # hinted groups whose lowest load is the best so far
+
+    def _consider(self, c: Candidate, key: int) -> None:
+        load = self._load(c)
+        if load >= c.hard_limit:
+            return
+        if load < self._best_load or (load == self._best_load and key < self._best_key):
+            self._best_load, self._best_key = load, key
+            self._ex = [c]
+            self._hg = []
+        elif load == self._best_load and key == self._best_key:
+            self._ex.append(c)
+
+    def _weigh(self, g: Group, demoted: set[int], under: bool, filed: bool, low: bool) -> bool:
+        """Count `g` toward the fallback's best: all its members when it has no usable hint
+        (or is demoted); else the parts asked for: its entries under soft by the table
+        (`under`), its filed instances (`filed`), its hinted lowest load (`low`). False:
+        its hint proved wrong, and it is now demoted."""
+        key = g.key
+        if g.local or g.index in demoted or not self.reader.hint(g):
+            for c in g.members:
+                self.read(c)
+                if not self._out(c):
+                    self._consider(c, key)
+            return True
+        ids = self._filed(g)
+        if filed and ids:
+            bound = g.min_load if g.n_hard > g.n_soft else UNKNOWN_RTT_US
+            for c in self._filed_read(g, ids, min(self._best_load, bound)):
+                self._consider(c, key)
+        if under and g.n_soft:
+            entries = self._under_soft_entries(g, ids)
+            if entries is None:
+                demoted.add(g.index)
+                return False
+            for c in entries:
+                self._consider(c, key)
+        if low and g.n_hard > g.n_soft:
+            m = g.min_load
+            if m < self._best_load or (m == self._best_load and key < self._best_key):
+                self._best_load, self._best_key = m, key
+                self._ex = []
+                self._hg = [g]
+            elif m == self._best_load and key == self._best_key:
+                self._hg.append(g)
+        return True
+
+    def _best_pick(self, view: AppView) -> Candidate | NoPick | Group:
+        if self._best_load == _NOT_YET:
+            return self._no_pick(view)
+        if not self._hg:
+            return self._ex[int(self.rng.random() * len(self._ex))]
+        return self._lowest(self._hg, self._best_load, self._ex)
 
     def _under_soft_entries(self, g: Group, filed: set[str]) -> list[Candidate] | None:
         """The fallback's view of `g`'s first n_soft entries (under soft by the table, so
         not under soft by the rules: tried, marked, or raised by what this worker sent):
-        those still under hard; None if the hint proves wrong."""
+        those not tried nor marked (the caller weighs their loads); None if the hint
+        proves wrong."""
         out: list[Candidate] = []
         reader = self.reader
         for j in range(g.n_soft):
@@ -404,11 +545,11 @@ class Walk:
                 r -= hg[i].n_min
                 i += 1
             g = hg[i]
-            c = reader.entry(g, g.n_soft + r)
-            if c is not None:
-                self.read(c)
-                if self._lowest_ok(c, load, g):
-                    return c
+            e = reader.entry(g, g.n_soft + r)
+            if e is not None:
+                self.read(e)
+                if self._lowest_ok(e, load, g):
+                    return e
         best: Candidate | None = None
         m = 0
         for c in ex:
@@ -418,15 +559,15 @@ class Walk:
         for g in hg:
             found = 0
             for j in range(g.n_soft, g.n_soft + g.n_min):
-                c = reader.entry(g, j)
-                if c is None:
+                e = reader.entry(g, j)
+                if e is None:
                     continue
-                self.read(c)
-                if self._lowest_ok(c, load, g):
+                self.read(e)
+                if self._lowest_ok(e, load, g):
                     found += 1
                     m += 1
                     if rand() * m < 1.0:
-                        best = c
+                        best = e
             if not found:
                 return g
         assert best is not None  # every group in hg had one
@@ -449,7 +590,7 @@ class Walk:
         n = len(cands)
         if n < PROBE_FROM or n <= k or n <= SMALL:
             for c in cands:
-                self.read(c)
+                self.read_all(c)
             return pick_leastload(cands, rng, now, tried, marks, k)
         self._start(rng, now, tried, marks)
         rand = rng.random
@@ -469,9 +610,7 @@ class Walk:
             load = self._load(c)
             if load >= c.hard_limit:
                 continue
-            rtt = 0 if c.local else c.rtt_us
-            if rtt < 0:
-                rtt = UNKNOWN_RTT_US
+            rtt = view.rank(c)
             if best is None or load < best_load or (load == best_load and rtt < best_rtt):
                 best, best_load, best_rtt = c, load, rtt
             got += 1
@@ -540,9 +679,7 @@ class Walk:
             best_load = best_rtt = _NOT_YET
             for c in sample:  # in random order: the first of equals is a uniform choice
                 load = self._load(c)
-                rtt = 0 if c.local else c.rtt_us
-                if rtt < 0:
-                    rtt = UNKNOWN_RTT_US
+                rtt = view.rank(c)
                 if load < best_load or (load == best_load and rtt < best_rtt):
                     best, best_load, best_rtt = c, load, rtt
             return best

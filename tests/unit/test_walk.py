@@ -143,6 +143,19 @@ edges = st.lists(
     max_size=8,
 )
 pressures = st.sampled_from([0, 0, 2, 4, 5, 6, 7])
+moves = st.lists(
+    st.tuples(
+        st.sampled_from(NODES), st.sampled_from([-1, 0, 50, 100, 101, 4999, 5000]), st.booleans()
+    ),
+    max_size=4,
+)
+
+
+def move_rtts(t: Table, rtts: list[tuple[str, int, bool]]) -> None:
+    """New RTTs after the view was sorted (the pinger's next measurements)."""
+    t.r.view("a")
+    for nid, rtt, up in rtts:
+        t.w.set_rtt(nid, rtt_us=rtt, jitter_us=0, loss_permille=0, last_heard=2.0, up=up)
 
 
 def setup(
@@ -178,6 +191,7 @@ def setup(
     insts=instance_rows,
     edge=edges,
     pressure=pressures,
+    rtts=moves,
     seed=st.integers(0, 2**32),
 )
 def test_property_closest_picks_what_the_full_scan_allows(
@@ -185,12 +199,15 @@ def test_property_closest_picks_what_the_full_scan_allows(
     insts: list[tuple[str, int, int, int, float]],
     edge: list[tuple[int, str, int]],
     pressure: int,
+    rtts: list[tuple[str, int, bool]],
     seed: int,
 ) -> None:
     """Over random tables the walk's closest pick is one the rule allows (the full scan's
-    own pick is in the same set), and a no-pick gives the same reason."""
+    own pick is in the same set), and a no-pick gives the same reason; RTTs that moved
+    since the view was sorted change nothing to that."""
     t, tried, marks = setup(nodes, insts, edge, pressure)
     try:
+        move_rtts(t, rtts)
         allowed = closest_set(everyone(t), tried, marks)
         ref = pick_closest(everyone(t), random.Random(seed), NOW, tried, marks)
         view = t.r.view("a")
@@ -211,6 +228,7 @@ def test_property_closest_picks_what_the_full_scan_allows(
     insts=instance_rows,
     edge=edges,
     pressure=pressures,
+    rtts=moves,
     k=st.integers(1, 4),
     seed=st.integers(0, 2**32),
 )
@@ -219,13 +237,16 @@ def test_property_leastload_picks_what_the_full_scan_allows(
     insts: list[tuple[str, int, int, int, float]],
     edge: list[tuple[int, str, int]],
     pressure: int,
+    rtts: list[tuple[str, int, bool]],
     k: int,
     seed: int,
 ) -> None:
     """Over random tables the walk's leastload pick is the least loaded, then closest, of
-    some k eligible instances, as the full scan's is; a no-pick gives the same reason."""
+    some k eligible instances, as the full scan's is; a no-pick gives the same reason;
+    RTTs that moved since the view was sorted change nothing to that."""
     t, tried, marks = setup(nodes, insts, edge, pressure)
     try:
+        move_rtts(t, rtts)
         ref = pick_leastload(everyone(t), random.Random(seed), NOW, tried, marks, k)
         assert leastload_ok(ref, everyone(t), tried, marks, k)
         view = t.r.view("a")
@@ -294,9 +315,10 @@ def test_closest_reads_no_instance_beyond_the_group_it_picks_from(big: Table) ->
     assert big.r.retries == 0
 
 
-def test_closest_skips_a_saturated_node_on_its_hint(big: Table) -> None:
-    """The nearest node's instances are all over soft and unreadable: its hint says so,
-    and the pick goes to the next node without reading any of them."""
+def test_closest_skips_a_saturated_node_on_the_summary(big: Table) -> None:
+    """The nearest node's instances are all over soft: the table's summary says so, and
+    the pick goes to the next node without reading any of them, nor their group's block
+    (all torn)."""
     for c in list(big.r.candidates("a")):
         if c.node == "n1":
             big.w.set_load(c.id, 7, 9.0, 1)
@@ -305,6 +327,9 @@ def test_closest_skips_a_saturated_node_on_its_hint(big: Table) -> None:
     for c in view.all:
         if c.node not in ("n2",):
             tear(big, c.id)
+    n1 = next(g for g in view.groups if g.node == "n1")
+    seq = int.from_bytes(big.w._mm[n1.block_at : n1.block_at + 8], "little")
+    big.w._mm[n1.block_at : n1.block_at + 8] = (seq | 1).to_bytes(8, "little")
     got = big.walk.closest(view, random.Random(1), NOW)
     assert isinstance(got, Candidate) and got.node == "n2"
     assert big.r.retries == 0
@@ -466,3 +491,48 @@ def test_fallback_sees_an_instance_raised_by_what_this_worker_sent() -> None:
             assert isinstance(got, Candidate) and got.id == "i24"
     finally:
         t.close()
+
+
+@pytest.fixture
+def busy() -> Iterator[Table]:
+    """300 instances over soft on n1..n4 (1 to 4 ms): n1 at 8, n2 at 7, n3 at 7 but one
+    at 5, n4 at 8 but one at 5 (soft 2, hard 9). This node (n0, RTT 0) runs none."""
+    nodes = [("n0", 0, True)] + [(f"n{i}", 1000 * i, True) for i in range(1, 5)]
+    loads = {1: 8, 2: 7, 3: 7, 4: 8}
+    insts = [(f"n{1 + i % 4}", 2, 9, loads[1 + i % 4], 9.0) for i in range(300)]
+    insts[2] = ("n3", 2, 9, 5, 9.0)  # i2 is on n3
+    insts[3] = ("n4", 2, 9, 5, 9.0)  # i3 is on n4
+    t = make_table(nodes, insts, capacity=400)
+    yield t
+    t.close()
+
+
+def test_fallback_goes_to_the_nearest_least_loaded_reading_nothing_else(busy: Table) -> None:
+    """All over soft: the table's summary names the groups at the app's lowest load; the
+    nearest of them gives the pick, and no other instance nor group block is read (all
+    the others are torn)."""
+    view = busy.r.view("a")
+    assert view is not None
+    for c in view.all:
+        if c.id != "i2":
+            tear(busy, c.id)
+    for g in view.groups:
+        if g.node != "n3":
+            seq = int.from_bytes(busy.w._mm[g.block_at : g.block_at + 8], "little")
+            busy.w._mm[g.block_at : g.block_at + 8] = (seq | 1).to_bytes(8, "little")
+    for seed in range(20):
+        got = busy.walk.closest(view, random.Random(seed), NOW)
+        assert isinstance(got, Candidate) and got.id == "i2"
+    assert busy.r.retries == 0
+
+
+def test_fallback_sees_feedback_below_the_lowest_the_table_knows(busy: Table) -> None:
+    """All over soft, and this worker heard that a far instance (n4, table load 8) is at 3
+    now (still over soft): it is the least loaded, wherever it is."""
+    view = busy.r.view("a")
+    assert view is not None
+    far = next(c for c in view.all if c.node == "n4" and c.id != "i3")
+    marks = FullMarks()
+    marks.feedback(far.id, 3, 10.0, group_name("a", "n4"))
+    for seed in range(20):
+        assert busy.walk.closest(view, random.Random(seed), NOW, (), marks) is far
