@@ -17,6 +17,9 @@ the choice and the admission of a local instance, all included. Loads:
 - `all over soft`: every load 20..24 (closest falls back to the least loaded).
 
 Local loads are in-flight counts (another worker's cells), remote ones the table's.
+Every case is also measured from an edge node (`edge`: a worker whose node runs none
+of the app's instances, node n000 then one peer among the others), which shows what
+the fleet's size costs apart from the worker's own node's instances.
 Each pick is a fresh request; between picks the harness undoes what a pick leaves
 behind (the local admission, the load feedback a remote pick records), and that
 harness loop alone, measured the same way, is subtracted. Figure: thread CPU time per
@@ -78,10 +81,10 @@ class Req:
         self.slot = -1
 
 
-def _config(name: str, n: int, local: int) -> str:
+def _config(name: str, n: int, local: int, node: str = "n000") -> str:
     return f"""
 [node]
-id = "n000"
+id = "{node}"
 region = "r0"
 [listen]
 http = ["127.0.0.2:8080"]
@@ -195,7 +198,9 @@ def child(n: int, seconds: float) -> dict[str, Any]:
         routing.pick("app", req, now)
         out["first_pick_ms"] = (time.thread_time_ns() - t0) / 1e6
         routing.release(req)
-        marks = routing.marks
+        edge = Routing(loads(_config(uid, n, len(local_ids), "edge")), None, random.Random(1))
+        assert edge.attach(), "table not attached"
+        edge.pick("app", Req(), now)
         slots = {iid: mine.slot_of(iid) for iid in local_ids}
 
         def set_loads(loads_: list[int]) -> float:
@@ -213,26 +218,29 @@ def child(n: int, seconds: float) -> dict[str, Any]:
                     other.inc(slot)
             return dt_ns / max(1, n) / 1000
 
-        def picks(k: int) -> None:
-            r = req
-            pick = routing.pick
-            release = routing.release
-            fb = marks._loads
-            for _ in range(k):
-                r.target = None
-                r.tries = 0
-                r.tried = None
-                r.full = 0
-                r.slot = -1
-                got = pick("app", r, now)
-                r.target = got[0]
-                release(r)
-                fb.clear()
+        def picks_of(rt: Any) -> Any:
+            def picks(k: int) -> None:
+                r = req
+                pick = rt.pick
+                release = rt.release
+                fb = rt.marks._loads  # what a pick leaves: load counted on what it sent
+                for _ in range(k):
+                    r.target = None
+                    r.tries = 0
+                    r.tried = None
+                    r.full = 0
+                    r.slot = -1
+                    got = pick("app", r, now)
+                    r.target = got[0]
+                    release(r)
+                    fb.clear()
+
+            return picks
 
         def harness(k: int) -> None:
             r = req
             release = routing.release
-            fb = marks._loads
+            fb = routing.marks._loads
             got = (None, 0, "")
             for _ in range(k):
                 r.target = None
@@ -257,14 +265,19 @@ def child(n: int, seconds: float) -> dict[str, Any]:
                 if strat != strategy:
                     w.put_app(codec.AppRow("app", ("app.test",), strat, SOFT, HARD, 2))
                     strategy = strat
-                picks(1)  # the topology re-read after the strategy change
-                per, calls = _per_call(picks, seconds)
-                got = routing.pick("app", Req(), now)
-                results[f"{strat} / {scenario}"] = {
-                    "us": max(0.0, per - loop_us),
-                    "calls": calls,
-                    "status": got[1],
-                }
+                for where, rt in (("", routing), (" / edge", edge)):
+                    picks = picks_of(rt)
+                    picks(1)  # the topology re-read after the strategy change
+                    per, calls = _per_call(picks, seconds)
+                    probe = Req()
+                    got = rt.pick("app", probe, now)
+                    probe.target = got[0]
+                    rt.release(probe)  # undo its local admission, if it made one
+                    results[f"{strat} / {scenario}{where}"] = {
+                        "us": max(0.0, per - loop_us),
+                        "calls": calls,
+                        "status": got[1],
+                    }
                 if strategy != "closest":
                     w.put_app(codec.AppRow("app", ("app.test",), "closest", SOFT, HARD, 2))
                     strategy = "closest"
@@ -281,8 +294,9 @@ def child(n: int, seconds: float) -> dict[str, Any]:
         out["reread_after_change_ms"] = (time.thread_time_ns() - t0) / 1e6
         req.target = got[0]
         routing.release(req)
-        if routing.reader is not None:
-            routing.reader.close()
+        for rt in (routing, edge):
+            if rt.reader is not None:
+                rt.reader.close()
     finally:
         w.close(unlink=True)
         infl.close(unlink=True)
@@ -363,18 +377,25 @@ def _fmt(v: float) -> str:
 
 def report(results: dict[str, dict[int, dict[str, Any]]], sizes: list[int]) -> list[str]:
     builds = [b for b in BUILDS if b in results]
-    lines = ["µs per pick (table read, local counts, choice and admission included):", ""]
-    lines.append("| case | build | " + " | ".join(f"{n:,}" for n in sizes) + " |")
-    lines.append("|---|---|" + "---:|" * len(sizes))
-    for strat, scen in CASES:
-        key = f"{strat} / {scen}"
-        for b in builds:
-            cells = []
-            for n in sizes:
-                c = results[b][n]["cases"][key]
-                cells.append(_fmt(c["us"]) + ("" if c["status"] == 0 else f" ({c['status']})"))
-            lines.append(f"| {key} | {b} | " + " | ".join(cells) + " |")
-    lines += ["", "The table and its writer, and the worker's re-read after a topology change:", ""]
+    lines: list[str] = []
+    for where, title in (
+        ("", "this worker's node runs its share of the instances (N/300, local)"),
+        (" / edge", "an edge node: this worker's node runs none of them"),
+    ):
+        lines += [f"µs per pick, {title}:", ""]
+        lines.append("| case | build | " + " | ".join(f"{n:,}" for n in sizes) + " |")
+        lines.append("|---|---|" + "---:|" * len(sizes))
+        for strat, scen in CASES:
+            key = f"{strat} / {scen}{where}"
+            for b in builds:
+                cells = []
+                for n in sizes:
+                    c = results[b][n]["cases"][key]
+                    status = "" if c["status"] == 0 else f" ({c['status']})"
+                    cells.append(_fmt(c["us"]) + status)
+                lines.append(f"| {strat} / {scen} | {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["The table and its writer, and the worker's re-read after a topology change:", ""]
     lines.append("| figure | build | " + " | ".join(f"{n:,}" for n in sizes) + " |")
     lines.append("|---|---|" + "---:|" * len(sizes))
     rows = [
@@ -448,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- an app of N instances on {NODES} nodes (round robin), soft {SOFT}, hard {HARD}, "
         "sample_k 2; node n000 (RTT 0) is the worker's own; other RTTs uniform 1-250 ms",
         f"- thread CPU time, median of batches (>= 20 ms each) within {args.seconds} s per "
-        "case, minus the harness loop; a status other than 0 is shown in brackets",
+        "case, minus the harness loop; a status other than 0 is shown in brackets; a pick "
+        "includes the table read, the local in-flight counts, the choice and a local admission",
         "",
         *report(results, sizes),
     ]

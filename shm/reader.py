@@ -31,6 +31,7 @@ PATIENT_YIELDS: Final = 200
 _GEN_AT: Final = codec.GEN_AT
 _ORDER_AT: Final = codec.ORDER_AT
 _ENTRY = codec.ORDER_ENTRY
+_WORD = struct.Struct("<Q")
 _M64: Final = 0xFFFFFFFFFFFFFFFF
 _SEQ = struct.Struct("<Q")
 R = TypeVar("R")
@@ -170,11 +171,11 @@ class TableReader:
         with `fresh`, and a group's counts with `hint`.
         """
         mm = self._mm
-        g, ng = codec.GEN.unpack_from(mm, _GEN_AT)
-        if g != self._gen or g ^ ng != _M64:
+        # The generation word alone: equal to the cached one, it was not being replaced
+        # (a torn read of a new one differs); refresh() checks the pair.
+        if _WORD.unpack_from(mm, _GEN_AT)[0] != self._gen:
             self.refresh()
-        epoch = codec.HOT.unpack_from(mm, _ORDER_AT)[1]  # torn: differs, and _sort checks
-        if epoch != self._epoch:
+        if _WORD.unpack_from(mm, _ORDER_AT + 8)[0] != self._epoch:  # torn: _sort checks
             self._sort()
         v = self._views.get(app)
         if v is None:

@@ -324,9 +324,13 @@ class TableWriter:
             pack(mm, self._layout.entry(group.start + p), group.slots[p])
         self._write_group(group)
 
-    def _write_group(self, group: Group) -> None:
+    def _write_group(self, group: Group, always: bool = False) -> None:
+        """`group`'s block (when its counts changed, or `always`: a new layout), and what
+        that changes in its app's summary."""
         counts = group.counts()
         old = group.published
+        if counts == old and not always:
+            return
         group.published = counts
         at = self._layout.group(group.index)
         self._write_hot(at, *codec.group_fields(self._tag, *counts))
@@ -395,7 +399,7 @@ class TableWriter:
         self._mm[at : at + len(entries) * entries.itemsize] = entries.tobytes()
         self._resummarize = True
         for _, group in groups:
-            self._write_group(group)
+            self._write_group(group, always=True)
         self._write_order()
         self._relayout = False
 
