@@ -89,6 +89,7 @@ class TableWriter:
         self._epoch = 0  # the RTT order epoch
         self._tag = 0  # the group layout's number
         self._summaries: dict[str, Summary] = {}  # app -> its groups in walk order
+        self._apps_on: dict[str, set[str]] = {}  # node -> apps with a group on it
         self._resummarize = True  # an order changed: write every app's summary again
         if fresh:
             self._gen = 0
@@ -286,7 +287,8 @@ class TableWriter:
         if self._rtt.set(node_id, codec.order_key(rtt_us, up)):
             self._epoch += 1  # after the RTT: a reader that sees the epoch sees the RTT
             self._write_order()
-            self._write_summaries()
+            # only the apps with a group on this node have another order now
+            self._write_summaries(self._apps_on.get(node_id, set()))
 
     def heartbeat(self, now: float, store_state: int = 0, store_since: float = 0.0) -> None:
         """Say the writer is alive at `now` (wall-clock seconds); call it periodically.
@@ -301,6 +303,7 @@ class TableWriter:
         group = self._groups.get((row.app, row.node))
         if group is None:
             group = self._groups[row.app, row.node] = Group(row.app, row.node)
+            self._apps_on.setdefault(row.node, set()).add(row.app)
         group.add(slot, key)
         self._relayout = True
 
@@ -309,6 +312,7 @@ class TableWriter:
         group.remove(slot)
         if not len(group):
             del self._groups[row.app, row.node]
+            self._apps_on[row.node].discard(row.app)
         self._relayout = True
 
     def _rekey(self, group: Group, slot: int, key: int) -> None:
@@ -355,9 +359,19 @@ class TableWriter:
     def _write_word(self, at: int, value: int) -> None:
         codec.SUMMARY_WORD.pack_into(self._mm, at, value)
 
-    def _write_summaries(self) -> None:
-        """Every app's groups in walk order again (RTTs crossed, groups or apps changed)."""
+    def _write_summaries(self, only: set[str] | None = None) -> None:
+        """Apps' groups in walk order again: every app's (groups or apps changed), or the
+        apps in `only` (RTTs crossed on a node they have groups on)."""
         words = codec.summary_words(self._layout.max_nodes)
+        if only is not None:
+            for app in only:
+                slot = self._apps.index.get(app)
+                old = self._summaries.get(app)
+                if slot is not None and old is not None:
+                    summary = Summary(old.groups, self._rtt.keys, words)
+                    self._summaries[app] = summary
+                    self._write_summary(slot, summary)
+            return
         by_app: dict[str, list[Group]] = {}
         for group in self._groups.values():
             by_app.setdefault(group.app, []).append(group)
