@@ -65,6 +65,7 @@ class TableReader:
         self._views: dict[str, AppView] = {}  # app -> its view, for the current epoch
         self._node_keys: dict[str, int] = {}  # node id -> order key at the epoch
         self._epoch = -1  # RTT order epoch the views were sorted at (-1: sort again)
+        self.picks = 0  # numbered by the picks made through it (shm.view.Group.seen)
         self._tag = -1  # group layout the topology was read with
         self._app_slots: dict[str, int] = {}  # app -> its slot (its summary's place)
         self._words = codec.summary_words(layout.max_nodes)
@@ -194,10 +195,21 @@ class TableReader:
         (groups of RTT 0 excluded: a pick reads those itself); -1 when the table's
         summary of the app is not for this order (or is being written)."""
         at = v.summary_at
-        if at < 0 or not self._summary_ok(v):
+        if at < 0:
             return -1
-        at += codec.HOT_SIZE
-        return int.from_bytes(self._mm[at : at + 8 * self._words], "little")
+        # The signature word before and after the bits (a writer sets it to 0 before it
+        # rewrites them, and to the new order's after): the same, the bits are this
+        # order's. No check word: a signature torn between two values equals neither.
+        mm = self._mm
+        sig = v.sig
+        if _WORD.unpack_from(mm, at + 8)[0] != sig:
+            return -1
+        bits = int.from_bytes(
+            mm[at + codec.HOT_SIZE : at + codec.HOT_SIZE + 8 * self._words], "little"
+        )
+        if _WORD.unpack_from(mm, at + 8)[0] != sig:
+            return -1
+        return bits
 
     def low_bits(self, v: AppView) -> tuple[int, int] | None:
         """(the app's lowest load over soft and under hard, bit p: `v`'s group at position
@@ -210,13 +222,6 @@ class TableReader:
             return None
         at += codec.HOT_SIZE + 8 * self._words
         return got[1], int.from_bytes(self._mm[at : at + 8 * self._words], "little")
-
-    def _summary_ok(self, v: AppView) -> bool:
-        s, sig, low, x, y, k = codec.HOT.unpack_from(self._mm, v.summary_at)
-        if sig != v.sig:
-            return False
-        chk = s ^ sig * 0xC2B2AE3D27D4EB4F ^ low * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
-        return not s & 1 and k == (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
 
     def fresh_load(self, c: Candidate) -> None:
         """Read `c`'s load now (not its node's RTT: a view's order stands for it)."""

@@ -28,6 +28,7 @@ class Group:
         "name",
         "node",
         "order_at",
+        "seen",
     )
 
     def __init__(
@@ -51,6 +52,7 @@ class Group:
         self.n_hard = 0  # under hard (the first entries)
         self.min_load = 0  # the lowest load over soft and under hard
         self.n_min = 0  # entries with that load, after the first n_soft
+        self.seen = 0  # the pick that last read the hint (a pick reads a block once)
 
 
 class Run:

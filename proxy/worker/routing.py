@@ -170,6 +170,7 @@ class Routing:
             t = self._target(c.id, c.app, c.node, c.address, backhaul)
             targets[c.id] = old if old is not None and old == t else t
             c.cell = t.slot if c.local else -1  # the walk reads a local load from its cell
+            c.target = targets[c.id]  # no lookup in a fleet-sized dict per request
         self.targets = targets
         self.apps = {}
         for a in reader.apps():
@@ -287,7 +288,7 @@ class Routing:
                     return self._none(NO_PICK_ALL_FAILED, 502, text)
                 text = f"edgeproxy: app {app!r} has no instance\n"
                 return self._none(NO_PICK_NO_INSTANCES, 503, text)
-            t = targets.get(got.id)
+            t = _target_of(got) if isinstance(cands, AppView) else targets.get(got.id)
             if t is None or not (t.local or t.port):
                 self.exclude(r, got.id)  # not reachable from here: no address to send to
                 continue
@@ -448,6 +449,12 @@ class Routing:
         if self.reader is None:
             return True
         return self.reader.stale(now, self.config.table.stale_after)[0]
+
+
+def _target_of(c: Candidate) -> Target | None:
+    """The target _refresh filed on a table candidate (None if it has none yet)."""
+    t = c.target
+    return t if isinstance(t, Target) else None
 
 
 def _at_capacity(app: str) -> str:

@@ -94,6 +94,7 @@ class Walk:
     ) -> None:
         self.rng = rng
         self.now = now
+        self.reader.picks += 1  # a group's hint is read once per pick (Group.seen)
         self.excl = tried if tried else None
         self.marks = marks
         if marks is not None:
@@ -103,6 +104,16 @@ class Walk:
             self.full = _NO_MARKS
             self.loads = _NO_LOADS
         self.marked = bool(self.full or self.loads)
+
+    def _hint(self, g: Group) -> bool:
+        """`g`'s hint (reader.hint), read once per pick."""
+        reader = self.reader
+        if g.seen == reader.picks:
+            return True
+        if reader.hint(g):
+            g.seen = reader.picks
+            return True
+        return False
 
     def _load(self, c: Candidate) -> int:
         """The load the rules use (feedback, marks)."""
@@ -223,20 +234,19 @@ class Walk:
     def _soft_in_run(self, run: Run) -> Candidate | None:
         """One of the run's instances under soft, or None: those the table counts (and the
         ones without a usable hint, read), uniformly; if none, filed ones it did not count."""
-        reader = self.reader
         groups = run.groups
         if len(groups) == 1:
             g = groups[0]
             if g.local:
                 return self._soft_in_local(g)
-            if reader.hint(g):
+            if self._hint(g):
                 got = self._soft_hinted(groups, g.n_soft, [])
                 return got if got is not None else self._soft_filed(groups)
         hinted: list[Group] = []
         read: list[Candidate] = []  # of groups without a usable hint: read, under soft
         total = 0
         for g in groups:
-            if g.local or not reader.hint(g):
+            if g.local or not self._hint(g):
                 for c in g.members:
                     self.read(c)
                     if self._soft_ok(c):
@@ -354,7 +364,7 @@ class Walk:
         n = len(members)
         rand = self.rng.random
         reader = self.reader
-        if n > PROBES and reader.hint(g) and g.n_soft:
+        if n > PROBES and self._hint(g) and g.n_soft:
             for _ in range(PROBES):
                 e = reader.entry(g, int(rand() * g.n_soft))
                 if e is not None:
@@ -435,7 +445,7 @@ class Walk:
             for q in range(start, start + len(runs[r].groups)):
                 if bits >> q & 1:
                     g = view.groups[q]
-                    if not self.reader.hint(g) or g.n_hard <= g.n_soft or g.min_load != low:
+                    if not self._hint(g) or g.n_hard <= g.n_soft or g.min_load != low:
                         return None  # the summary and the group disagree: the long way
                     self._weigh(g, none, False, False, True)
         got = self._best_pick(view)
@@ -463,7 +473,7 @@ class Walk:
         (`under`), its filed instances (`filed`), its hinted lowest load (`low`). False:
         its hint proved wrong, and it is now demoted."""
         key = g.key
-        if g.local or g.index in demoted or not self.reader.hint(g):
+        if g.local or g.index in demoted or not self._hint(g):
             for c in g.members:
                 self.read(c)
                 if not self._out(c):
@@ -636,7 +646,7 @@ class Walk:
         read: list[Candidate] = []  # read, under hard
         total = 0
         for g in view.groups:
-            if g.local or not reader.hint(g):
+            if g.local or not self._hint(g):
                 for c in g.members:
                     self.read(c)
                     if not self._out(c) and self._load(c) < c.hard_limit:
