@@ -28,6 +28,7 @@ COMPILED = [
     "proxy/core/request_head.py",
     "proxy/core/router.py",
     "proxy/worker/routing.py",
+    "proxy/worker/walk.py",
     "proxy/worker/splice.py",
     "proxy/worker/tls.py",
     "proxy/master/static_table.py",
@@ -36,6 +37,7 @@ COMPILED = [
     "shm/candidate.py",
     "shm/inflight.py",
     "shm/reader.py",
+    "shm/view.py",
 ]
 
 

@@ -14,12 +14,18 @@ class Candidate:
     (-1 with `node_up` False when the instance's node has no row). `load_time_us` is when
     `load` was measured, in µs. `index` is the reader's slot for the instance (e.g. its
     in-flight counter); `load_at` and `node_at` are the offsets of its load and its node's
-    hot block in the segment (0: not read from a table, or no node row).
+    hot block in the segment (0: not read from a table, or no node row). `group` is its
+    group's number in the table's layout (-1: none), `cell` its in-flight counter slot
+    when it is local and the worker counts it (-1: none; its published load is used),
+    `target` what the worker's routing made of it (where to send a request; its own
+    type, opaque here).
     """
 
     __slots__ = (
         "address",
         "app",
+        "cell",
+        "group",
         "hard_limit",
         "id",
         "index",
@@ -36,6 +42,7 @@ class Candidate:
         "publisher_epoch",
         "rtt_us",
         "soft_limit",
+        "target",
     )
 
     def __init__(
@@ -55,21 +62,27 @@ class Candidate:
         load_at: int = 0,
         node_at: int = 0,
     ) -> None:
-        self.id = id
-        self.node = node
+        # What a pick reads of a probed candidate first: compiled, attributes are laid out
+        # in this order, so these share a cache line or two (a fleet's candidates do not
+        # stay in cache).
+        self.load_at = load_at
         self.local = local
         self.load = load
-        self.soft_limit = soft_limit
+        self.load_time_us = load_time_us
+        self.publisher_epoch = 0
         self.hard_limit = hard_limit
+        self.soft_limit = soft_limit
+        self.group = -1
+        self.cell = -1
+        self.id = id
+        self.target: object = None
+        self.node = node
         self.rtt_us = rtt_us
         self.address = address  # "host:port"
         self.index = index
-        self.load_time_us = load_time_us
         self.app = app
         self.node_up = node_up
-        self.load_at = load_at
         self.node_at = node_at
-        self.publisher_epoch = 0
         self.jitter_us = 0
         self.loss_permille = 0
         self.last_heard_us = 0

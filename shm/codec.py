@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Bump on ANY change of the bytes below; tests/unit/test_shm_header.py pins it with the
 # row sizes, so an accidental change fails. The version is part of the segment name.
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 # Cluster store health, carried in the heartbeat block's spare fields (no layout change).
 STORE_NONE, STORE_OK, STORE_DOWN, STORE_CONNECTING = range(4)
 STORE_STATES: Final = ("none", "ok", "down", "connecting")
@@ -328,16 +328,93 @@ def decode_instance(buf: bytes) -> tuple[int, InstanceRow | None] | None:
     return seq, row
 
 
+# The order of nodes readers walk: up nodes with a measured RTT by RTT, then the others
+# (down, or not measured yet), which rank alike after every measured one.
+RTT_UNKNOWN: Final = 1 << 62
+
+
+def order_key(rtt_us: int, up: bool) -> int:
+    """A node's place in the order readers walk (equal keys: equally close)."""
+    return rtt_us if up and rtt_us >= 0 else RTT_UNKNOWN
+
+
+# --- groups: what a pick reads instead of every instance ----------------------------------
+# A group is the instances of one app on one node (they share the node's RTT). The writer
+# keeps each group's instance slots in a segment of the order array, sorted by a class key
+# (under soft first, then under hard by load, then the full ones), and a hot block per
+# group with the class counts. Groups are numbered, and their segments laid end to end,
+# in (app, node) order of the instance rows, so a reader derives both from the rows it
+# has. Everything here is a hint a reader checks against the rows it reads: the block
+# carries the layout number it belongs to, an entry is used only if its row is in the group.
+ORDER_ENTRY: Final = struct.Struct("<I")  # an instance slot
+KEY_UNDER_SOFT: Final = -(1 << 62)  # class key: load under min(soft, hard)
+KEY_FULL: Final = 1 << 62  # class key: load at or over hard; between them, the load itself
+
+
+def class_key(load: int, soft: int, hard: int) -> int:
+    """The class key of an instance at `load` (the writer's sort key within a group).
+
+    A load beyond the keys' range (only a nonsensical one) is clamped: the group block
+    then names a load no row has, which a reader takes for a stale hint.
+    """
+    if load >= hard:
+        return KEY_FULL
+    if load < soft:
+        return KEY_UNDER_SOFT
+    return min(max(load, KEY_UNDER_SOFT + 1), KEY_FULL - 1)
+
+
+def group_fields(
+    tag: int, n_soft: int, n_hard: int, min_load: int, n_min: int
+) -> tuple[int, int, int, int]:
+    """A group block's four hot fields: the layout tag, the number under soft and under
+    hard (packed), the lowest load over soft and under hard, and how many have it."""
+    if not (0 <= n_soft <= n_hard <= 0xFFFFFFFF):
+        raise RowTooLargeError(f"group counts {n_soft}/{n_hard} out of range")
+    return tag, n_soft | n_hard << 32, min_load, n_min
+
+
+# --- app summaries: the groups of an app in the order a reader walks them -----------------
+# Per app slot: a hot block (signature of the order, the app's lowest load over soft) and
+# two bitmaps over the order's positions, SUMMARY_WORDS(max_nodes) words each: groups
+# with an instance under soft, groups at the app's lowest load. A reader uses them only
+# when its own order has the same signature; every bit is checked against the group's
+# block before it is trusted.
+def summary_words(max_nodes: int) -> int:
+    """64-bit words per bitmap: one bit per node, and room for a few nodes with no row."""
+    return max_nodes // 64 + 1
+
+
+def summary_size(max_nodes: int) -> int:
+    return HOT_SIZE + 2 * 8 * summary_words(max_nodes)
+
+
+def summary_signature(indexes: list[int]) -> int:
+    """The signature of an order of group numbers (never 0: 0 means "no summary")."""
+    h = len(indexes) + 1
+    for i in indexes:
+        h = (h * 0x100000001B3 ^ (i + 1)) & 0x1FFFFFFFFFFFFFFF
+    return h or 1
+
+
+SUMMARY_WORD: Final = struct.Struct("<Q")
+
+
 # --- header -------------------------------------------------------------------------------
 # 0 magic | 8 version | 12 header size | 16 total size | 24 capacities and row sizes
 # 48 writer block (pid, boot epoch) | 96 heartbeat block (time us)
-# 144 generation (gen, ~gen) | 160 high-water block (rows in use below) | 208.. reserved
+# 144 generation (gen, ~gen) | 160 high-water block (rows in use below)
+# 208 order block (RTT order epoch, group layout tag)
 STATIC: Final = struct.Struct("<8sIIQIIIIII")
 WRITER_AT: Final = 48
 HEARTBEAT_AT: Final = 96
 GEN_AT: Final = 144
 GEN: Final = struct.Struct("<QQ")
 HWM_AT: Final = 160
+# The epoch moves whenever the nodes' order by RTT may have changed (one passed or met
+# another, or went up or down), so a reader's sorted view of the nodes holds until it
+# moves. The tag is the number of the group layout last written (see `groups` above).
+ORDER_AT: Final = 208
 
 
 @dataclass(frozen=True, slots=True)

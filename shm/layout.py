@@ -1,6 +1,8 @@
 """Where things are in a table segment of given capacities, and what it is called.
 
-Owns the offsets of the three row tables, the total size, the expected static
+Owns the offsets of the three row tables, of the group blocks and the order array
+(one of each per instance slot at most), of the app summaries (one per app slot),
+the total size, the expected static
 header, and the versioned segment names. Pure arithmetic on codec constants:
 no mmap, no I/O.
 """
@@ -45,8 +47,24 @@ class Layout:
         return self.apps_at + self.max_apps * codec.APP_ROW
 
     @property
+    def groups_at(self) -> int:
+        """The group blocks: at most one group per instance."""
+        return self.instances_at + self.max_instances * codec.INSTANCE_ROW
+
+    @property
+    def order_at(self) -> int:
+        """The order array: one entry per instance."""
+        return self.groups_at + self.max_instances * codec.HOT_SIZE
+
+    @property
+    def summaries_at(self) -> int:
+        """The app summaries: one per app slot."""
+        end = self.order_at + self.max_instances * codec.ORDER_ENTRY.size
+        return (end + 7) // 8 * 8
+
+    @property
     def total_size(self) -> int:
-        end = self.instances_at + self.max_instances * codec.INSTANCE_ROW
+        end = self.summaries_at + self.max_apps * codec.summary_size(self.max_nodes)
         return (end + PAGE - 1) // PAGE * PAGE
 
     def node(self, index: int) -> int:
@@ -60,6 +78,18 @@ class Layout:
     def instance(self, index: int) -> int:
         """Offset of instance slot `index`."""
         return self.instances_at + index * codec.INSTANCE_ROW
+
+    def group(self, index: int) -> int:
+        """Offset of group block `index`."""
+        return self.groups_at + index * codec.HOT_SIZE
+
+    def entry(self, index: int) -> int:
+        """Offset of order array entry `index`."""
+        return self.order_at + index * codec.ORDER_ENTRY.size
+
+    def summary(self, app_slot: int) -> int:
+        """Offset of app slot `app_slot`'s summary block (its bitmaps follow)."""
+        return self.summaries_at + app_slot * codec.summary_size(self.max_nodes)
 
     def static(self) -> codec.Static:
         """The static header a segment of this layout carries."""

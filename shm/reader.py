@@ -1,9 +1,12 @@
 """Lock-free reader of a table segment, used by every proxy worker on every request.
 
 Owns the decoded-topology cache (re-read only when the header generation moves),
-the hot-path `candidates()` that reads load and RTT fresh under their seqlock
-checks, retry/fallback counting, host -> app lookup and writer liveness. It
-must never write to the segment, take a lock, or block on the writer.
+the apps' ordered views (re-sorted only when the RTT order epoch moves) and the
+hot-path reads a pick makes through them: one candidate's load and RTT (`fresh`),
+a group's hint block (`hint`), an order entry (`entry`), each under its seqlock
+check; `candidates()` reads a whole app. Also retry/fallback counting, host -> app
+lookup and writer liveness. It must never write to the segment, take a lock, or
+block on the writer.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ from shm.errors import LayoutMismatchError, SegmentMissingError
 from shm.hosts import app_for_host
 from shm.layout import Layout
 from shm.segment import Segment, fence
+from shm.view import AppView, Group, build, group_name
 
 MAX_RETRIES: Final = 16  # hot path: tries of one block before serving its last good value
 # Slow paths (topology reload, new candidates, status) then also yield the CPU this many
 # times, so a writer preempted in the middle of a row can finish it. Never a lock or a wait.
 PATIENT_YIELDS: Final = 200
 _GEN_AT: Final = codec.GEN_AT
+_ORDER_AT: Final = codec.ORDER_AT
+_ENTRY = codec.ORDER_ENTRY
+_WORD = struct.Struct("<Q")
 _M64: Final = 0xFFFFFFFFFFFFFFFF
 _SEQ = struct.Struct("<Q")
 R = TypeVar("R")
@@ -53,6 +60,15 @@ class TableReader:
         self._app_rows: dict[str, codec.AppRow] = {}
         self._node_rows: dict[str, tuple[codec.NodeRow, int]] = {}  # id -> (row, hot at)
         self._hosts: dict[str, str] = {}
+        self._by_slot: list[Candidate | None] = []  # instance slot -> candidate
+        self._groups: dict[str, list[Group]] = {}  # app -> its groups (table order)
+        self._views: dict[str, AppView] = {}  # app -> its view, for the current epoch
+        self._node_keys: dict[str, int] = {}  # node id -> order key at the epoch
+        self._epoch = -1  # RTT order epoch the views were sorted at (-1: sort again)
+        self.picks = 0  # numbered by the picks made through it (shm.view.Group.seen)
+        self._tag = -1  # group layout the topology was read with
+        self._app_slots: dict[str, int] = {}  # app -> its slot (its summary's place)
+        self._words = codec.summary_words(layout.max_nodes)
         self._heartbeat_us = 0
         self._store = (0, 0)  # (store state, since µs) from the heartbeat block
         self._writer = (0, 0)
@@ -89,6 +105,9 @@ class TableReader:
         """Drop the caches and unmap."""
         self._cands.clear()
         self._by_app.clear()
+        self._by_slot = []
+        self._groups.clear()
+        self._views.clear()
         self._seg.close()
 
     @property
@@ -145,6 +164,142 @@ class TableReader:
     def load_of(self, c: Candidate) -> None:
         """Read `c`'s published load now (one candidate; see `candidates(skip_local=True)`)."""
         self._reread_load(c)
+
+    def view(self, app: str) -> AppView | None:
+        """The app's ordered view (cached by generation and RTT order epoch), or None.
+
+        Its candidates hold the values last read: a pick reads the ones it examines
+        with `fresh`, and a group's counts with `hint`.
+        """
+        mm = self._mm
+        # The generation word alone: equal to the cached one, it was not being replaced
+        # (a torn read of a new one differs); refresh() checks the pair.
+        if _WORD.unpack_from(mm, _GEN_AT)[0] != self._gen:
+            self.refresh()
+        if _WORD.unpack_from(mm, _ORDER_AT + 8)[0] != self._epoch:  # torn: _sort checks
+            self._sort()
+        v = self._views.get(app)
+        if v is None:
+            groups = self._groups.get(app)
+            if groups is None:
+                return None
+            v = build(app, groups, self._by_app[app], self._node_keys, self.local_node)
+            slot = self._app_slots.get(app)
+            if slot is not None and len(groups) <= 64 * self._words:
+                v.summary_at = self._layout.summary(slot)
+            self._views[app] = v
+        return v
+
+    def soft_bits(self, v: AppView) -> int:
+        """Bit p: the table counts an instance under soft in `v`'s group at position p
+        (groups of RTT 0 excluded: a pick reads those itself); -1 when the table's
+        summary of the app is not for this order (or is being written)."""
+        at = v.summary_at
+        if at < 0:
+            return -1
+        # The signature word before and after the bits (a writer sets it to 0 before it
+        # rewrites them, and to the new order's after): the same, the bits are this
+        # order's. No check word: a signature torn between two values equals neither.
+        mm = self._mm
+        sig = v.sig
+        if _WORD.unpack_from(mm, at + 8)[0] != sig:
+            return -1
+        bits = int.from_bytes(
+            mm[at + codec.HOT_SIZE : at + codec.HOT_SIZE + 8 * self._words], "little"
+        )
+        if _WORD.unpack_from(mm, at + 8)[0] != sig:
+            return -1
+        return bits
+
+    def low_bits(self, v: AppView) -> tuple[int, int] | None:
+        """(the app's lowest load over soft and under hard, bit p: `v`'s group at position
+        p has it), RTT 0 excluded; None when the summary is not usable for `v`."""
+        at = v.summary_at
+        if at < 0:
+            return None
+        got = self._read_hot(at)
+        if got is None or got[0] != v.sig:
+            return None
+        at += codec.HOT_SIZE + 8 * self._words
+        return got[1], int.from_bytes(self._mm[at : at + 8 * self._words], "little")
+
+    def fresh_load(self, c: Candidate) -> None:
+        """Read `c`'s load now (not its node's RTT: a view's order stands for it)."""
+        s, a, b, x, y, k = codec.HOT.unpack_from(self._mm, c.load_at)
+        chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+        if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+            self._reread_load(c)
+        else:
+            c.load = a
+            c.load_time_us = b
+            c.publisher_epoch = x
+
+    def fresh(self, c: Candidate) -> None:
+        """Read `c`'s load and its node's RTT now (what `candidates()` does for each)."""
+        mm = self._mm
+        s, a, b, x, y, k = codec.HOT.unpack_from(mm, c.load_at)
+        chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+        if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+            self._reread_load(c)
+        else:
+            c.load = a
+            c.load_time_us = b
+            c.publisher_epoch = x
+        at = c.node_at
+        if at:
+            s, a, b, x, y, k = codec.HOT.unpack_from(mm, at)
+            chk = s ^ a * 0xC2B2AE3D27D4EB4F ^ b * 0x165667B19E3779F9 ^ x * 0x27D4EB2F165667C5
+            if s & 1 or k != (chk ^ y * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+                self._reread_node(c)
+            else:
+                c.rtt_us = a
+                c.jitter_us = b
+                c.loss_permille = x & 0xFFFFFFFF
+                c.node_up = x > 0xFFFFFFFF
+                c.last_heard_us = y
+
+    def hint(self, g: Group) -> bool:
+        """Read `g`'s block into its `n_soft`, `n_hard`, `min_load`, `n_min`; False when
+        it cannot be used (being written, torn, another layout's, or impossible counts)."""
+        s, tag, n, low, n_min, k = codec.HOT.unpack_from(self._mm, g.block_at)
+        chk = s ^ tag * 0xC2B2AE3D27D4EB4F ^ n * 0x165667B19E3779F9 ^ low * 0x27D4EB2F165667C5
+        if s & 1 or k != (chk ^ n_min * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:
+            got = self._read_hot(g.block_at)
+            if got is None:
+                return False
+            tag, n, low, n_min = got
+        n_soft = n & 0xFFFFFFFF
+        n_hard = n >> 32
+        if tag != self._tag or n_soft > n_hard or n_hard > len(g.members) or n_min < 0:
+            return False
+        if n_soft + n_min > n_hard:
+            return False
+        g.n_soft = n_soft
+        g.n_hard = n_hard
+        g.min_load = low
+        g.n_min = n_min
+        return True
+
+    def entry(self, g: Group, j: int) -> Candidate | None:
+        """The candidate at entry `j` (0 <= j < len(g.members)) of `g`'s segment, None
+        unless it is a member of `g` (the entry is a hint: it may be mid-move)."""
+        slot: int = _ENTRY.unpack_from(self._mm, g.order_at + 4 * j)[0]
+        by_slot = self._by_slot
+        if slot >= len(by_slot):
+            return None
+        c = by_slot[slot]
+        if c is None or c.group != g.index:
+            return None
+        return c
+
+    def candidate(self, instance_id: str) -> Candidate | None:
+        """An instance by id as of the cached topology (its values as last read)."""
+        return self._cands.get(instance_id)
+
+    def cached(self) -> list[Candidate]:
+        """Every instance as of the cached topology, nothing read now (refreshes first)."""
+        self.app_for_host("")
+        return list(self._cands.values())
 
     def app_for_host(self, host: str) -> str | None:
         """The app serving `host` (lower-case, port stripped by the caller), or None."""
@@ -206,6 +361,9 @@ class TableReader:
         hwm = self._read_hot(codec.HWM_AT, patient=True)
         if hwm is None:
             return
+        order = self._read_hot(_ORDER_AT, patient=True)
+        if order is None:
+            return
         lay = self._layout
         self._nodes = self._read_table(
             self._nodes, hwm[0], lay.node, codec.NODE_COLD, codec.decode_node
@@ -215,6 +373,8 @@ class TableReader:
             self._instances, hwm[2], lay.instance, codec.INSTANCE_COLD, codec.decode_instance
         )
         self._rebuild()
+        self._tag = order[1]
+        self._epoch = -1  # nodes may have come or gone: sort again
         got = self._read_hot(codec.WRITER_AT, patient=True)
         if got is not None:
             self._writer = (got[0], got[1])
@@ -259,6 +419,7 @@ class TableReader:
             for slot, (_, row) in self._nodes.items()
         }
         self._app_rows = {row.name: row for _, row in self._apps.values()}
+        self._app_slots = {row.name: slot for slot, (_, row) in self._apps.items()}
         self._hosts = {h: row.name for row in self._app_rows.values() for h in row.hosts}
         cands: dict[str, Candidate] = {}
         by_app: dict[str, list[Candidate]] = {}
@@ -305,6 +466,47 @@ class TableReader:
             by_app.setdefault(row.app, []).append(c)
         self._cands = cands
         self._by_app = by_app
+        self._rebuild_groups(hwm=max((c.index for c in cands.values()), default=-1) + 1)
+
+    def _rebuild_groups(self, hwm: int) -> None:
+        """Number the groups as the writer does ((app, node) order, segments end to end)."""
+        lay = self._layout
+        members: dict[tuple[str, str], list[Candidate]] = {}
+        by_slot: list[Candidate | None] = [None] * hwm
+        for c in self._cands.values():
+            by_slot[c.index] = c
+        for slot in by_slot:
+            if slot is not None:
+                members.setdefault((slot.app, slot.node), []).append(slot)
+        groups: dict[str, list[Group]] = {}
+        start = 0
+        for index, (app, node) in enumerate(sorted(members)):
+            ms = members[app, node]
+            g = Group(group_name(app, node), node, index, ms, lay.group(index), lay.entry(start))
+            start += len(ms)
+            for c in ms:
+                c.group = index
+            groups.setdefault(app, []).append(g)
+        self._by_slot = by_slot
+        self._groups = groups
+        self._views = {}
+
+    def _sort(self) -> None:
+        """The RTT order epoch moved: read every node's order key, views are rebuilt."""
+        got = self._read_hot(_ORDER_AT, patient=True)
+        if got is None:
+            return  # keep the views we have; the next pick tries again
+        keys: dict[str, int] = {}
+        for nid, (_, at) in self._node_rows.items():
+            h = self._read_hot(at, patient=True)
+            if h is not None:
+                state = codec.node_state_from(*h)
+                keys[nid] = codec.order_key(state.rtt_us, state.up)
+            else:
+                keys[nid] = self._node_keys.get(nid, codec.RTT_UNKNOWN)
+        self._node_keys = keys
+        self._views = {}
+        self._epoch = got[0]
 
     # --- liveness and views -----------------------------------------------------------------
     def stale(self, now: float, max_age: float) -> tuple[bool, float]:

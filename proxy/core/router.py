@@ -18,8 +18,8 @@ from shm.candidate import Candidate
 
 UNKNOWN_RTT_US: Final = 1 << 62  # rtt_us < 0 (node not measured yet) ranks after every known RTT
 _NOT_YET: Final = UNKNOWN_RTT_US + 1  # "no best yet": above every RTT and every load we rank
-_PROBE_FROM: Final = 8  # leastload: below this many candidates a scan is as cheap as probing
-_PROBES_PER_K: Final = 4  # leastload: random probes per wanted sample before a full scan
+PROBE_FROM: Final = 8  # leastload: below this many candidates a scan is as cheap as probing
+PROBES_PER_K: Final = 4  # leastload: random probes per wanted sample before a full scan
 _NO_TRIED: Final[frozenset[str]] = frozenset()
 _NO_MARKS: Final[dict[str, float]] = {}  # read only
 _NO_LOADS: Final[dict[str, tuple[int, int]]] = {}  # read only
@@ -38,13 +38,17 @@ class FullMarks:
     A mark makes the router treat the instance as at its hard limit until `now + hold`.
     Feedback (a backhaul response's in-flight count) replaces the table's load until the
     table's `load_time_us` is newer than the feedback. Times are seconds on the table's clock.
+    Feedback given with a `group` name is also filed under it (`in_group`): the ones that
+    may make a load lower than the table's, so a pick that skips a group on the table's
+    word can still find an instance this view knows to be less loaded.
     """
 
-    __slots__ = ("_full", "_loads")
+    __slots__ = ("_full", "_groups", "_loads")
 
     def __init__(self) -> None:
         self._full: dict[str, float] = {}  # instance id -> full until
         self._loads: dict[str, tuple[int, int]] = {}  # instance id -> (load, at µs)
+        self._groups: dict[str, set[str]] = {}  # group name -> ids with feedback
 
     def mark_full(self, instance_id: str, now: float, hold: float) -> None:
         """Treat the instance as full until `now + hold` (a later mark never shortens one)."""
@@ -52,9 +56,23 @@ class FullMarks:
         if until > self._full.get(instance_id, until - 1.0):
             self._full[instance_id] = until
 
-    def feedback(self, instance_id: str, load: int, now: float) -> None:
+    def feedback(self, instance_id: str, load: int, now: float, group: str = "") -> None:
         """Use `load` for the instance until the table has a newer measurement than `now`."""
         self._loads[instance_id] = (load, int(now * 1_000_000))
+        if group:
+            ids = self._groups.get(group)
+            if ids is None:
+                self._groups[group] = {instance_id}
+            else:
+                ids.add(instance_id)
+
+    def in_group(self, group: str) -> set[str] | None:
+        """Ids filed under `group` that may have feedback (a superset; None: none)."""
+        return self._groups.get(group) if self._groups else None
+
+    def filed(self) -> dict[str, set[str]]:
+        """Every group name with ids filed under it (read only)."""
+        return self._groups
 
     def is_full(self, instance_id: str, now: float) -> bool:
         """Whether the instance is marked full at `now`."""
@@ -62,21 +80,34 @@ class FullMarks:
 
     def load_of(self, c: Candidate, now: float) -> int:
         """The load the router uses for `c` at `now` (hard limit while marked full)."""
-        return _effective_load(c, now, self._full, self._loads)
+        return effective_load(c, now, self._full, self._loads)
 
     def prune(self, now: float, max_age: float) -> None:
         """Forget expired marks and feedback older than `max_age` (call off the hot path)."""
         self._full = {i: u for i, u in self._full.items() if now < u}
         oldest = int((now - max_age) * 1_000_000)
-        self._loads = {i: v for i, v in self._loads.items() if v[1] >= oldest}
+        self._loads = loads = {i: v for i, v in self._loads.items() if v[1] >= oldest}
+        groups: dict[str, set[str]] = {}
+        for name, ids in self._groups.items():
+            kept = {i for i in ids if i in loads}
+            if kept:
+                groups[name] = kept
+        self._groups = groups
+
+    def clear(self) -> None:
+        """Forget every mark and all feedback."""
+        self._full.clear()
+        self._loads.clear()
+        self._groups.clear()
 
     def __len__(self) -> int:
         return len(self._full) + len(self._loads)
 
 
-def _effective_load(
+def effective_load(
     c: Candidate, now: float, full: dict[str, float], loads: dict[str, tuple[int, int]]
 ) -> int:
+    """The load the rules use for `c`: its own, fresher feedback, the hard limit if marked."""
     load = c.load
     if loads:
         fb = loads.get(c.id)
@@ -201,12 +232,12 @@ def pick_leastload(
     excl = tried if tried else None
     k = max(k, 1)
     n = len(cands)
-    if n >= _PROBE_FROM and n > k:
+    if n >= PROBE_FROM and n > k:
         rand = rng.random
         probed: list[int] = []
         best: Candidate | None = None
         best_load = best_rtt = got = 0
-        for _ in range(_PROBES_PER_K * k + 4):
+        for _ in range(PROBES_PER_K * k + 4):
             i = int(rand() * n)
             if i in probed:
                 continue
@@ -214,7 +245,7 @@ def pick_leastload(
             c = cands[i]
             if excl is not None and c.id in excl:
                 continue
-            load = _effective_load(c, now, full, loads) if marked else c.load
+            load = effective_load(c, now, full, loads) if marked else c.load
             if load >= c.hard_limit:
                 continue
             rtt = 0 if c.local else c.rtt_us
@@ -225,10 +256,10 @@ def pick_leastload(
             got += 1
             if got == k:
                 return best
-    return _leastload_scan(cands, rng, now, excl, full, loads, k)
+    return leastload_scan(cands, rng, now, excl, full, loads, k)
 
 
-def _leastload_scan(
+def leastload_scan(
     cands: Sequence[Candidate],
     rng: Random,
     now: float,
@@ -249,7 +280,7 @@ def _leastload_scan(
     for c in cands:
         if excl is not None and c.id in excl:
             continue
-        if (_effective_load(c, now, full, loads) if marked else c.load) >= c.hard_limit:
+        if (effective_load(c, now, full, loads) if marked else c.load) >= c.hard_limit:
             continue
         m += 1
         if m <= k:
@@ -264,7 +295,7 @@ def _leastload_scan(
     best_load = best_rtt = _NOT_YET
     n_best = 0
     for c in sample:
-        load = _effective_load(c, now, full, loads) if marked else c.load
+        load = effective_load(c, now, full, loads) if marked else c.load
         rtt = 0 if c.local else c.rtt_us
         if rtt < 0:
             rtt = UNKNOWN_RTT_US

@@ -1,18 +1,20 @@
 """A worker's routing: Host -> app -> instance, admission of local instances, retries.
 
-Owns where candidates come from (the shared-memory table, or the config while
-there is none), local in-flight accounting (inc on dispatch, dec on the end),
-"full" marks and the tried set of a request. The choice itself is the router
-core's (proxy.core.router). It must not do network I/O.
+Owns where candidates come from (the shared-memory table's ordered views, or the
+config while there is none), local in-flight accounting (inc on dispatch, dec on the
+end), "full" marks and the tried set of a request. The choice itself follows the
+router core's rules (proxy.core.router over the config's lists, proxy.worker.walk
+over the table's views). It must not do network I/O.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from proxy.config import CLOSEST, LEASTLOAD, STRATEGIES
 from proxy.config_table import table_layout, table_name
 from proxy.core.router import FullMarks, NoPick, pick
 from proxy.core.target import Target
@@ -24,10 +26,12 @@ from proxy.telemetry.metrics import (
     NO_PICK_NO_INSTANCES,
     NO_PICK_NOT_FOUND,
 )
+from proxy.worker.walk import Walk
 from shm.candidate import Candidate
 from shm.errors import ShmError
 from shm.hosts import app_for_host
 from shm.reader import TableReader
+from shm.view import AppView, group_name
 
 if TYPE_CHECKING:
     from proxy.config import Config
@@ -77,6 +81,7 @@ class Routing:
         self.marks = FullMarks()
         self.down: dict[str, float] = {}  # instance id -> refused a connection, avoid until
         self.reader: TableReader | None = None
+        self.walk: Walk | None = None
         self.gen = -1
         self.targets: dict[str, Target] = {}
         self.hard: dict[str, int] = {}  # instance id -> hard limit
@@ -122,6 +127,7 @@ class Routing:
             self.reader = TableReader.attach(table_layout(t), table_name(t), self.node)
         except (ShmError, OSError):
             return False
+        self.walk = Walk(self.reader, self.cells)
         self.gen = -1
         return True
 
@@ -156,13 +162,15 @@ class Routing:
         self.gen = reader.generation
         targets: dict[str, Target] = {}
         self.hard = {}
-        for c in reader.instances():
+        for c in reader.cached():
             self.hard[c.id] = c.hard_limit
             node = reader.node(c.node)
             backhaul = node.backhaul if node is not None else ""
             old = self.targets.get(c.id)
             t = self._target(c.id, c.app, c.node, c.address, backhaul)
             targets[c.id] = old if old is not None and old == t else t
+            c.cell = t.slot if c.local else -1  # the walk reads a local load from its cell
+            c.target = targets[c.id]  # no lookup in a fleet-sized dict per request
         self.targets = targets
         self.apps = {}
         for a in reader.apps():
@@ -191,6 +199,13 @@ class Routing:
     # choosing ----------------------------------------------------------------------------
     def pick(self, app: str, r: Routed, now: float) -> tuple[Target | None, int, str]:
         """(target, status, reason): status and reason explain a None target."""
+        reader = self.reader
+        if reader is not None:  # the table: read only what the choice examines
+            view = reader.view(app)
+            if reader.generation != self.gen:
+                self._refresh(reader)
+            got: Sequence[Candidate] | AppView = view if view is not None else ()
+            return self.choose(app, got, self.apps.get(app), r, now)
         cands, info = self.view(app)
         return self.choose(app, cands, info, r, now)
 
@@ -214,21 +229,26 @@ class Routing:
         return cands, info
 
     def choose(
-        self, app: str, cands: Sequence[Candidate], info: _AppInfo | None, r: Routed, now: float
+        self,
+        app: str,
+        cands: Sequence[Candidate] | AppView,
+        info: _AppInfo | None,
+        r: Routed,
+        now: float,
     ) -> tuple[Target | None, int, str]:
-        """The second half of `pick`: choose among `view(app)` and admit. Another worker may
-        take a local instance's last slot between the two; admission then finds it full."""
+        """The second half of `pick`: choose among `view(app)` (or the table's view of the
+        app, read as the choice goes) and admit. Another worker may take a local
+        instance's last slot between the two; admission then finds it full."""
         if info is None:
             text = f"edgeproxy: app {app!r} is not in the routing table\n"
             return self._none(NO_PICK_NOT_FOUND, 404, text)
         targets = self.targets
         if r.force:
             name = r.force.decode("latin-1")
-            for c in cands:
-                if c.id == name:
-                    t = targets.get(name)
-                    if t is None or (not t.local and not t.port):
-                        break
+            c = self._named(cands, name)
+            if c is not None:
+                t = targets.get(name)
+                if t is not None and (t.local or t.port):
                     if not self._admit(t, r, c.hard_limit, ADMIT_EDGE):
                         text = f"edgeproxy: instance {name!r} is at capacity\n"
                         return self._none(NO_PICK_ALL_FULL, 503, text)
@@ -237,24 +257,24 @@ class Routing:
             return self._none(NO_PICK_NOT_FOUND, 404, text)
         if r.prefer and r.tries == 0:
             name = r.prefer.decode("latin-1")
-            for c in cands:
-                if c.id == name and c.load < c.hard_limit and not self.marks.is_full(name, now):
-                    t = targets.get(name)
-                    if (
-                        t is not None
-                        and (t.local or t.port)
-                        and self._admit(t, r, c.hard_limit, ADMIT_EDGE)
-                    ):
-                        return t, 0, ""
+            c = self._named(cands, name)
+            if c is not None and c.load < c.hard_limit and not self.marks.is_full(name, now):
+                t = targets.get(name)
+                if (
+                    t is not None
+                    and (t.local or t.port)
+                    and self._admit(t, r, c.hard_limit, ADMIT_EDGE)
+                ):
+                    return t, 0, ""
         for _ in range(len(cands) + 1):
             tried = r.tried
-            got = pick(cands, info.strategy, self.rng, now, tried or (), self.marks, info.k)
+            got = self._select(cands, info, now, tried or (), self.marks)
             if got is NoPick.ALL_FULL and len(self.marks):
                 # Full in this worker's own view (marks, what it sent): a remote node's own
                 # count decides, so ask one rather than answer 503 on a guess. Never a local
                 # instance (its count is exact) nor one that just refused a connection.
                 skip = self._not_guessed(cands, tried, now)
-                again = pick(cands, info.strategy, self.rng, now, skip, None, info.k)
+                again = self._select(cands, info, now, skip, None)
                 if not isinstance(again, NoPick):
                     got = again
             if isinstance(got, NoPick):
@@ -268,7 +288,7 @@ class Routing:
                     return self._none(NO_PICK_ALL_FAILED, 502, text)
                 text = f"edgeproxy: app {app!r} has no instance\n"
                 return self._none(NO_PICK_NO_INSTANCES, 503, text)
-            t = targets.get(got.id)
+            t = _target_of(got) if isinstance(cands, AppView) else targets.get(got.id)
             if t is None or not (t.local or t.port):
                 self.exclude(r, got.id)  # not reachable from here: no address to send to
                 continue
@@ -278,10 +298,45 @@ class Routing:
                 self.exclude(r, got.id)
                 continue
             if not t.local:
-                # Count what we send until the instance's node reports its load again.
+                # Count what we send until the instance's node reports its load again (one
+                # more than the load we used: never below the table's, so not filed by group).
                 self.marks.feedback(got.id, self.marks.load_of(got, now) + 1, now)
             return t, 0, ""
         return self._none(NO_PICK_ALL_FULL, 503, _at_capacity(app))
+
+    def _select(
+        self,
+        cands: Sequence[Candidate] | AppView,
+        info: _AppInfo,
+        now: float,
+        tried: Collection[str],
+        marks: FullMarks | None,
+    ) -> Candidate | NoPick:
+        if isinstance(cands, AppView):
+            walk = self.walk
+            assert walk is not None  # a view comes from the reader the walk reads
+            if info.strategy == CLOSEST:
+                return walk.closest(cands, self.rng, now, tried, marks)
+            if info.strategy == LEASTLOAD:
+                return walk.leastload(cands, self.rng, now, tried, marks, info.k)
+            raise ValueError(
+                f"unknown routing strategy {info.strategy!r}; expected one of {STRATEGIES}"
+            )
+        return pick(cands, info.strategy, self.rng, now, tried, marks, info.k)
+
+    def _named(self, cands: Sequence[Candidate] | AppView, name: str) -> Candidate | None:
+        """The app's instance `name` with its load read now, or None."""
+        if isinstance(cands, AppView):
+            reader, walk = self.reader, self.walk
+            c = reader.candidate(name) if reader is not None else None
+            if c is None or c.app != cands.app or walk is None:
+                return None
+            walk.read(c)
+            return c
+        for c in cands:
+            if c.id == name:
+                return c
+        return None
 
     def _none(self, reason: int, status: int, text: str) -> tuple[Target | None, int, str]:
         """No instance takes the request: count why, and answer `status` with `text`."""
@@ -290,11 +345,17 @@ class Routing:
         return None, status, text
 
     def _not_guessed(
-        self, cands: Sequence[Candidate], tried: set[str] | None, now: float
+        self, cands: Sequence[Candidate] | AppView, tried: set[str] | None, now: float
     ) -> set[str]:
         """Ids the all-full fallback must not pick: tried, local, or recently unreachable."""
         down = self.down
         skip = set(tried) if tried else set()
+        if isinstance(cands, AppView):  # the local group, and what is down (not every one)
+            for g in cands.groups:
+                if g.local:
+                    skip.update(c.id for c in g.members)
+            skip.update(i for i, until in down.items() if now < until)
+            return skip
         for c in cands:
             if c.local or now < down.get(c.id, now):
                 skip.add(c.id)
@@ -374,7 +435,9 @@ class Routing:
             self.marks.mark_full(r.target.instance, now, FULL_HOLD)
 
     def feedback(self, iid: str, load: int, now: float) -> None:
-        self.marks.feedback(iid, load, now)
+        """An instance's node said how loaded it is now (may be below the table's load)."""
+        t = self.targets.get(iid)
+        self.marks.feedback(iid, load, now, group_name(t.app, t.node) if t is not None else "")
 
     def prune(self, now: float, max_age: float) -> None:
         """Forget expired marks, down holds and feedback older than `max_age` (off the hot path)."""
@@ -386,6 +449,12 @@ class Routing:
         if self.reader is None:
             return True
         return self.reader.stale(now, self.config.table.stale_after)[0]
+
+
+def _target_of(c: Candidate) -> Target | None:
+    """The target _refresh filed on a table candidate (None if it has none yet)."""
+    t = c.target
+    return t if isinstance(t, Target) else None
 
 
 def _at_capacity(app: str) -> str:

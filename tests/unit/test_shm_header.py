@@ -33,7 +33,7 @@ def cfg(nodes: int = 4, apps: int = 4, instances: int = 8) -> Layout:
 
 def test_layout_version_and_row_sizes_are_pinned() -> None:
     """Changing any row layout must come with a LAYOUT_VERSION bump (update this test then)."""
-    assert codec.LAYOUT_VERSION == 1
+    assert codec.LAYOUT_VERSION == 2
     assert codec.MAGIC == b"EPXTABL\x00"
     assert codec.HEADER_SIZE == 256
     assert (codec.NODE_COLD, codec.NODE_ROW) == (224, 320)
@@ -43,7 +43,12 @@ def test_layout_version_and_row_sizes_are_pinned() -> None:
     assert (codec.NODE_HOT_AT, codec.INSTANCE_HOT_AT) == (224, 328)
     assert codec.STATIC.size == 48
     assert (codec.WRITER_AT, codec.HEARTBEAT_AT, codec.GEN_AT, codec.HWM_AT) == (48, 96, 144, 160)
-    assert Layout(1024, 1024, 16384).total_size == 7_802_880
+    assert codec.ORDER_AT + codec.HOT_SIZE == codec.HEADER_SIZE == 256
+    assert codec.ORDER_ENTRY.size == 4
+    lay = Layout(1024, 1024, 16384)
+    assert (lay.groups_at, lay.order_at, lay.summaries_at) == (7_799_040, 8_585_472, 8_651_008)
+    assert codec.summary_words(1024) == 17 and codec.summary_size(1024) == 320
+    assert lay.total_size == 8_982_528
     assert inflight_codec.INFLIGHT_VERSION == 1
     assert inflight_codec.DIR_ENTRY == 88
     assert inflight_codec.InflightLayout(64, 256).total_size == 155_648
@@ -51,7 +56,7 @@ def test_layout_version_and_row_sizes_are_pinned() -> None:
 
 def test_segment_names_carry_the_layout_version() -> None:
     """Old and new code use different names, so both can run during an upgrade."""
-    assert table_segment_name("edgeproxy-nrt1") == "/edgeproxy-nrt1.v1"
+    assert table_segment_name("edgeproxy-nrt1") == "/edgeproxy-nrt1.v2"
     assert inflight_codec.inflight_segment_name("edgeproxy-nrt1") == "/edgeproxy-nrt1-inflight.v1"
 
 
@@ -99,7 +104,7 @@ def test_wrong_version_is_refused(name: str) -> None:
     """A segment of another layout version is refused with both versions named."""
     TableWriter.open(cfg(), name).close()
     _corrupt(name, 8, (codec.LAYOUT_VERSION + 1).to_bytes(4, "little"))
-    with pytest.raises(LayoutMismatchError, match="layout version 2, this code reads version 1"):
+    with pytest.raises(LayoutMismatchError, match="layout version 3, this code reads version 2"):
         TableReader.attach(cfg(), name)
 
 
