@@ -45,7 +45,7 @@ class CA:
     cert: x509.Certificate
 
     @classmethod
-    def new(cls, name: str = "edgeproxy test CA", days: int = 30) -> CA:
+    def new(cls, name: str = "edgeproxy test CA", days: int = 365) -> CA:
         key = new_key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()
