@@ -29,6 +29,7 @@ COMPILED = [
     "proxy/core/router.py",
     "proxy/worker/routing.py",
     "proxy/worker/walk.py",
+    "proxy/worker/walk_reads.py",
     "proxy/worker/splice.py",
     "proxy/worker/tls.py",
     "proxy/master/static_table.py",

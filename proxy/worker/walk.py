@@ -25,158 +25,20 @@ from proxy.core.router import (
     UNKNOWN_RTT_US,
     FullMarks,
     NoPick,
-    effective_load,
     leastload_scan,
     pick_closest,
     pick_leastload,
 )
+from proxy.worker.walk_reads import NOT_YET, WalkReads, table_soft
 from shm.candidate import Candidate
-from shm.inflight import InflightCells
-from shm.reader import TableReader
 from shm.view import AppView, Group, Run
 
 SMALL: Final = 8  # up to this many instances, read them all and let the router choose
 PROBES: Final = 8  # random probes into a set before going through all of it
-_NOT_YET: Final = UNKNOWN_RTT_US + 1
-_NO_MARKS: Final[dict[str, float]] = {}  # read only
-_NO_LOADS: Final[dict[str, tuple[int, int]]] = {}  # read only
-_NO_IDS: Final[set[str]] = set()  # read only
 
 
-def _table_soft(c: Candidate) -> bool:
-    """Under soft by the table's load last read (what a group's hint counted)."""
-    return c.load < c.soft_limit and c.load < c.hard_limit
-
-
-class Walk:
+class Walk(WalkReads):
     """One worker's picks over one table reader (and its in-flight cells, if it counts)."""
-
-    def __init__(self, reader: TableReader, cells: InflightCells | None) -> None:
-        self.reader = reader
-        self.cells = cells
-        # the pick in progress
-        self.rng = Random(0)
-        self.now = 0.0
-        self.excl: Collection[str] | None = None
-        self.marks: FullMarks | None = None
-        self.full: dict[str, float] = _NO_MARKS
-        self.loads: dict[str, tuple[int, int]] = _NO_LOADS
-        self.marked = False
-        self._best_load = self._best_key = _NOT_YET  # the closest fallback's best so far
-        self._ex: list[Candidate] = []
-        self._hg: list[Group] = []
-
-    # --- reading and the rules' pieces ----------------------------------------------------
-    def read(self, c: Candidate) -> None:
-        """`c`'s load now: a local one's in-flight count (or its published load when the
-        worker has no cell for it), a remote one's from the table. Not its RTT: the view's
-        order and ties stand for the RTTs until the epoch moves (view.rank)."""
-        if c.local:
-            cells = self.cells
-            if cells is not None and c.cell >= 0:
-                c.load = cells.total(c.cell)
-            else:
-                self.reader.load_of(c)
-        else:
-            self.reader.fresh_load(c)
-
-    def read_all(self, c: Candidate) -> None:
-        """`c`'s load and RTT now, for the router's own rules (-1 if its node is down)."""
-        if c.local:
-            self.read(c)
-        else:
-            self.reader.fresh(c)
-            if not c.node_up:
-                c.rtt_us = -1  # a node the pinger sees down ranks after every measured one
-
-    def _start(
-        self, rng: Random, now: float, tried: Collection[str], marks: FullMarks | None
-    ) -> None:
-        self.rng = rng
-        self.now = now
-        self.reader.picks += 1  # a group's hint is read once per pick (Group.seen)
-        self.excl = tried if tried else None
-        self.marks = marks
-        if marks is not None:
-            self.full = marks._full
-            self.loads = marks._loads
-        else:
-            self.full = _NO_MARKS
-            self.loads = _NO_LOADS
-        self.marked = bool(self.full or self.loads)
-
-    def _hint(self, g: Group) -> bool:
-        """`g`'s hint (reader.hint), read once per pick."""
-        reader = self.reader
-        if g.seen == reader.picks:
-            return True
-        if reader.hint(g):
-            g.seen = reader.picks
-            return True
-        return False
-
-    def _load(self, c: Candidate) -> int:
-        """The load the rules use (feedback, marks)."""
-        if self.marked:
-            return effective_load(c, self.now, self.full, self.loads)
-        return c.load
-
-    def _out(self, c: Candidate) -> bool:
-        """Tried already, or marked full."""
-        excl = self.excl
-        if excl is not None and c.id in excl:
-            return True
-        full = self.full
-        return bool(full) and self.now < full.get(c.id, self.now)
-
-    def _soft_ok(self, c: Candidate) -> bool:
-        """Under soft by the rules, and not tried."""
-        if self._out(c):
-            return False
-        load = self._load(c)
-        return load < c.soft_limit and load < c.hard_limit
-
-    def _filed(self, g: Group) -> set[str]:
-        marks = self.marks
-        ids = marks.in_group(g.name) if marks is not None else None
-        return ids if ids is not None else _NO_IDS
-
-    def _own_load(self, c: Candidate, filed: set[str]) -> bool:
-        """`c` is filed and its feedback is in force: its load is this worker's own word,
-        so it is read on its own, never counted through the group's hint."""
-        if c.id not in filed:
-            return False
-        fb = self.loads.get(c.id)
-        return fb is not None and fb[1] >= c.load_time_us
-
-    def _filed_read(self, g: Group, filed: set[str], bound: int) -> list[Candidate]:
-        """`g`'s filed instances whose own load is in force, not over `bound`, under hard,
-        not tried nor marked (read now)."""
-        out: list[Candidate] = []
-        loads = self.loads
-        reader = self.reader
-        for iid in filed:
-            fb = loads.get(iid)
-            if fb is None or fb[0] > bound:
-                continue
-            c = reader.candidate(iid)
-            if c is None or c.group != g.index:
-                continue
-            self.read(c)
-            if fb[1] >= c.load_time_us and not self._out(c) and self._load(c) < c.hard_limit:
-                out.append(c)
-        return out
-
-    def _no_pick(self, view: AppView) -> NoPick:
-        excl = self.excl
-        if excl is None:
-            return NoPick.ALL_FULL if view.all else NoPick.NO_INSTANCES
-        mine = 0
-        for iid in excl:
-            c = self.reader.candidate(iid)
-            if c is not None and c.app == view.app:
-                mine += 1
-        return NoPick.ALL_FULL if mine < len(view.all) else NoPick.NO_INSTANCES
 
     # --- closest ---------------------------------------------------------------------------
     def closest(
@@ -278,7 +140,7 @@ class Walk:
             c = reader.entry(hinted[i], r)
             if c is not None:
                 self.read(c)
-                if _table_soft(c) and self._soft_ok(c):
+                if table_soft(c) and self._soft_ok(c):
                     return c
         best: Candidate | None = None
         m = 0
@@ -295,7 +157,7 @@ class Walk:
                     stale = True
                     break
                 self.read(e)
-                if not _table_soft(e):
+                if not table_soft(e):
                     stale = True
                     break
                 got.append(e)
@@ -323,7 +185,7 @@ class Walk:
             if not filed:
                 continue
             for c in self._filed_read(g, filed, UNKNOWN_RTT_US):
-                if not _table_soft(c) and self._soft_ok(c):
+                if not table_soft(c) and self._soft_ok(c):
                     m += 1
                     if rand() * m < 1.0:
                         best = c
@@ -348,7 +210,7 @@ class Walk:
             if r < a or r > best_run or r == b:
                 continue
             for c in self._filed_read(view.groups[p], ids, UNKNOWN_RTT_US):
-                if not _table_soft(c) and self._soft_ok(c):
+                if not table_soft(c) and self._soft_ok(c):
                     if r < best_run:
                         best_run = r
                         picks = [c]
@@ -452,7 +314,7 @@ class Walk:
         return None if isinstance(got, Group) else got
 
     def _best_reset(self) -> None:
-        self._best_load = self._best_key = _NOT_YET
+        self._best_load = self._best_key = NOT_YET
         self._ex = []  # read, at the best (load, key) so far
         self._hg = []  # hinted groups whose lowest load is the best so far
 
@@ -502,7 +364,7 @@ class Walk:
         return True
 
     def _best_pick(self, view: AppView) -> Candidate | NoPick | Group:
-        if self._best_load == _NOT_YET:
+        if self._best_load == NOT_YET:
             return self._no_pick(view)
         if not self._hg:
             return self._ex[int(self.rng.random() * len(self._ex))]
@@ -520,7 +382,7 @@ class Walk:
             if c is None:
                 return None
             self.read(c)
-            if not _table_soft(c):
+            if not table_soft(c):
                 return None
             if not self._out(c) and not self._own_load(c, filed):
                 out.append(c)
@@ -686,7 +548,7 @@ class Walk:
                 break
         if len(sample) == k:
             best = sample[0]
-            best_load = best_rtt = _NOT_YET
+            best_load = best_rtt = NOT_YET
             for c in sample:  # in random order: the first of equals is a uniform choice
                 load = self._load(c)
                 rtt = view.rank(c)
