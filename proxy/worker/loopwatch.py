@@ -5,8 +5,9 @@ histogram, the current value, never a per-request cost), the shedding decision (
 shed_lag_ms for shed_after probes in a row starts it, as many in a row below stops it; the
 request path reads one flag) and the watchdog thread that, when the probe is late by more
 than blocked_ms, samples the loop thread's stack with sys._current_frames and logs it, at
-most once per period. The watchdog only reads the probe's heartbeat and writes its own
-counters; it never touches the loop.
+most once per period. A wake of the watchdog that comes late itself means the whole
+process was off the CPU, which is not blamed on the loop. The watchdog only reads the
+probe's heartbeat and writes its own counters; it never touches the loop.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ class Watchdog:
         self.thread = threading.Thread(target=self.watch, name="loop-watchdog", daemon=True)
         self.last_logged = -period
         self.suppressed = 0
+        self.step = min(max(blocked / 2.0, 0.01), 0.5)  # 4 wakes a second at the default
+        self.last_wake = 0.0  # time.monotonic() of this thread's last wake
+        self.back = 0.0  # when this process last came back from being off the CPU
+        self.reported = 0.0  # the `due` of the stall already reported
 
     def start(self) -> None:
         self.thread.start()
@@ -143,16 +148,29 @@ class Watchdog:
             self.thread.join(timeout=1.0)
 
     def watch(self) -> None:
-        step = min(max(self.blocked / 2.0, 0.01), 0.5)  # 4 wakes a second at the default
-        reported = 0.0  # the `due` of the stall already reported
-        while not self.stopped.wait(step):
-            due = self.probe.due
-            if due in (0.0, reported):
-                continue
-            late = time.monotonic() - due
-            if late > self.blocked:
-                reported = due
+        self.last_wake = time.monotonic()
+        while not self.stopped.wait(self.step):
+            late = self.seen(time.monotonic(), self.probe.due)
+            if late > 0.0:
                 self.report(late)
+
+    def seen(self, now: float, due: float) -> float:
+        """One wake of this thread at `now`, the probe next due at `due`: how late the
+        probe is when that means a blocked loop to report, else 0.0.
+
+        A wake that comes late itself means this whole process was off the CPU (a starved
+        or stopped host), not that a callback held the loop: the loop gets `blocked` from
+        that moment to run its probe before it counts as blocked. Each stall once."""
+        woke_late = now - self.last_wake > self.step + self.blocked / 2.0
+        self.last_wake = now
+        if woke_late:
+            self.back = now
+        if due in (0.0, self.reported):
+            return 0.0
+        if now - max(due, self.back) <= self.blocked:
+            return 0.0
+        self.reported = due
+        return now - due
 
     def report(self, late: float) -> None:
         now = time.monotonic()

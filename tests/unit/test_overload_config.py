@@ -1,8 +1,10 @@
-"""[overload]: the config rules, and the lag probe's shedding decision (proxy.worker.loopwatch)."""
+"""[overload]: the config rules, the lag probe's shedding decision and the watchdog's
+blocked-loop decision (proxy.worker.loopwatch)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from proxy.config import ConfigError, OverloadConfig, loads
 from proxy.telemetry.metrics import WorkerStats
-from proxy.worker.loopwatch import LagProbe
+from proxy.worker.loopwatch import LagProbe, Watchdog
 
 
 def test_defaults_watch_but_never_shed() -> None:
@@ -89,3 +91,44 @@ def test_shedding_follows_runs_of_readings(
         assert p.stats.shedding == int(p.shedding)
     changes = sum(1 for a, b in zip([False, *events], events, strict=False) if a != b)
     assert changes == len(events)  # alternating: never the same change twice
+
+
+def watchdog(loop: asyncio.AbstractEventLoop, start: float) -> Watchdog:
+    """blocked_ms 100: the thread wakes every 50 ms (never started here; fed by hand)."""
+    w = Watchdog(probe(loop, 1, []), 0.1, [0, 0], io.StringIO())
+    w.last_wake = start
+    return w
+
+
+def test_a_loop_held_past_blocked_ms_is_reported_once(loop: asyncio.AbstractEventLoop) -> None:
+    """Wakes on time every 50 ms while the probe stays due at t=10.0: nothing up to 100 ms
+    late, then one report with the lateness, and none again for the same stall."""
+    w = watchdog(loop, 10.0)
+    got = [w.seen(10.0 + 0.05 * i, 10.0) for i in range(1, 7)]
+    assert got[:2] == [0.0, 0.0]
+    assert got[2] == pytest.approx(0.15)
+    assert got[3:] == [0.0, 0.0, 0.0]
+    assert w.seen(10.4, 10.39) == 0.0  # the probe ran again: a new due, on time
+
+
+def test_a_process_off_the_cpu_is_not_a_blocked_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The whole process stopped for 300 ms (a starved or SIGSTOPped host): the watchdog's
+    own wake comes late too, so the probe's lateness is not blamed on a callback; the loop
+    gets blocked_ms from then on to run its probe."""
+    w = watchdog(loop, 10.0)
+    assert w.seen(10.05, 10.04) == 0.0
+    assert w.seen(10.35, 10.06) == 0.0  # back after 300 ms: the probe is 290 ms late
+    assert w.seen(10.36, 10.37) == 0.0  # and it ran at once
+    assert w.counts == [0, 0]
+
+
+def test_a_loop_still_held_after_the_process_is_back_is_reported(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """After a late wake the loop's lateness counts from the moment the process was back:
+    still stuck more than blocked_ms after that, it is reported, with its whole lateness."""
+    w = watchdog(loop, 10.0)
+    assert w.seen(10.35, 10.06) == 0.0
+    assert w.seen(10.40, 10.06) == 0.0
+    assert w.seen(10.45, 10.06) == 0.0  # 100 ms since back: not more than blocked_ms
+    assert w.seen(10.50, 10.06) == pytest.approx(0.44)
