@@ -144,8 +144,11 @@ class Routing:
             )
         host, port = _split(backhaul) if backhaul else ("", 0)
         extra = b"X-Edgeproxy-Instance: " + iid.encode() + b"\r\n"
+        # The pool key names the node as well as the address: a pooled connection was
+        # verified as that node (proxy.worker.backhaul_tls), so it is never reused for
+        # another node that took over the address.
         return Target(
-            "bh:" + backhaul,
+            "bh:" + node + "\n" + backhaul,
             iid,
             app,
             node,

@@ -207,3 +207,14 @@ def test_out_of_tries_after_a_full_reject_is_a_503_and_after_a_failure_a_502() -
         req.tries = MAX_TRIES
     assert r.retry(full, "shop", 100.0)[1] == 503
     assert r.retry(failed, "shop", 100.0, unreachable=True)[1] == 502
+
+
+def test_backhaul_pool_key_names_the_node_not_only_its_address() -> None:
+    """A connection pooled for node n3 (its certificate checked as n3) is never handed to
+    another node that now has n3's backhaul address; the same node keeps one pool."""
+    r = routing()
+    a = r._target("shop-n3", "shop", "n3", "127.0.0.3:7000", "127.0.0.3:9080")
+    b = r._target("shop-n5", "shop", "n5", "127.0.0.3:7000", "127.0.0.3:9080")
+    again = r._target("shop-n3b", "shop", "n3", "127.0.0.3:7001", "127.0.0.3:9080")
+    assert a.key != b.key
+    assert a.key == again.key
