@@ -54,7 +54,7 @@ def world(traced: bool) -> World:
     if traced:
         cfg = TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", slow_ms=60000.0)
         w.ctx.tracer = Tracer(cfg, [0, 0, 0])
-        w.ctx.trace = TraceContext(os.urandom(24), 0.0, random.Random().random)
+        w.ctx.trace = TraceContext(os.urandom, 0.0, random.Random().random)
     return w
 
 
@@ -99,7 +99,7 @@ def micro() -> dict[str, float]:
     from proxy.core.request import Request
     from proxy.core.traceparent import TraceContext, parse_traceparent
 
-    tc = TraceContext(os.urandom(24), 0.0, random.Random().random)
+    tc = TraceContext(os.urandom, 0.0, random.Random().random)
     plain = Request(100, 65536)
     with_tp = Request(100, 65536)
     with_tp.on_header(b"traceparent", WITH_TP.split(b"traceparent: ")[1].split(b"\r\n")[0])

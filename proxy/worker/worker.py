@@ -99,7 +99,7 @@ class Worker:
             tracer = Tracer(self.config.tracing, spans)
             self.ctx.tracer = tracer
             rate = self.config.tracing.sample_rate
-            self.ctx.trace = TraceContext(os.urandom(24), rate, random.Random().random)
+            self.ctx.trace = TraceContext(os.urandom, rate, random.Random().random)
             self.exporter = Exporter(self.config, tracer)
 
     @staticmethod
