@@ -290,3 +290,35 @@ def test_tracing_off_passes_a_valid_traceparent_on_unchanged_and_drops_the_rest(
         r = request(*fields, (b"tracestate", b"congo=t61rcWkgMzE"))
         pass_on(r)
         assert sent(r) == []
+
+
+header_value = st.binary(max_size=70).filter(lambda v: not set(v) & set(b"\r\n\x00"))
+
+
+@given(
+    tps=st.lists(st.one_of(st.just(VALID), near_valid(), header_value), max_size=3),
+    states=st.lists(st.one_of(st.just(b"congo=t61rcWkgMzE"), header_value), max_size=3),
+    trusted=st.booleans(),
+)
+def test_whatever_is_sent_the_instance_gets_one_valid_traceparent_of_ours(
+    tps: list[bytes], states: list[bytes], trusted: bool
+) -> None:
+    """Any traceparent and tracestate fields in: exactly one version 00 traceparent out,
+    parent-id our span; the sender's trace only when its one field was valid (its flag only
+    when trusted); a tracestate only then, and only as the cleaner passed it."""
+    r = request(*[(b"traceparent", v) for v in tps], *[(b"tracestate", v) for v in states])
+    context(0.0).begin(r, trusted=trusted)
+    lines = sent(r)
+    name, _, value = lines[0].partition(b": ")
+    assert name == b"traceparent" and len(value) == 55 and value[:3] == b"00-"
+    got = parse_traceparent(value)
+    assert got is not None and got[1] == r.span_id
+    theirs = parse_traceparent(tps[0]) if len(tps) == 1 else None
+    if theirs is None:
+        assert got[0] != TRACE or VALID not in tps
+        assert got[2] == 0 and lines[1:] == []
+        return
+    assert got[0] == theirs[0] and r.parent_id == theirs[1]
+    assert got[2] == (theirs[2] & 1 if trusted else 0)
+    state = clean_tracestate(b",".join(states)) if states else b""
+    assert lines[1:] == ([b"tracestate: " + state] if state else [])
