@@ -35,6 +35,7 @@ COMPILED = [
     "proxy/master/static_table.py",
     "proxy/worker/upstream.py",
     "proxy/core/target.py",
+    "proxy/core/traceparent.py",
     "shm/candidate.py",
     "shm/inflight.py",
     "shm/reader.py",

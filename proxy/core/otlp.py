@@ -2,10 +2,11 @@
 
 Owns the wire form of `ExportTraceServiceRequest` (opentelemetry-proto's trace v1 and
 collector v1 messages) for the fields this proxy sends: one resource, one scope, spans
-with ids, name, kind SERVER, times, attributes (string, int, double, bool values), an
-error status. Protobuf's encoding is small (varints, length-delimited fields, fixed64),
-so it is written here rather than pulling a protobuf runtime into every worker; the
-tests decode what it makes with the official definitions. Sans-io: no clock, no random.
+with ids, name, kind SERVER, times, attributes (string, int, double, bool values),
+events (a time, a name, attributes), an error status. Protobuf's encoding is small
+(varints, length-delimited fields, fixed64), so it is written here rather than pulling
+a protobuf runtime into every worker; the tests decode what it makes with the official
+definitions. Sans-io: no clock, no random.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ _DOUBLE = struct.Struct("<d")
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """A moment in a span (a retry): when, what, and its attributes."""
+
+    time_ns: int  # Unix epoch nanoseconds
+    name: str
+    attributes: Attrs
+
+
+@dataclass(frozen=True, slots=True)
 class SpanRecord:
     """One finished span, as the exporter hands it to the encoder."""
 
@@ -36,6 +46,7 @@ class SpanRecord:
     end_ns: int
     attributes: Attrs
     error: str = ""  # non-empty: the span's status is ERROR with this message
+    events: Sequence[Event] = ()
 
 
 def _varint(n: int) -> bytes:
@@ -83,13 +94,17 @@ def _attributes(field: int, attrs: Iterable[tuple[str, Value]]) -> bytes:
 
 def span(s: SpanRecord) -> bytes:
     """Span: trace_id 1, span_id 2, parent_span_id 4, name 5, kind 6, start 7, end 8
-    (fixed64), attributes 9, status 15 (message 2, code 3)."""
+    (fixed64), attributes 9, events 11 (Event: time_unix_nano 1 fixed64, name 2,
+    attributes 3), status 15 (message 2, code 3)."""
     out = _bytes(1, s.trace_id) + _bytes(2, s.span_id)
     if s.parent_span_id:
         out += _bytes(4, s.parent_span_id)
     out += _str(5, s.name) + _tag(6, 0) + _varint(SPAN_KIND_SERVER)
     out += _tag(7, 1) + _FIXED64.pack(s.start_ns) + _tag(8, 1) + _FIXED64.pack(s.end_ns)
     out += _attributes(9, s.attributes)
+    for e in s.events:
+        ev = _tag(1, 1) + _FIXED64.pack(e.time_ns) + _str(2, e.name) + _attributes(3, e.attributes)
+        out += _bytes(11, ev)
     if s.error:
         out += _bytes(15, _str(2, s.error) + _tag(3, 0) + _varint(STATUS_ERROR))
     return out

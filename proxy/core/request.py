@@ -26,15 +26,22 @@ class Request(RequestHead):
         "full",
         "head_bytes",
         "hold",
+        "parent_id",
         "rejected",
         "replayable",
         "resp_at",
+        "resp_size",
         "responded",
+        "retry_log",
+        "sampled",
         "sent",
         "slot",
+        "span_id",
         "started",
         "status",
         "target",
+        "trace_id",
+        "trace_line",
         "tried",
         "tries",
     )
@@ -64,3 +71,13 @@ class Request(RequestHead):
         self.tried: set[str] | None = None
         self.full = 0  # of the tried instances, those found full (routing: 503, not 502)
         self.target: Target | None = None
+        self.resp_size = 0  # response body bytes towards the client
+        # Every retry: (loop time, reason, the instance given up on); None: no retry.
+        self.retry_log: list[tuple[float, str, str]] | None = None
+        # W3C Trace Context (proxy.core.traceparent): ids as lowercase hex, the head
+        # sampling decision, the lines the instance gets (b"": none).
+        self.trace_id = b""
+        self.span_id = b""
+        self.parent_id = b""
+        self.sampled = False
+        self.trace_line = b""

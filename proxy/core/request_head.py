@@ -6,8 +6,9 @@ Host, RFC 9112 3.2.2), exactly one Host, the body's framing (decided from the
 proxy's own parse and emitted by the proxy, never a client's field), hop-by-hop
 fields (RFC 9110 7.6.1: a Connection token can drop ordinary fields, never
 the framing, the Host or what the proxy sets), the forwarding fields (set by
-the proxy; a client's are kept only when it is trusted) and upgrades (only
-allowed protocols). Sans-io: no sockets, no clock; it must stay
+the proxy; a client's are kept only when it is trusted), upgrades (only
+allowed protocols) and the trace context fields (kept aside for
+proxy.core.traceparent, never forwarded as they came). Sans-io: no sockets, no clock; it must stay
 allocation-lean: ordinary fields are forwarded as the bytes they came as.
 """
 
@@ -47,6 +48,8 @@ _SPECIAL: Final = _DROP | {
     b"x-forwarded-host",
     b"x-forwarded-port",
     b"forwarded",
+    b"traceparent",
+    b"tracestate",
 }
 
 # Connection tokens that name no field to drop.
@@ -106,6 +109,9 @@ class RequestHead:
         "prefer",
         "size",
         "te",
+        "tp_count",
+        "traceparent",
+        "tracestate",
         "tunnel",
         "upgrade",
         "url",
@@ -144,6 +150,10 @@ class RequestHead:
         self.http10 = False
         self.framing = NO_BODY
         self.tunnel = False
+        # W3C Trace Context, as the client sent it (proxy.core.traceparent reads it).
+        self.traceparent = b""
+        self.tp_count = 0  # more than one traceparent field: invalid
+        self.tracestate = b""  # every tracestate field, joined with ","
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -201,6 +211,11 @@ class RequestHead:
             if value.lower() != b"100-continue":
                 raise HeadError(417, "only Expect: 100-continue is supported")
             self.expect_continue = True
+        elif lname == b"traceparent":
+            self.traceparent = value
+            self.tp_count += 1
+        elif lname == b"tracestate":
+            self.tracestate = value if not self.tracestate else self.tracestate + b"," + value
         elif lname == FORCE_INSTANCE:
             self.force = value.strip()
         elif lname == PREFER_INSTANCE:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from proxy.config import Config
     from proxy.core.request import Request
     from proxy.core.target import Target
+    from proxy.core.traceparent import TraceContext
     from proxy.telemetry.metrics import WorkerStats
     from proxy.worker.upstream import UpstreamConnection
     from shm.inflight import InflightCells
@@ -97,6 +98,8 @@ class WorkerContext:
         self.shed_extra = b"Retry-After: %d\r\n" % config.overload.retry_after
         # [tracing]: requests that become spans (proxy.worker.tracing); None: no tracing.
         self.tracer: Tracer | None = None
+        # W3C Trace Context: ids and head sampling at each request's start (with tracer).
+        self.trace: TraceContext | None = None
         # [limits] max_connections: client (not peer) connections of this worker. At the
         # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
         # `on_accepting(True)` to resume (proxy.worker owns the listeners).
@@ -155,12 +158,7 @@ class WorkerContext:
             if r.resp_at:
                 s.hists[RESPONSE_BODY].observe(app, now - r.resp_at)
             tr = self.tracer
-            if tr is not None and (
-                elapsed > tr.slow
-                or status >= 499
-                or r.tries > 1
-                or (tr.rate > 0.0 and tr.rng() < tr.rate)
-            ):
+            if tr is not None and (elapsed > tr.slow or status >= 499 or r.tries > 1 or r.sampled):
                 tr.record(r, status, now, elapsed)
         if r.body_last:
             s.hists[REQUEST_BODY].observe(app, r.body_last - r.body_first)

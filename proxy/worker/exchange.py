@@ -16,7 +16,16 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from proxy.core.conn_state import BUSY, REFUSING, TUNNEL, UPGRADE
-from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk, simple_response
+from proxy.core.headers import (
+    BAD_CODING,
+    CHUNK_END,
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
+    chunk,
+    simple_response,
+)
+from proxy.core.traceparent import pass_on
 from proxy.telemetry.families import SHED_LOOP_LAG
 from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
 from proxy.worker.routing import MAX_TRIES
@@ -47,6 +56,13 @@ class ClientExchange(Exchange):
         conn = self.conn
         ctx = conn.ctx
         r = self.r
+        # W3C Trace Context: ids and the sampling decision now, so the instance (or the
+        # next node) gets them; a peer on the backhaul is trusted, a client is not.
+        trace = ctx.trace
+        if trace is not None:
+            trace.begin(r, conn.backhaul)
+        elif r.traceparent:
+            pass_on(r)
         if ctx.shedding:
             self.shed()
             return
@@ -68,7 +84,7 @@ class ClientExchange(Exchange):
         if target is None:
             self.local_response(status, why, b"Retry-After: 1\r\n" if status == 503 else b"")
             return
-        r.base_head = r.build(conn.front)
+        r.base_head = r.build(conn.front, r.trace_line)
         self.dispatch(target)
 
     def shed(self) -> None:
@@ -100,7 +116,7 @@ class ClientExchange(Exchange):
             extra = b"X-Edgeproxy-Reject: full\r\nX-Edgeproxy-Load: %d\r\nRetry-After: 1\r\n" % load
             self.local_response(503, f"edgeproxy: instance {iid!r} is full\n", extra)
             return
-        r.base_head = r.build(conn.front)
+        r.base_head = r.build(conn.front, r.trace_line)
         self.dispatch(target)
 
     def dispatch(self, target: Target) -> None:
@@ -201,13 +217,25 @@ class ClientExchange(Exchange):
         ctx = self.conn.ctx
         target, st, text = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
         if target is not None:
-            ctx.stats_retry(why)
+            self.retrying(why)
             self.dispatch(target)
             return
         if st == 503:  # the others are full: "come back later", not a gateway error
             self.local_response(503, text, b"Retry-After: 1\r\n")
             return
         self.local_response(status, f"edgeproxy: upstream {why.replace('_', ' ')}\n")
+
+    def retrying(self, why: str) -> None:
+        """The request goes again (counted, and kept for its span: when, why, where)."""
+        ctx = self.conn.ctx
+        ctx.stats_retry(why)
+        r = self.r
+        t = r.target
+        entry = (ctx.loop.time(), why, t.instance if t is not None else "")
+        if r.retry_log is None:
+            r.retry_log = [entry]
+        else:
+            r.retry_log.append(entry)
 
     def local_response(self, status: int, text: str, extra: bytes = b"") -> None:
         """Answer the request from the proxy itself."""
@@ -227,11 +255,9 @@ class ClientExchange(Exchange):
         conn.resp_keep = keep
         if status in (502, 504):
             ctx.upstream_error(status)
-        t.write(
-            simple_response(
-                status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD"
-            )
-        )
+        head_only = r.method == b"HEAD"
+        t.write(simple_response(status, text, close=not keep, extra=extra, head_only=head_only))
+        r.resp_size = 0 if head_only else len(text.encode())
         r.responded = True
         conn.finish(r, status)
 
@@ -281,8 +307,10 @@ class ClientExchange(Exchange):
             self.send_body(up)
 
     def upstream_body(self, data: bytes | memoryview) -> None:
-        if self.r.rejected:
+        r = self.r
+        if r.rejected:
             return
+        r.resp_size += len(data)
         if self.framing == CHUNKED:
             self.conn.out.append(chunk(data))
         else:
@@ -334,6 +362,8 @@ class ClientExchange(Exchange):
             return
         if self.framing == CHUNKED:
             conn.out.append(CHUNK_END)
+        elif self.framing == LENGTH:
+            r.resp_size = up.content_length  # a spliced body never passed upstream_body
         conn.flush_soon()
         up.release(r.complete)
         conn.finish(r, r.status)
@@ -347,7 +377,7 @@ class ClientExchange(Exchange):
         if r.replayable or r.hold:  # the try was counted when it was sent (attach)
             target, status, why = ctx.routing.retry(r, r.app_name, now)
             if target is not None:
-                ctx.stats_retry("reject")
+                self.retrying("reject")
                 self.dispatch(target)
                 return
             if status == 503:
@@ -414,13 +444,13 @@ class ClientExchange(Exchange):
                 # on a fresh connection to the same instance. Not a try: the instance
                 # never had the request.
                 r.tries -= 1
-                ctx.stats_retry("reset_before_response")
+                self.retrying("reset_before_response")
                 self.connect(r.target)
                 return
             # A fresh connection died before any answer: the instance is in trouble.
             target, _, _ = ctx.routing.retry(r, r.app_name, time.time(), unreachable=True)
             if target is not None:
-                ctx.stats_retry("reset_before_response")
+                self.retrying("reset_before_response")
                 self.dispatch(target)
                 return
         if why == BAD_RESPONSE:

@@ -2,8 +2,9 @@
 
 Owns the worker's span buffer and its exporter thread. On the loop, `Tracer.record`
 appends one tuple of plain values for a request that WorkerContext.done found slow
-(over [tracing] slow_ms), failed (5xx, or 499: the client left), retried or sampled; a
-full buffer drops it and counts. The exporter thread wakes every interval_ms, builds the
+(over [tracing] slow_ms), failed (5xx, or 499: the client left), retried or sampled
+(decided at its start, with its ids: proxy.core.traceparent); a full buffer drops it
+and counts. The exporter thread wakes every interval_ms, builds the
 spans and their protobuf (proxy.core.otlp) and POSTs them in batches to the endpoint,
 retrying with backoff on a connection error or 429/502/503/504 (the OTLP/HTTP rule),
 then drops and counts. The loop never waits on it: they share only a deque.
@@ -22,11 +23,9 @@ from typing import TYPE_CHECKING, Final, TextIO
 from urllib.parse import urlsplit
 
 from proxy import __version__
-from proxy.core.otlp import SpanRecord, Value, export_request
+from proxy.core.otlp import Event, SpanRecord, Value, export_request
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from proxy.config import Config, TracingConfig
     from proxy.core.request import Request
 
@@ -36,19 +35,41 @@ REASONS: Final = ("slow", "failed", "retried", "sampled")
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
 LOG_PERIOD = 60.0  # seconds between two logged export failures
 
-# What the loop keeps of a traced request (built into a span on the exporter's thread).
-Raw = tuple[int, int, int, bytes, str, str, str, int, int, int, int, float, float, float, bool]
+# What the loop keeps of a traced request (built into a span on the exporter's thread):
+# why, start and end (ns), method, app, instance, its node, status, head bytes, request
+# body bytes, tries, the three timings (s), backhauled, response body bytes, trace id,
+# span id, parent id (hex), retries as (ns, reason, instance given up on).
+Raw = tuple[
+    int,
+    int,
+    int,
+    bytes,
+    str,
+    str,
+    str,
+    int,
+    int,
+    int,
+    int,
+    float,
+    float,
+    float,
+    bool,
+    int,
+    bytes,
+    bytes,
+    bytes,
+    tuple[tuple[int, str, str], ...],
+]
 
 
 class Tracer:
     """The loop's side: which requests are traced, and the bounded buffer."""
 
-    __slots__ = ("buffer", "cap", "counts", "rate", "rng", "slow")
+    __slots__ = ("buffer", "cap", "counts", "slow")
 
-    def __init__(self, cfg: TracingConfig, counts: list[int], rng: Callable[[], float]) -> None:
+    def __init__(self, cfg: TracingConfig, counts: list[int]) -> None:
         self.slow = cfg.slow_ms / 1000.0
-        self.rate = cfg.sample_rate
-        self.rng = rng  # random.Random().random
         self.cap = cfg.buffer
         self.counts = counts
         self.buffer: deque[Raw] = deque()
@@ -67,6 +88,9 @@ class Tracer:
         else:
             why = 3
         end = time.time_ns()
+        retries: tuple[tuple[int, str, str], ...] = ()
+        if r.retry_log is not None:
+            retries = tuple((end - int((now - at) * 1e9), w, i) for at, w, i in r.retry_log)
         t = r.target
         head = r.resp_at - r.started if r.resp_at else -1.0
         body = r.body_last - r.body_first if r.body_last else -1.0
@@ -88,6 +112,11 @@ class Tracer:
                 body,
                 resp,
                 t is not None and not t.local,
+                r.resp_size,
+                r.trace_id,
+                r.span_id,
+                r.parent_id,
+                retries,
             )
         )
 
@@ -95,7 +124,7 @@ class Tracer:
 def build(raw: Raw, node: str) -> SpanRecord:
     """The span of one recorded request (on the exporter's thread)."""
     why, start, end, method, app, inst, inst_node, status, head_size, body_size, tries = raw[:11]
-    head, body, resp, backhaul = raw[11:]
+    head, body, resp, backhaul, resp_size, trace, span_id, parent, retries = raw[11:]
     m = method.decode("latin-1") or "HTTP"
     attrs: list[tuple[str, Value]] = [
         ("http.request.method", m),
@@ -108,7 +137,10 @@ def build(raw: Raw, node: str) -> SpanRecord:
         ("edgeproxy.tries", tries),
         ("edgeproxy.request.head_bytes", head_size),
         ("http.request.body.size", body_size),
+        ("http.response.body.size", resp_size),
     ]
+    if retries:
+        attrs.append(("edgeproxy.retry_reasons", ",".join(w for _, w, _ in retries)))
     if inst:
         attrs += [
             ("edgeproxy.instance", inst),
@@ -127,15 +159,20 @@ def build(raw: Raw, node: str) -> SpanRecord:
         error = f"{status} answered"
     elif status == 499:
         error = "the client left before the answer"
+    events = [
+        Event(at, "retry", [("edgeproxy.retry.reason", w), ("edgeproxy.instance", inst)])
+        for at, w, inst in retries
+    ]
     return SpanRecord(
-        trace_id=os.urandom(16),
-        span_id=os.urandom(8),
-        parent_span_id=b"",
+        trace_id=bytes.fromhex(trace.decode()) if trace else os.urandom(16),
+        span_id=bytes.fromhex(span_id.decode()) if span_id else os.urandom(8),
+        parent_span_id=bytes.fromhex(parent.decode()) if parent else b"",
         name=f"{m} {app}" if app else m,
         start_ns=start,
         end_ns=end,
         attributes=attrs,
         error=error,
+        events=events,
     )
 
 

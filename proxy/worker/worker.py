@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy.config import ConfigError, loads
+from proxy.core.traceparent import TraceContext
 from proxy.telemetry.metrics import (
     DRAINING,
     SERVING,
@@ -95,8 +96,10 @@ class Worker:
         self.exporter: Exporter | None = None
         if self.config.tracing.enabled:
             spans = self.stats.family("trace_spans_total")
-            tracer = Tracer(self.config.tracing, spans, random.Random().random)
+            tracer = Tracer(self.config.tracing, spans)
             self.ctx.tracer = tracer
+            rate = self.config.tracing.sample_rate
+            self.ctx.trace = TraceContext(os.urandom, rate, random.Random().random)
             self.exporter = Exporter(self.config, tracer)
 
     @staticmethod

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from proxy.config import ConfigError, loads
-from proxy.core.otlp import SpanRecord, export_request
+from proxy.core.otlp import Event, SpanRecord, export_request
 
 values = st.one_of(
     st.text(max_size=40),
@@ -30,6 +30,15 @@ spans = st.builds(
     end_ns=st.integers(min_value=0, max_value=2**64 - 1),
     attributes=attrs,
     error=st.text(max_size=30),
+    events=st.lists(
+        st.builds(
+            Event,
+            time_ns=st.integers(min_value=0, max_value=2**64 - 1),
+            name=st.text(max_size=20),
+            attributes=attrs,
+        ),
+        max_size=3,
+    ),
 )
 
 
@@ -43,7 +52,7 @@ def test_official_decoder_reads_back_every_field(
     resource: list[tuple[str, object]], records: list[SpanRecord]
 ) -> None:
     """What the encoder writes, opentelemetry-proto decodes to the same ids, names, times,
-    attributes (each value type) and error status, in order."""
+    attributes (each value type), events and error status, in order."""
     body = export_request(resource, "edgeproxy", "1.2.3", records)  # type: ignore[arg-type]
     msg = ExportTraceServiceRequest.FromString(body)
     (rs,) = msg.resource_spans
@@ -62,6 +71,10 @@ def test_official_decoder_reads_back_every_field(
         for (gk, gv), (wk, wv) in zip(pairs, want.attributes, strict=True):
             assert gk == wk
             assert type(gv) is type(wv) and (gv == wv or (isinstance(wv, float) and math.isnan(wv)))
+        assert [
+            (e.time_unix_nano, e.name, [(kv.key, decoded_value(kv.value)) for kv in e.attributes])
+            for e in got.events
+        ] == [(e.time_ns, e.name, list(e.attributes)) for e in want.events]
         if want.error:
             assert got.status.code == 2 and got.status.message == want.error
         else:
