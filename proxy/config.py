@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from proxy.config_metrics import MetricsConfig, metrics_section
 from proxy.config_overload import OverloadConfig, overload_section
 from proxy.config_reader import (
     HOST_RE,
@@ -194,6 +195,7 @@ class Config:
     backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -285,6 +287,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "backhaul",
             "overload",
             "tracing",
+            "metrics",
             "app",
             "instance",
             "peer",
@@ -449,6 +452,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         backhaul=backhaul_tls,
         overload=overload_section(top.table("overload")),
         tracing=tracing_section(top.table("tracing")),
+        metrics=metrics_section(top.table("metrics")),
     )
 
 

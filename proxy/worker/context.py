@@ -22,6 +22,7 @@ from proxy.telemetry.metrics import (
     UPSTREAM_ERROR_STATUSES,
     WHERE_BATCH,
     WHERE_SWEEP,
+    app_rows,
 )
 from proxy.worker.batch import WriteBatch
 from proxy.worker.faults import Faults
@@ -74,8 +75,9 @@ class WorkerContext:
         self.timeouts = config.timeouts
         self.limits = config.limits
         self.quiet_period = config.workers.quiet_period
-        self.app_index = {a.name: i for i, a in enumerate(config.apps)}
-        self.no_app = len(config.apps)
+        # An app's row in the stats (past [metrics] max_apps, the shared "_other" row).
+        self.app_index = app_rows([a.name for a in config.apps], config.metrics.max_apps)
+        self.no_app = stats.no_app
         self.routing = Routing(config, cells, random.Random(), stats)
         self.routing.attach()
         self.faults = Faults(stats.internal_errors, loop.time, sys.stderr)

@@ -27,6 +27,7 @@ from proxy.telemetry.metrics import (
     WHERE_CALLBACK,
     WHERE_LOOP,
     WorkerStats,
+    app_labels,
 )
 from proxy.telemetry.statsblock import StatsBlock
 from proxy.worker.backhaul_tls import BackhaulTLS
@@ -59,7 +60,8 @@ class Worker:
         self.master_pid: int = boot["master_pid"]
         self.loop = asyncio.new_event_loop()
         app_names = [a.name for a in self.config.apps]
-        self.stats = WorkerStats(app_names, self.slot, self.generation, os.getpid())
+        labels = app_labels(app_names, self.config.metrics.max_apps)
+        self.stats = WorkerStats(labels, self.slot, self.generation, os.getpid())
         self.block = (
             StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
         )
