@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from proxy.config_log import LogConfig, log_section
 from proxy.config_metrics import MetricsConfig, metrics_section
 from proxy.config_overload import OverloadConfig, overload_section
 from proxy.config_reader import (
@@ -38,6 +39,8 @@ __all__ = [
     "BackhaulConfig",
     "Config",
     "ConfigError",
+    "LogConfig",
+    "MetricsConfig",
     "OverloadConfig",
     "TlsConfig",
     "TracingConfig",
@@ -196,6 +199,7 @@ class Config:
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -288,6 +292,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "overload",
             "tracing",
             "metrics",
+            "log",
             "app",
             "instance",
             "peer",
@@ -453,6 +458,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         overload=overload_section(top.table("overload")),
         tracing=tracing_section(top.table("tracing")),
         metrics=metrics_section(top.table("metrics")),
+        log=log_section(top.table("log")),
     )
 
 

@@ -24,6 +24,7 @@ from proxy.telemetry.metrics import (
     WHERE_SWEEP,
     app_rows,
 )
+from proxy.worker.accesslog import AccessLog
 from proxy.worker.batch import WriteBatch
 from proxy.worker.faults import Faults
 from proxy.worker.routing import Routing
@@ -99,6 +100,8 @@ class WorkerContext:
         self.shed_extra = b"Retry-After: %d\r\n" % config.overload.retry_after
         # [tracing]: requests that become spans (proxy.worker.tracing); None: no tracing.
         self.tracer: Tracer | None = None
+        # [log] access: sampled finished requests get a line (proxy.worker.accesslog).
+        self.access_log: AccessLog | None = None
         # [limits] max_connections: client (not peer) connections of this worker. At the
         # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
         # `on_accepting(True)` to resume (proxy.worker owns the listeners).
@@ -166,6 +169,9 @@ class WorkerContext:
                 tr.record(r, status, now, elapsed)
         if r.body_last:
             s.hists[REQUEST_BODY].observe(app, r.body_last - r.body_first)
+        al = self.access_log
+        if al is not None:
+            al.offer(r, status)
 
     def bad_request(self, status: int) -> None:
         if status in BAD_REQUEST_STATUSES:

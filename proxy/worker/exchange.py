@@ -227,11 +227,11 @@ class ClientExchange(Exchange):
         conn.resp_keep = keep
         if status in (502, 504):
             ctx.upstream_error(status)
-        t.write(
-            simple_response(
-                status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD"
-            )
+        answer = simple_response(
+            status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD"
         )
+        t.write(answer)
+        r.resp_size += len(answer)
         r.responded = True
         conn.finish(r, status)
 
@@ -268,6 +268,7 @@ class ClientExchange(Exchange):
         self.framing = framing
         conn.resp_keep = keep
         r.status = status
+        r.resp_size += len(head)
         conn.out.append(head)  # goes out with the first body bytes: one write
 
     def upstream_interim(self, head: bytes) -> None:
@@ -281,8 +282,10 @@ class ClientExchange(Exchange):
             self.send_body(up)
 
     def upstream_body(self, data: bytes | memoryview) -> None:
-        if self.r.rejected:
+        r = self.r
+        if r.rejected:
             return
+        r.resp_size += len(data)
         if self.framing == CHUNKED:
             self.conn.out.append(chunk(data))
         else:
@@ -311,6 +314,9 @@ class ClientExchange(Exchange):
         ):
             return -1
         return conn.sink_fd
+
+    def upstream_spliced(self, n: int) -> None:
+        self.r.resp_size += n
 
     def upstream_held(self) -> list[bytes | memoryview]:
         """Hand over what is held for the client (the caller sends it before the body)."""
@@ -502,3 +508,6 @@ class Abandoned(Exchange):
 
     def upstream_held(self) -> list[bytes | memoryview]:
         return []
+
+    def upstream_spliced(self, n: int) -> None:
+        pass

@@ -30,6 +30,7 @@ from proxy.telemetry.metrics import (
     app_labels,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.accesslog import AccessLog, Writer
 from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
@@ -100,6 +101,12 @@ class Worker:
             tracer = Tracer(self.config.tracing, spans, random.Random().random)
             self.ctx.tracer = tracer
             self.exporter = Exporter(self.config, tracer)
+        self.access_writer: Writer | None = None
+        if self.config.log.enabled:
+            lines = self.stats.family("access_log_lines_total")
+            al = AccessLog(self.config.log, lines, random.Random().random, self.loop.time)
+            self.ctx.access_log = al
+            self.access_writer = Writer(self.config.log, self.config.node.id, al)
 
     @staticmethod
     def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
@@ -151,6 +158,8 @@ class Worker:
         self.probe.start()
         if self.exporter is not None:
             self.exporter.start()
+        if self.access_writer is not None:
+            self.access_writer.start()
         blocked = self.config.overload.blocked_ms / 1000.0
         if blocked > 0:
             counts = self.stats.family("loop_blocked_total")
@@ -170,6 +179,8 @@ class Worker:
                 c.transport.abort()
         if self.exporter is not None:
             self.exporter.stop()  # what is buffered goes out (one try each), bounded
+        if self.access_writer is not None:
+            self.access_writer.stop()  # what is buffered is written
         self.publish()
 
     def tls_edge(self) -> TlsEdge:

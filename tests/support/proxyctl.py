@@ -185,6 +185,7 @@ class ProxyConfig:
     overload: dict[str, Any] = field(default_factory=dict)  # [overload], if any
     tracing: dict[str, Any] = field(default_factory=dict)  # [tracing], if any
     metrics: dict[str, Any] = field(default_factory=dict)  # [metrics], if any
+    log: dict[str, Any] = field(default_factory=dict)  # [log], if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -220,6 +221,8 @@ class ProxyConfig:
             out += _section("tracing", self.tracing)
         if self.metrics:
             out += _section("metrics", self.metrics)
+        if self.log:
+            out += _section("log", self.log)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
