@@ -57,6 +57,10 @@ class Worker:
         self.boot = boot
         self.config = loads(boot["config_text"], boot["config_path"])
         self.slot: int = boot["slot"]
+        if self.config.log.format == "json":
+            from proxy.worker.errlines import install
+
+            install(self.config.node.id, self.slot)  # before anything keeps sys.stderr
         self.generation: int = boot["generation"]
         self.master_pid: int = boot["master_pid"]
         self.loop = asyncio.new_event_loop()
@@ -79,6 +83,7 @@ class Worker:
             bh.handshake_timeout,
             self.stats,
             self.ctx.faults,
+            out=sys.stderr,  # the JSON error stream when [log] format = "json"
         )
         if not bh.insecure:
             self.ctx.peer_connect = self.backhaul_tls.connect
@@ -100,13 +105,13 @@ class Worker:
             spans = self.stats.family("trace_spans_total")
             tracer = Tracer(self.config.tracing, spans, random.Random().random)
             self.ctx.tracer = tracer
-            self.exporter = Exporter(self.config, tracer)
+            self.exporter = Exporter(self.config, tracer, out=sys.stderr)
         self.access_writer: Writer | None = None
         if self.config.log.enabled:
             lines = self.stats.family("access_log_lines_total")
             al = AccessLog(self.config.log, lines, random.Random().random, self.loop.time)
             self.ctx.access_log = al
-            self.access_writer = Writer(self.config.log, self.config.node.id, al)
+            self.access_writer = Writer(self.config.log, self.config.node.id, al, out=sys.stderr)
 
     @staticmethod
     def attach_cells(boot: dict[str, Any]) -> InflightCells | None:

@@ -154,3 +154,25 @@ def test_bytes_out_of_a_big_body(proxy_factory: Callable[..., Proxy], tmp_path: 
     assert got.status == 200 and len(got.body) == size
     (rec,) = wait_lines(log, 1)
     assert size < rec["bytes_out"] < size + 1024, rec
+
+
+@pytest.mark.timeout(60)
+def test_error_lines_as_json(proxy_factory: Callable[..., Proxy]) -> None:
+    """With [log] format = "json", a worker's warning (here: a trace export refused, its
+    endpoint closed) reaches stderr as one JSON object naming the node and worker."""
+    closed = f"http://127.0.0.1:{free_port()}/v1/traces"
+    p = proxy_factory(
+        workers=1,
+        log={"format": "json"},
+        tracing={"endpoint": closed, "retries": 0, "interval_ms": 100},
+    )
+    assert p.get("/status/500").status == 500
+    assert p.wait_metric('edgeproxy_trace_spans_total{outcome="export_failed"}', 1) == 1
+
+    def reports() -> list[dict[str, Any]]:
+        return [orjson.loads(ln) for ln in p.stderr().splitlines() if ln.startswith("{")]
+
+    wait_until(lambda: any("trace export" in r["msg"] for r in reports()), timeout=5.0)
+    (rec,) = [r for r in reports() if "trace export" in r["msg"]]
+    assert rec["level"] == "warning" and rec["node"] == f"t{p.cfg.uid}" and rec["worker"] == 0
+    assert "1 spans dropped" in rec["msg"] and not rec["msg"].startswith("edgeproxy worker")
