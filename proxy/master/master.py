@@ -513,7 +513,12 @@ def run(config_path: str, takeover: str | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
+    if config.log.format == "json":
+        from proxy.master.logfmt import json_handler
+
+        logging.basicConfig(level=logging.INFO, handlers=[json_handler(config.node.id)])
+    else:
+        logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
     warn_insecure(config)
     try:
         prepare_control_dir(config.listen.control)

@@ -5,6 +5,7 @@ full buffer drops lines and counts them in /metrics."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -159,7 +160,8 @@ def test_bytes_out_of_a_big_body(proxy_factory: Callable[..., Proxy], tmp_path: 
 @pytest.mark.timeout(60)
 def test_error_lines_as_json(proxy_factory: Callable[..., Proxy]) -> None:
     """With [log] format = "json", a worker's warning (here: a trace export refused, its
-    endpoint closed) reaches stderr as one JSON object naming the node and worker."""
+    endpoint closed) reaches stderr as one JSON object naming the node and worker, and so
+    does the master's warning about a worker that died (killed here)."""
     closed = f"http://127.0.0.1:{free_port()}/v1/traces"
     p = proxy_factory(
         workers=1,
@@ -176,3 +178,11 @@ def test_error_lines_as_json(proxy_factory: Callable[..., Proxy]) -> None:
     (rec,) = [r for r in reports() if "trace export" in r["msg"]]
     assert rec["level"] == "warning" and rec["node"] == f"t{p.cfg.uid}" and rec["worker"] == 0
     assert "1 spans dropped" in rec["msg"] and not rec["msg"].startswith("edgeproxy worker")
+    (pid,) = p.serving_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: any("respawning" in r["msg"] for r in reports()), timeout=10.0)
+    (died,) = [r for r in reports() if "respawning" in r["msg"]]
+    assert died["level"] == "warning" and died["node"] == f"t{p.cfg.uid}"
+    assert f"worker {pid} " in died["msg"] and died["pid"] == p.proc.pid
+    text = [ln for ln in p.stderr().splitlines() if ln and not ln.startswith("{")]
+    assert text == [], text  # every line of master and workers is JSON
