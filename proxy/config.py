@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from proxy.config_log import LogConfig, log_section
+from proxy.config_metrics import MetricsConfig, metrics_section
 from proxy.config_overload import OverloadConfig, overload_section
 from proxy.config_reader import (
     HOST_RE,
@@ -37,6 +39,8 @@ __all__ = [
     "BackhaulConfig",
     "Config",
     "ConfigError",
+    "LogConfig",
+    "MetricsConfig",
     "OverloadConfig",
     "TlsConfig",
     "TracingConfig",
@@ -194,6 +198,8 @@ class Config:
     backhaul: BackhaulConfig = field(default_factory=BackhaulConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -285,6 +291,8 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "backhaul",
             "overload",
             "tracing",
+            "metrics",
+            "log",
             "app",
             "instance",
             "peer",
@@ -449,6 +457,8 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         backhaul=backhaul_tls,
         overload=overload_section(top.table("overload")),
         tracing=tracing_section(top.table("tracing")),
+        metrics=metrics_section(top.table("metrics")),
+        log=log_section(top.table("log")),
     )
 
 

@@ -6,7 +6,7 @@ upstream side share. It must not do I/O or hold references to transports.
 
 from __future__ import annotations
 
-from proxy.core.request_head import RequestHead
+from proxy.core.request_head import Front, RequestHead
 from proxy.core.target import Target
 
 
@@ -23,6 +23,7 @@ class Request(RequestHead):
         "body_size",
         "complete",
         "early",
+        "front",
         "full",
         "head_bytes",
         "hold",
@@ -30,6 +31,7 @@ class Request(RequestHead):
         "rejected",
         "replayable",
         "resp_at",
+        "resp_bytes",
         "resp_size",
         "responded",
         "retry_log",
@@ -53,6 +55,8 @@ class Request(RequestHead):
         self.body_first = 0.0  # loop time of the body's first byte from the client
         self.body_last = 0.0  # loop time of its last byte (0.0: not there yet)
         self.resp_at = 0.0  # loop time the response head came from the instance
+        self.resp_bytes = 0  # response bytes (head and body) relayed to the client
+        self.front: Front | None = None  # the client connection's address and scheme
         self.complete = False
         self.early = b""  # client bytes after an upgrade head, held until the 101
         self.head_bytes = b""

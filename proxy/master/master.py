@@ -43,7 +43,8 @@ from proxy.master.notify import sd_notify
 from proxy.master.static_table import SharedState
 from proxy.master.views import MasterViews
 from proxy.master.worker_proc import WorkerProc
-from proxy.telemetry.metrics import Aggregator, block_size_for
+from proxy.telemetry.aggregate import Aggregator
+from proxy.telemetry.metrics import app_labels, block_size_for
 from proxy.telemetry.statsblock import StatsBlock
 from shm.errors import ShmError
 from shm.reader import TableReader
@@ -95,7 +96,9 @@ class Master(MasterViews):
         self.queue: asyncio.Queue[int] = asyncio.Queue()
         self.stopping = False
         self.fast = False
-        self.aggregator = Aggregator([a.name for a in config.apps])
+        self.aggregator = Aggregator(
+            [a.name for a in config.apps], max_apps=config.metrics.max_apps
+        )
         self.crashes: dict[int, list[float]] = {}  # slot -> recent crash times
         self.reload_lock = asyncio.Lock()
         self.servers: list[asyncio.AbstractServer] = []
@@ -123,7 +126,8 @@ class Master(MasterViews):
         fds = self.listeners.fds_for_slot(self.kinds(config), slot)
         assert self.shared is not None
         cell = self.shared.take_cell()
-        block = StatsBlock.create(block_size_for(len(config.apps)))
+        labels = app_labels([a.name for a in config.apps], config.metrics.max_apps)
+        block = StatsBlock.create(block_size_for(len(labels)))
         r, w = os.pipe()
         boot = {
             "config_text": text,
@@ -340,7 +344,7 @@ class Master(MasterViews):
                 return {"ok": False, "error": str(e)}
             self.config, self.config_text = config, text
             warn_insecure(config)
-            self.aggregator.set_apps([a.name for a in config.apps])
+            self.aggregator.set_apps([a.name for a in config.apps], config.metrics.max_apps)
             for w in old:
                 w.state = "draining"
                 self.signal_worker(w, signal.SIGTERM)
@@ -509,7 +513,12 @@ def run(config_path: str, takeover: str | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
+    if config.log.format == "json":
+        from proxy.master.logfmt import json_handler
+
+        logging.basicConfig(level=logging.INFO, handlers=[json_handler(config.node.id)])
+    else:
+        logging.basicConfig(level=logging.INFO, format="edgeproxy[%(process)d]: %(message)s")
     warn_insecure(config)
     try:
         prepare_control_dir(config.listen.control)

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 from proxy import __version__, build
 from proxy.config_table import table_layout, table_name
 from proxy.master.worker_proc import WorkerProc
-from proxy.telemetry.metrics import Aggregator, Snapshot, SnapshotError
+from proxy.telemetry import peers
+from proxy.telemetry.aggregate import Aggregator
+from proxy.telemetry.metrics import Snapshot, SnapshotError
 from shm.errors import ShmError
 from shm.reader import TableReader
 
@@ -99,10 +101,14 @@ class MasterViews:
                 t = self.config.table
                 self.table_reader = TableReader.attach(table_layout(t), table_name(t))
         stale, age, store = True, -1.0, "unknown"
+        fleet: list[peers.Peer] = []
         if self.table_reader is not None:
             now = time.time()
             stale, age = self.table_reader.stale(now, self.config.table.stale_after)
             store = self.table_reader.store_health(now)[0]
+            with contextlib.suppress(ShmError, OSError):
+                for row, st in self.table_reader.nodes():
+                    fleet.append(peers.Peer(row.id, st.rtt_us, st.loss_permille, st.up))
         errors = self.shared.table_errors if self.shared is not None else 0
         lines = [
             "# HELP edgeproxy_table_stale 1 when the table's writer has not beaten in time.",
@@ -118,6 +124,7 @@ class MasterViews:
             "# HELP edgeproxy_table_write_errors_total Table writes that failed (e.g. full).",
             "# TYPE edgeproxy_table_write_errors_total counter",
             f"edgeproxy_table_write_errors_total {errors}",
+            *peers.render(fleet, self.config.node.id, self.config.metrics.max_peers),
         ]
         return "\n".join(lines) + "\n"
 

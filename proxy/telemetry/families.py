@@ -70,6 +70,9 @@ BLOCKED_LOGGED, BLOCKED_RATE_LIMITED = range(len(BLOCKED_OUTCOMES))
 # Tracing (proxy.worker.tracing): what became of the spans of traced requests.
 SPAN_OUTCOMES = ("exported", "buffer_full", "export_failed")
 
+# The access log (proxy.worker.accesslog): what became of each sampled request's line.
+ACCESS_OUTCOMES = ("written", "buffer_full", "write_failed")
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "tls_connections_total",
@@ -122,6 +125,13 @@ FAMILIES: tuple[Family, ...] = (
         " the worker's buffer was full, or dropped after failed export tries.",
         "outcome",
         SPAN_OUTCOMES,
+    ),
+    Family(
+        "access_log_lines_total",
+        "Access log lines of sampled requests: written, dropped because the worker's buffer"
+        " was full, or dropped because the write failed.",
+        "outcome",
+        ACCESS_OUTCOMES,
     ),
 )
 BY_NAME: Mapping[str, Family] = {f.name: f for f in FAMILIES}

@@ -141,6 +141,23 @@ def merge(into: Totals, other: Totals) -> None:
                 mine[i] += v
 
 
+def fold(t: Totals, keep: set[str], other: str) -> bool:
+    """Sum the rows of per-app families whose app is not in `keep` into row `other`;
+    whether there was any (the master's cap on per-app series)."""
+    folded = False
+    for fam in FAMILIES:
+        rows = t.get(fam.name)
+        if fam.per != PER_APP or not rows:
+            continue
+        for key in [k for k in rows if k not in keep]:
+            row = rows.pop(key)
+            into = rows.setdefault(other, [0] * len(row))
+            for i, v in enumerate(row):
+                into[i] += v
+            folded = True
+    return folded
+
+
 def copy(t: Totals) -> Totals:
     return {name: {k: list(row) for k, row in rows.items()} for name, rows in t.items()}
 

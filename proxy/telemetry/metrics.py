@@ -1,28 +1,31 @@
-"""Worker counters, their snapshot codec, and the master's Prometheus aggregation.
+"""Worker counters and their snapshot codec (the master sums and renders them:
+proxy.telemetry.aggregate).
 
-Owns the metric names, the fixed label sets (app from config, status class, retry
-reason, status, worker slot) and the histogram buckets. `WorkerStats` is bumped on
-the hot path with plain list increments: it must never format, allocate per request,
-or do I/O. Paths, hosts and instance ids must never become labels.
+Owns the metric names, the fixed label sets (app from config, at most [metrics] max_apps
+of them, status class, retry reason, status, worker slot) and the histogram buckets.
+`WorkerStats` is bumped on the hot path with plain list increments: it must never format,
+allocate per request, or do I/O. Paths, hosts and instance ids must never become labels.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from proxy import __version__
 from proxy.telemetry import families, histograms
 
 SNAPSHOT_VERSION = 4
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NCLASS = len(STATUS_CLASSES)
 NO_APP = "_none"  # label of requests that matched no app; not a valid app name
+# Label of the apps past the first [metrics] max_apps of the config, summed: a fixed word
+# that, like NO_APP, no app can be named ("other" could be).
+OTHER_APPS = "_other"
 RETRY_REASONS = ("reject", "connect_refused", "connect_timeout", "reset_before_response")
 RETRY_REJECT, RETRY_CONNECT_REFUSED, RETRY_CONNECT_TIMEOUT, RETRY_RESET = range(4)
 BAD_REQUEST_STATUSES = (400, 408, 417, 431, 501)
@@ -67,6 +70,20 @@ CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 RESPONSE_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+
+def app_labels(apps: Sequence[str], max_apps: int) -> tuple[str, ...]:
+    """The app labels a worker counts under: the first `max_apps` apps in config order,
+    then OTHER_APPS for all the rest (if any). Stable across restarts of the same config,
+    and explainable: an app's place in the file decides, never its traffic."""
+    if len(apps) <= max_apps:
+        return tuple(apps)
+    return (*apps[:max_apps], OTHER_APPS)
+
+
+def app_rows(apps: Sequence[str], max_apps: int) -> dict[str, int]:
+    """Each configured app's row in WorkerStats (apps past the cap share OTHER_APPS's)."""
+    return {a: min(i, max_apps) for i, a in enumerate(apps)}
 
 
 class WorkerStats:
@@ -300,293 +317,6 @@ def decode_snapshot(data: bytes) -> Snapshot:
         loop_lag=_number(lag, "loop lag"),
         shedding=_ints([shedding], 1, "shedding")[0],
     )
-
-
-class _Totals:
-    """Counters summed over many snapshots, keyed by label values rather than index."""
-
-    __slots__ = (
-        "accept_paused_seconds",
-        "accept_pauses",
-        "accepted",
-        "admissions",
-        "bad",
-        "connect",
-        "connect_sum",
-        "families",
-        "handshakes",
-        "hists",
-        "internal",
-        "no_pick",
-        "requests",
-        "response",
-        "response_sum",
-        "retries",
-        "tls_refused",
-        "upstream",
-    )  # fmt: skip
-
-    def __init__(self, apps: Iterable[str] = ()) -> None:
-        self.requests: dict[str, list[int]] = {a: [0] * NCLASS for a in apps}
-        self.requests.setdefault(NO_APP, [0] * NCLASS)
-        self.connect = [0] * (len(CONNECT_BUCKETS) + 1)
-        self.connect_sum = 0.0
-        self.response = [0] * (len(RESPONSE_BUCKETS) + 1)
-        self.response_sum = 0.0
-        self.retries = [0] * len(RETRY_REASONS)
-        self.bad = [0] * len(BAD_REQUEST_STATUSES)
-        self.upstream = [0] * len(UPSTREAM_ERROR_STATUSES)
-        self.no_pick = [0] * len(NO_PICK_REASONS)
-        self.admissions = [0] * len(ADMISSION_SOURCES)
-        self.internal = [0] * len(INTERNAL_WHERE)
-        self.handshakes = [0] * (len(TLS_SIDES) * len(TLS_KINDS))
-        self.tls_refused = [0] * (len(TLS_SIDES) * len(TLS_REFUSALS))
-        self.accepted = 0
-        self.accept_pauses = 0
-        self.accept_paused_seconds = 0.0
-        self.families: dict[str, list[int]] = {}
-        self.hists: histograms.Totals = {}
-
-    def copy(self) -> _Totals:
-        t = _Totals()
-        t.requests = {k: list(v) for k, v in self.requests.items()}
-        t.add_lists(self)
-        return t
-
-    def add_lists(self, other: _Totals) -> None:
-        _add(self.connect, other.connect)
-        _add(self.response, other.response)
-        _add(self.retries, other.retries)
-        _add(self.bad, other.bad)
-        _add(self.upstream, other.upstream)
-        _add(self.no_pick, other.no_pick)
-        _add(self.admissions, other.admissions)
-        _add(self.internal, other.internal)
-        _add(self.handshakes, other.handshakes)
-        _add(self.tls_refused, other.tls_refused)
-        families.add(self.families, other.families)
-        histograms.merge(self.hists, other.hists)
-        self.connect_sum += other.connect_sum
-        self.response_sum += other.response_sum
-        self.accepted += other.accepted
-        self.accept_pauses += other.accept_pauses
-        self.accept_paused_seconds += other.accept_paused_seconds
-
-    def add(self, s: Snapshot) -> None:
-        for i, name in enumerate((*s.apps, NO_APP)):
-            row = self.requests.setdefault(name, [0] * NCLASS)
-            _add(row, s.requests[i * NCLASS : (i + 1) * NCLASS])
-        _add(self.connect, s.connect_buckets)
-        _add(self.response, s.response_buckets)
-        _add(self.retries, s.retries)
-        _add(self.bad, s.bad_requests)
-        _add(self.upstream, s.upstream_errors)
-        _add(self.no_pick, s.no_pick)
-        _add(self.admissions, s.admissions_refused)
-        _add(self.internal, s.internal_errors)
-        _add(self.handshakes, s.backhaul_handshakes)
-        _add(self.tls_refused, s.backhaul_refused)
-        families.add(self.families, s.families)
-        histograms.add(self.hists, s.hists)
-        self.connect_sum += s.connect_sum
-        self.response_sum += s.response_sum
-        self.accepted += s.accepted
-        self.accept_pauses += s.accept_pauses
-        self.accept_paused_seconds += s.accept_paused_seconds
-
-
-def _add(into: list[int], values: Sequence[int]) -> None:
-    for i, v in enumerate(values):
-        into[i] += v
-
-
-class Aggregator:
-    """Master side: latest snapshot per live worker + totals of retired workers.
-
-    `update()` each time a block yields a snapshot; `retire(pid, final)` when a
-    worker exits (its final snapshot, else the last one seen, moves into the
-    retired totals), so every counter stays monotonic across restarts and reloads.
-    """
-
-    def __init__(self, apps: Iterable[str] = (), version: str = __version__) -> None:
-        self._apps = list(apps)
-        self._version = version
-        self._live: dict[int, Snapshot] = {}
-        self._retired = _Totals(self._apps)
-
-    def set_apps(self, apps: Iterable[str]) -> None:
-        """Config (re)load: make sure every configured app renders, even at zero."""
-        for a in apps:
-            if a not in self._apps:
-                self._apps.append(a)
-            self._retired.requests.setdefault(a, [0] * NCLASS)
-
-    def update(self, data: bytes) -> Snapshot:
-        """Record a live worker's latest snapshot bytes; SnapshotError if unusable."""
-        snap = decode_snapshot(data)
-        self._live[snap.pid] = snap
-        return snap
-
-    def retire(self, pid: int, final: bytes | None = None) -> None:
-        """Worker `pid` has exited: fold its final (or last seen) counters into totals."""
-        snap = self._live.pop(pid, None)
-        if final is not None:
-            try:
-                last = decode_snapshot(final)
-            except SnapshotError:
-                last = None
-            if last is not None and last.pid == pid:
-                snap = last
-        if snap is not None:
-            self._retired.add(snap)
-
-    def live(self) -> list[Snapshot]:
-        """Latest snapshot of every live worker, by slot then generation."""
-        return sorted(self._live.values(), key=lambda s: (s.slot, s.generation, s.pid))
-
-    def totals(self) -> _Totals:
-        t = self._retired.copy()
-        for s in self._live.values():
-            t.add(s)
-        return t
-
-    def render(self) -> str:
-        """Prometheus text exposition format 0.0.4."""
-        t = self.totals()
-        out: list[str] = []
-        _family(out, "build_info", "gauge", "Build of the running master.")
-        out.append(f'edgeproxy_build_info{{version="{_esc(self._version)}"}} 1')
-        _family(out, "workers", "gauge", "Live workers by generation and state.")
-        states: dict[tuple[int, int], int] = {}
-        for s in self._live.values():
-            states[s.generation, s.state] = states.get((s.generation, s.state), 0) + 1
-        for (gen, st), n in sorted(states.items()):
-            out.append(f'edgeproxy_workers{{generation="{gen}",state="{WORKER_STATES[st]}"}} {n}')
-
-        _family(out, "requests_total", "counter", "Responses sent, by app and status class.")
-        apps = [a for a in self._apps if a in t.requests]
-        apps += sorted(a for a in t.requests if a not in self._apps and a != NO_APP)
-        for app in (*apps, NO_APP):
-            row = t.requests[app]
-            for cls, n in zip(STATUS_CLASSES, row, strict=True):
-                out.append(f'edgeproxy_requests_total{{app="{_esc(app)}",class="{cls}"}} {n}')
-        _family(out, "connections_accepted_total", "counter", "Client connections accepted.")
-        out.append(f"edgeproxy_connections_accepted_total {t.accepted}")
-        _family(out, "accept_pauses_total", "counter",
-                "Times accepting paused at [limits] max_connections.")  # fmt: skip
-        out.append(f"edgeproxy_accept_pauses_total {t.accept_pauses}")
-        _family(out, "accept_paused_seconds_total", "counter",
-                "Time accepting was paused at [limits] max_connections.")  # fmt: skip
-        out.append(f"edgeproxy_accept_paused_seconds_total {t.accept_paused_seconds!r}")
-        for name, help_, label, values, counts in (
-            ("retries_total", "Upstream attempts retried, by reason.",
-             "reason", RETRY_REASONS, t.retries),
-            ("bad_requests_total", "Malformed client requests, by status sent.",
-             "status", BAD_REQUEST_STATUSES, t.bad),
-            ("upstream_errors_total", "Upstream failures, by status sent.",
-             "status", UPSTREAM_ERROR_STATUSES, t.upstream),
-            ("no_pick_total", "Requests routing answered itself (no instance took them).",
-             "reason", NO_PICK_REASONS, t.no_pick),
-            ("admissions_refused_total",
-             "Local instance admissions refused at the hard limit, by whose request.",
-             "source", ADMISSION_SOURCES, t.admissions),
-            ("internal_errors_total", "Exceptions caught in a worker's own code, by where.",
-             "where", INTERNAL_WHERE, t.internal),
-        ):  # fmt: skip
-            _labelled(out, name, help_=help_, label=label, values=values, counts=counts)
-        _two_labels(out, "backhaul_tls_handshakes_total",
-                    help_="Backhaul TLS handshakes completed, by side and kind.",
-                    labels=("side", "kind"), rows=TLS_SIDES, cols=TLS_KINDS,
-                    counts=t.handshakes)  # fmt: skip
-        _two_labels(out, "backhaul_tls_refused_total",
-                    help_="Backhaul connections refused at the TLS handshake, by side and reason.",
-                    labels=("side", "reason"), rows=TLS_SIDES, cols=TLS_REFUSALS,
-                    counts=t.tls_refused)  # fmt: skip
-        families.render(out, t.families)
-        _histogram(out, "upstream_connect_seconds", help_="Upstream connect time.",
-                   bounds=CONNECT_BUCKETS, buckets=t.connect, total=t.connect_sum)  # fmt: skip
-        _histogram(out, "response_seconds", help_="Request head received to response end.",
-                   bounds=RESPONSE_BUCKETS, buckets=t.response, total=t.response_sum)  # fmt: skip
-        histograms.render(out, t.hists, (*apps, NO_APP))
-        histograms.render_loop(out, ((s.slot, s.loop_lag, s.shedding) for s in self._live.values()))
-
-        slots: dict[int, list[int]] = {}
-        for s in self._live.values():
-            g = slots.setdefault(s.slot, [0, 0, 0])
-            g[0] += s.open_connections
-            g[1] += s.inflight
-            g[2] += s.upstream_idle
-        for i, (name, help_) in enumerate(
-            (
-                ("open_connections", "Open client connections, by worker slot."),
-                ("inflight_requests", "Requests in flight, by worker slot."),
-                ("upstream_idle_connections", "Idle pooled upstream connections, by slot."),
-            )
-        ):
-            _family(out, name, "gauge", help_)
-            for slot in sorted(slots):
-                out.append(f'edgeproxy_{name}{{worker="{slot}"}} {slots[slot][i]}')
-        out.append("")
-        return "\n".join(out)
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _family(out: list[str], name: str, kind: str, help_: str) -> None:
-    out.append(f"# HELP edgeproxy_{name} {help_}")
-    out.append(f"# TYPE edgeproxy_{name} {kind}")
-
-
-def _labelled(
-    out: list[str],
-    name: str,
-    *,
-    help_: str,
-    label: str,
-    values: Sequence[object],
-    counts: Sequence[int],
-) -> None:
-    _family(out, name, "counter", help_)
-    for v, n in zip(values, counts, strict=True):
-        out.append(f'edgeproxy_{name}{{{label}="{v}"}} {n}')
-
-
-def _two_labels(
-    out: list[str],
-    name: str,
-    *,
-    help_: str,
-    labels: tuple[str, str],
-    rows: Sequence[str],
-    cols: Sequence[str],
-    counts: Sequence[int],
-) -> None:
-    """A counter family over two fixed label sets; `counts[row * len(cols) + col]`."""
-    _family(out, name, "counter", help_)
-    a, b = labels
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            out.append(f'edgeproxy_{name}{{{a}="{r}",{b}="{c}"}} {counts[i * len(cols) + j]}')
-
-
-def _histogram(
-    out: list[str],
-    name: str,
-    *,
-    help_: str,
-    bounds: Sequence[float],
-    buckets: Sequence[int],
-    total: float,
-) -> None:
-    _family(out, name, "histogram", help_)
-    cumulative = 0
-    for le, n in zip((*(repr(b) for b in bounds), "+Inf"), buckets, strict=True):
-        cumulative += n
-        out.append(f'edgeproxy_{name}_bucket{{le="{le}"}} {cumulative}')
-    out.append(f"edgeproxy_{name}_sum {total!r}")
-    out.append(f"edgeproxy_{name}_count {cumulative}")
 
 
 def block_size_for(n_apps: int, page: int = 4096) -> int:

@@ -276,7 +276,8 @@ class ClientConnection(ClientIO):
     # httptools callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
         lim = self.ctx.limits
-        self.req = Request(lim.max_headers, lim.max_header_bytes)
+        r = self.req = Request(lim.max_headers, lim.max_header_bytes)
+        r.front = self.front
         self.in_head = True
         if not self.queue:
             self.enter(HEAD_BEGIN, self.ctx.loop.time() + self.ctx.timeouts.client_header)

@@ -22,7 +22,9 @@ from proxy.telemetry.metrics import (
     UPSTREAM_ERROR_STATUSES,
     WHERE_BATCH,
     WHERE_SWEEP,
+    app_rows,
 )
+from proxy.worker.accesslog import AccessLog
 from proxy.worker.batch import WriteBatch
 from proxy.worker.faults import Faults
 from proxy.worker.routing import Routing
@@ -75,8 +77,9 @@ class WorkerContext:
         self.timeouts = config.timeouts
         self.limits = config.limits
         self.quiet_period = config.workers.quiet_period
-        self.app_index = {a.name: i for i, a in enumerate(config.apps)}
-        self.no_app = len(config.apps)
+        # An app's row in the stats (past [metrics] max_apps, the shared "_other" row).
+        self.app_index = app_rows([a.name for a in config.apps], config.metrics.max_apps)
+        self.no_app = stats.no_app
         self.routing = Routing(config, cells, random.Random(), stats)
         self.routing.attach()
         self.faults = Faults(stats.internal_errors, loop.time, sys.stderr)
@@ -100,6 +103,8 @@ class WorkerContext:
         self.tracer: Tracer | None = None
         # W3C Trace Context: ids and head sampling at each request's start (with tracer).
         self.trace: TraceContext | None = None
+        # [log] access: sampled finished requests get a line (proxy.worker.accesslog).
+        self.access_log: AccessLog | None = None
         # [limits] max_connections: client (not peer) connections of this worker. At the
         # cap, `on_accepting(False)` asks the worker to stop accepting; below it again,
         # `on_accepting(True)` to resume (proxy.worker owns the listeners).
@@ -162,6 +167,9 @@ class WorkerContext:
                 tr.record(r, status, now, elapsed)
         if r.body_last:
             s.hists[REQUEST_BODY].observe(app, r.body_last - r.body_first)
+        al = self.access_log
+        if al is not None:
+            al.offer(r, status)
 
     def bad_request(self, status: int) -> None:
         if status in BAD_REQUEST_STATUSES:

@@ -256,8 +256,10 @@ class ClientExchange(Exchange):
         if status in (502, 504):
             ctx.upstream_error(status)
         head_only = r.method == b"HEAD"
-        t.write(simple_response(status, text, close=not keep, extra=extra, head_only=head_only))
+        answer = simple_response(status, text, close=not keep, extra=extra, head_only=head_only)
+        t.write(answer)
         r.resp_size = 0 if head_only else len(text.encode())
+        r.resp_bytes += len(answer)
         r.responded = True
         conn.finish(r, status)
 
@@ -294,6 +296,7 @@ class ClientExchange(Exchange):
         self.framing = framing
         conn.resp_keep = keep
         r.status = status
+        r.resp_bytes += len(head)
         conn.out.append(head)  # goes out with the first body bytes: one write
 
     def upstream_interim(self, head: bytes) -> None:
@@ -311,6 +314,7 @@ class ClientExchange(Exchange):
         if r.rejected:
             return
         r.resp_size += len(data)
+        r.resp_bytes += len(data)
         if self.framing == CHUNKED:
             self.conn.out.append(chunk(data))
         else:
@@ -339,6 +343,9 @@ class ClientExchange(Exchange):
         ):
             return -1
         return conn.sink_fd
+
+    def upstream_spliced(self, n: int) -> None:
+        self.r.resp_bytes += n
 
     def upstream_held(self) -> list[bytes | memoryview]:
         """Hand over what is held for the client (the caller sends it before the body)."""
@@ -532,3 +539,6 @@ class Abandoned(Exchange):
 
     def upstream_held(self) -> list[bytes | memoryview]:
         return []
+
+    def upstream_spliced(self, n: int) -> None:
+        pass

@@ -69,6 +69,10 @@ class Exchange:
     def upstream_held(self) -> list[bytes | memoryview]:
         raise NotImplementedError
 
+    def upstream_spliced(self, n: int) -> None:
+        """`n` response bytes went to the client by splice, past this process."""
+        raise NotImplementedError
+
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
 _MAX_HEAD = 65536  # a response head larger than this is refused (502)
@@ -298,6 +302,7 @@ class UpstreamConnection(ResponseHead):
         if dst < 0:
             return False
         taken, stuck = sp.move(self.fd, dst, self.raw_left, ex.upstream_held())
+        ex.upstream_spliced(taken - len(stuck))  # what is stuck is counted as a body write
         left = self.raw_left - taken
         self.raw_left = left
         if stuck:

@@ -28,8 +28,10 @@ from proxy.telemetry.metrics import (
     WHERE_CALLBACK,
     WHERE_LOOP,
     WorkerStats,
+    app_labels,
 )
 from proxy.telemetry.statsblock import StatsBlock
+from proxy.worker.accesslog import AccessLog, Writer
 from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
@@ -56,11 +58,16 @@ class Worker:
         self.boot = boot
         self.config = loads(boot["config_text"], boot["config_path"])
         self.slot: int = boot["slot"]
+        if self.config.log.format == "json":
+            from proxy.worker.errlines import install
+
+            install(self.config.node.id, self.slot)  # before anything keeps sys.stderr
         self.generation: int = boot["generation"]
         self.master_pid: int = boot["master_pid"]
         self.loop = asyncio.new_event_loop()
         app_names = [a.name for a in self.config.apps]
-        self.stats = WorkerStats(app_names, self.slot, self.generation, os.getpid())
+        labels = app_labels(app_names, self.config.metrics.max_apps)
+        self.stats = WorkerStats(labels, self.slot, self.generation, os.getpid())
         self.block = (
             StatsBlock.attach(boot["stats_fd"]) if boot.get("stats_fd") is not None else None
         )
@@ -77,6 +84,7 @@ class Worker:
             bh.handshake_timeout,
             self.stats,
             self.ctx.faults,
+            out=sys.stderr,  # the JSON error stream when [log] format = "json"
         )
         if not bh.insecure:
             self.ctx.peer_connect = self.backhaul_tls.connect
@@ -100,7 +108,13 @@ class Worker:
             self.ctx.tracer = tracer
             rate = self.config.tracing.sample_rate
             self.ctx.trace = TraceContext(os.urandom, rate, random.Random().random)
-            self.exporter = Exporter(self.config, tracer)
+            self.exporter = Exporter(self.config, tracer, out=sys.stderr)
+        self.access_writer: Writer | None = None
+        if self.config.log.enabled:
+            lines = self.stats.family("access_log_lines_total")
+            al = AccessLog(self.config.log, lines, random.Random().random, self.loop.time)
+            self.ctx.access_log = al
+            self.access_writer = Writer(self.config.log, self.config.node.id, al, out=sys.stderr)
 
     @staticmethod
     def attach_cells(boot: dict[str, Any]) -> InflightCells | None:
@@ -152,6 +166,8 @@ class Worker:
         self.probe.start()
         if self.exporter is not None:
             self.exporter.start()
+        if self.access_writer is not None:
+            self.access_writer.start()
         blocked = self.config.overload.blocked_ms / 1000.0
         if blocked > 0:
             counts = self.stats.family("loop_blocked_total")
@@ -171,6 +187,8 @@ class Worker:
                 c.transport.abort()
         if self.exporter is not None:
             self.exporter.stop()  # what is buffered goes out (one try each), bounded
+        if self.access_writer is not None:
+            self.access_writer.stop()  # what is buffered is written
         self.publish()
 
     def tls_edge(self) -> TlsEdge:

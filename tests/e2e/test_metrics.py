@@ -15,6 +15,7 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
 import pytest
 
+from proxy.telemetry.aggregate import Aggregator
 from proxy.telemetry.metrics import (
     ADMIT_EDGE,
     BAD_417,
@@ -32,7 +33,6 @@ from proxy.telemetry.metrics import (
     SERVING,
     UPSTREAM_504,
     WHERE_BATCH,
-    Aggregator,
     SnapshotError,
     WorkerStats,
     block_size_for,
@@ -54,7 +54,8 @@ Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
 ALLOWED_LABELS = {"app", "class", "reason", "status", "le", "worker", "generation", "state",
-                  "version", "source", "where", "outcome", "event", "kind", "side"}  # fmt: skip
+                  "version", "source", "where", "outcome", "event", "kind", "side",
+                  "peer"}  # fmt: skip
 
 
 def parse_exposition(text: str) -> Series:

@@ -12,9 +12,10 @@ import pytest
 from harness_worker import harness_worker
 from proxyctl import Client, ProxyConfig, Response, Upstream, request_bytes
 
+from proxy.telemetry.aggregate import Aggregator
 from proxy.telemetry.families import BLOCKED_LOGGED, BLOCKED_RATE_LIMITED, SHED_LOOP_LAG
 from proxy.telemetry.histograms import LAG_BUCKETS
-from proxy.telemetry.metrics import Aggregator, decode_snapshot
+from proxy.telemetry.metrics import decode_snapshot
 
 pytestmark = pytest.mark.request_path
 

@@ -184,6 +184,8 @@ class ProxyConfig:
     cluster: dict[str, Any] = field(default_factory=dict)  # [cluster] (the store), if any
     overload: dict[str, Any] = field(default_factory=dict)  # [overload], if any
     tracing: dict[str, Any] = field(default_factory=dict)  # [tracing], if any
+    metrics: dict[str, Any] = field(default_factory=dict)  # [metrics], if any
+    log: dict[str, Any] = field(default_factory=dict)  # [log], if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -217,6 +219,10 @@ class ProxyConfig:
             out += _section("overload", self.overload)
         if self.tracing:
             out += _section("tracing", self.tracing)
+        if self.metrics:
+            out += _section("metrics", self.metrics)
+        if self.log:
+            out += _section("log", self.log)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.telemetry import histograms
+from proxy.telemetry.aggregate import Aggregator
 from proxy.telemetry.histograms import (
     BODY_BUCKETS,
     LAG_BUCKETS,
@@ -18,7 +19,7 @@ from proxy.telemetry.histograms import (
     REQUEST_BODY,
     RESPONSE_BODY,
 )
-from proxy.telemetry.metrics import NO_APP, Aggregator, WorkerStats, block_size_for
+from proxy.telemetry.metrics import NO_APP, WorkerStats, block_size_for
 from proxy.telemetry.statsblock import StatsBlock
 
 APPS = ("hello", "shop")
