@@ -96,9 +96,9 @@ def check_preload(targets: dict[str, Target]) -> list[str]:
     return lines
 
 
-def start_variants(root: Path, cmd: str) -> tuple[list[Target], dict[str, Build]]:
-    """The upstream and one edgeproxy per variant, started (the caller stops them)."""
-    started: list[Target] = []
+def start_variants(root: Path, cmd: str, started: list[Target]) -> dict[str, Build]:
+    """The upstream and one edgeproxy per variant, started; each is appended to `started`
+    before it starts, so the caller stops whatever did start when one fails."""
     upstream = Upstream(root)
     started.append(upstream)
     upstream.start()
@@ -109,7 +109,7 @@ def start_variants(root: Path, cmd: str) -> tuple[list[Target], dict[str, Build]
         started.append(b)
         b.start()
         builds[variant] = b
-    return started, builds
+    return builds
 
 
 def header(title: str, when: dt.datetime, argv: list[str], cmd: str, before: str) -> list[str]:
@@ -139,12 +139,12 @@ def run_ab(args: argparse.Namespace, argv: list[str]) -> int:
         root.chmod(0o755)  # nginx workers (`nobody` under root) must reach www/
         started: list[Target] = []
         try:
-            started, builds = start_variants(root, args.cmd)
+            builds = start_variants(root, args.cmd, started)
             preload = check_preload(dict(builds))
             print("\n".join(preload), flush=True)
-            for t in builds.values():
+            for b in builds.values():
                 for path in SIZES.values():
-                    run_wrk(t.port, path, 1.0, args.connections)  # warm-up
+                    run_wrk(b.port, path, 1.0, args.connections)  # warm-up
             for i in range(args.pairs):
                 order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
                 for size, path in SIZES.items():
@@ -248,7 +248,7 @@ def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
         started: list[Target] = []
         wrks: dict[str, subprocess.Popen[str]] = {}
         try:
-            started, builds = start_variants(root, args.cmd)
+            builds = start_variants(root, args.cmd, started)
             preload = check_preload(dict(builds))
             print("\n".join(preload), flush=True)
             warm = {v: start_wrk(b.port, args.warmup, args.connections) for v, b in builds.items()}
@@ -329,10 +329,10 @@ def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
         out.writerow(["variant", "seconds", "pid", "role", "rss_kib"])
         for v in VARIANTS:
             s = series[v]
-            for t, sample in s.samples:
+            for at, sample in s.samples:
                 for pid, kib in sorted(sample.items()):
                     role = "master" if pid == s.master else "worker"
-                    out.writerow([v, f"{t:.1f}", pid, role, kib])
+                    out.writerow([v, f"{at:.1f}", pid, role, kib])
     write(lines, BENCH_DIR / "results" / f"allocator-soak-{stamp}.md")
     return 0
 
