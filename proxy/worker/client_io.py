@@ -14,7 +14,10 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
+from mypy_extensions import mypyc_attr
+
 from proxy.core.conn_state import CLOSE, NEW, step
+from proxy.core.headers import BAD_CODING, simple_response
 from proxy.core.request_head import FWD_SET, Front
 
 if TYPE_CHECKING:
@@ -33,6 +36,8 @@ P_BACKLOG: Final = 32  # parsing stopped at the pipelining bound; what was read 
 HOLD_MAX: Final = 65536  # response bytes held for one client until the iteration ends
 
 
+# An HTTP/2 stream (proxy.worker.h2stream, not compiled) is a client side too.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClientIO:
     """The transport side of one client connection (the base of ClientConnection).
 
@@ -91,6 +96,32 @@ class ClientIO:
         raise NotImplementedError
 
     # output ------------------------------------------------------------------
+    def response_head(
+        self,
+        up: UpstreamConnection,
+        status: int,
+        head_only: bool,
+        keep: bool,
+        http10: bool,
+        extra: bytes,
+    ) -> tuple[int, bool]:
+        """The instance's response head, made for this client and held: (the body's
+        framing towards it, whether the connection stays open); BAD_CODING if it cannot
+        be sent."""
+        head, framing, keep = up.build(status, head_only, keep, http10, extra)
+        if framing != BAD_CODING:
+            self.out.append(head)  # goes out with the first body bytes: one write
+        return framing, keep
+
+    def respond_local(
+        self, status: int, text: str, extra: bytes, close: bool, head_only: bool
+    ) -> None:
+        """One of the proxy's own answers, written now (after what is held)."""
+        if self.transport is not None:
+            self.transport.write(
+                simple_response(status, text, close=close, extra=extra, head_only=head_only)
+            )
+
     def flush_out(self) -> None:
         """Write what is held for the client now, in one call."""
         self.queued = False

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from proxy.core.conn_state import BUSY, REFUSING, TUNNEL, UPGRADE
-from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk, simple_response
+from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, NO_BODY, chunk
 from proxy.telemetry.families import SHED_LOOP_LAG
 from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
 from proxy.worker.routing import MAX_TRIES
@@ -227,11 +227,7 @@ class ClientExchange(Exchange):
         conn.resp_keep = keep
         if status in (502, 504):
             ctx.upstream_error(status)
-        t.write(
-            simple_response(
-                status, text, close=not keep, extra=extra, head_only=r.method == b"HEAD"
-            )
-        )
+        conn.respond_local(status, text, extra, not keep, r.method == b"HEAD")
         r.responded = True
         conn.finish(r, status)
 
@@ -257,7 +253,9 @@ class ClientExchange(Exchange):
             # The load once this request is done: it is answered now.
             load = max(0, ctx.routing.load_of(t) - 1)
             extra = b"X-Edgeproxy-Load: %d\r\n" % load
-        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
+        # The head goes to the client's side as its protocol frames it (held for HTTP/1.1:
+        # out with the first body bytes, one write).
+        framing, keep = conn.response_head(up, status, r.method == b"HEAD", keep, r.http10, extra)
         if framing == BAD_CODING:
             self.local_response(
                 502, "edgeproxy: the upstream used a transfer coding HTTP/1.0 cannot carry\n"
@@ -268,7 +266,6 @@ class ClientExchange(Exchange):
         self.framing = framing
         conn.resp_keep = keep
         r.status = status
-        conn.out.append(head)  # goes out with the first body bytes: one write
 
     def upstream_interim(self, head: bytes) -> None:
         self.conn.write(head)

@@ -32,6 +32,7 @@ from proxy.telemetry.statsblock import StatsBlock
 from proxy.worker.backhaul_tls import BackhaulTLS
 from proxy.worker.client import ClientConnection
 from proxy.worker.context import WorkerContext
+from proxy.worker.h2select import AlpnChoice, PrefaceSniff
 from proxy.worker.loopwatch import LagProbe, Watchdog
 from proxy.worker.tls import ALPN, TlsEdge
 from proxy.worker.tracing import Exporter, Tracer
@@ -113,6 +114,10 @@ class Worker:
         """The protocol factory of a listener (a backhaul one: peers name the instance; a
         TLS one: requests must name the app the SNI named, "" when it named none)."""
         ctx = self.ctx
+        if tls and not backhaul:
+            return lambda: AlpnChoice(ctx, sni_app)  # HTTP/2 when ALPN chose h2
+        if not backhaul and self.config.listen.h2c:
+            return lambda: PrefaceSniff(ctx)  # HTTP/2 with prior knowledge, or HTTP/1.1
         return lambda: ClientConnection(ctx, backhaul, sni_app, tls)
 
     async def serve(self) -> None:
