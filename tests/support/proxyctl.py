@@ -184,6 +184,8 @@ class ProxyConfig:
     cluster: dict[str, Any] = field(default_factory=dict)  # [cluster] (the store), if any
     overload: dict[str, Any] = field(default_factory=dict)  # [overload], if any
     tracing: dict[str, Any] = field(default_factory=dict)  # [tracing], if any
+    listen_extra: dict[str, Any] = field(default_factory=dict)  # more [listen] keys (h2c)
+    http2: dict[str, Any] = field(default_factory=dict)  # [http2], if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -199,7 +201,7 @@ class ProxyConfig:
         }
         if self.https_port is not None:
             listen["https"] = [f"{HOST}:{self.https_port}"]
-        out += _section("listen", listen)
+        out += _section("listen", {**listen, **self.listen_extra})
         out += _section("workers", {"count": self.workers, **self.workers_extra})
         if self.timeouts:
             out += _section("timeouts", self.timeouts)
@@ -217,6 +219,8 @@ class ProxyConfig:
             out += _section("overload", self.overload)
         if self.tracing:
             out += _section("tracing", self.tracing)
+        if self.http2:
+            out += _section("http2", self.http2)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
