@@ -8,10 +8,12 @@ sees and what the instance received are both checked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -204,3 +206,37 @@ def test_curl_http2(h2_proxy: Proxy, ca: CA, tmp_path: object) -> None:
     body, _, version = out.stdout.rpartition(b"\n")
     assert version == b"2"
     assert echo_of(body)["version"] == "HTTP/1.1"
+
+
+def port_of(p: Proxy) -> int:
+    assert p.cfg.https_port is not None
+    return p.cfg.https_port
+
+
+def test_a_client_that_opens_no_window_holds_the_upstream_back(
+    h2_proxy: Proxy, ca: CA, upstream: Upstream
+) -> None:
+    """A client that takes 64 KiB and gives no credit back: the proxy stops reading the
+    instance (bounded, far from the 20 MB it would send); credit given, all of it
+    arrives intact."""
+    total = 20_000_000
+    with H2Client(port_of(h2_proxy), ctx_for(ca), timeout=60, auto_ack=False) as c:
+        sid = c.start(f"/big?bytes={total}&tag=h2-slow")
+        r = c.responses[sid]
+        c.read_until(lambda: len(r.body) >= 65535)
+        last = -1
+        sent = 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # until the instance's sending stops growing
+            sent = int(upstream.stats()["tags"].get("h2-slow", {}).get("sent", 0))
+            if sent == last:
+                break
+            last = sent
+            time.sleep(0.5)
+        assert sent < 8_000_000, f"the instance sent {sent} bytes to a stalled client"
+        c.auto_ack = True
+        c.conn.acknowledge_received_data(len(r.body), sid)
+        c.flush()
+        c.wait(sid)
+    assert len(r.body) == total
+    assert hashlib.sha256(r.body).hexdigest() == pattern_sha256(total)
