@@ -240,3 +240,41 @@ def test_a_client_that_opens_no_window_holds_the_upstream_back(
         c.wait(sid)
     assert len(r.body) == total
     assert hashlib.sha256(r.body).hexdigest() == pattern_sha256(total)
+
+
+def test_wrong_preface_after_alpn_h2_is_a_connection_error(h2_proxy: Proxy, ca: CA) -> None:
+    """ALPN chose h2 but the client speaks HTTP/1.1: GOAWAY PROTOCOL_ERROR, then a close."""
+    import socket
+
+    ctx = ctx_for(ca)
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port_of(h2_proxy)), timeout=5)
+    with ctx.wrap_socket(raw, server_hostname="hello.test") as s:
+        assert s.selected_alpn_protocol() == "h2"
+        s.sendall(b"GET / HTTP/1.1\r\nHost: hello.test\r\n\r\n" + b"x" * 64)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    # Our SETTINGS (type 4) first, then a GOAWAY (type 7) whose code is PROTOCOL_ERROR.
+    at = data.find(b"\x00\x00\x08\x07\x00\x00\x00\x00\x00")
+    assert at >= 0, data
+    assert data[at + 13 : at + 17] == b"\x00\x00\x00\x01"
+
+
+def test_rapid_reset_over_tls(h2_proxy: Proxy, ca: CA, upstream: Upstream) -> None:
+    """Rapid reset over TLS (the default budget, 200 + 50/s): GOAWAY ENHANCE_YOUR_CALM
+    before 1000 reset streams are through, and the instance saw almost none of them."""
+    from h2raw import ENHANCE_YOUR_CALM, RawH2, request_fields
+
+    with RawH2(port_of(h2_proxy), ctx_for(ca)) as c:
+        sid = 1
+        try:
+            for _ in range(1000):
+                fields = request_fields("/hold?tag=tls-reset&max=5")
+                c.send(c.headers(sid, fields) + c.rst(sid))
+                sid += 2
+        except OSError:
+            pass
+        g = c.goaway()
+    assert g is not None and g.error_code == ENHANCE_YOUR_CALM
+    assert upstream.stats()["tags"].get("tls-reset", {}).get("held", 0) <= 2
