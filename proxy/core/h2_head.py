@@ -49,8 +49,9 @@ _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # a token (RFC 
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+\Z")  # visible ASCII: it becomes a request line
 
 
-def fill_request(r: RequestHead, fields: Sequence[tuple[bytes, bytes]], end_stream: bool) -> None:
-    """Check a request's decoded fields and fill `r` as if it came as HTTP/1.1.
+def fill_request(r: RequestHead, fields: Sequence[tuple[bytes, bytes]], end_stream: bool) -> bool:
+    """Check a request's decoded fields and fill `r` as if it came as HTTP/1.1; True when
+    the client takes trailers (TE: trailers, which the instance is then told too).
 
     StreamError: malformed (reset the stream); HeadError: a well-formed request the proxy
     refuses with a status (431, 405, 400 ...), as it would over HTTP/1.1."""
@@ -58,6 +59,7 @@ def fill_request(r: RequestHead, fields: Sequence[tuple[bytes, bytes]], end_stre
     regular = False
     cookies: list[bytes] = []
     length = -1
+    trailers = False
     for name, value in fields:
         if _BAD_VALUE.search(value) is not None:
             raise StreamError(MALFORMED, f"invalid value of {name[:64]!r}")
@@ -91,6 +93,7 @@ def fill_request(r: RequestHead, fields: Sequence[tuple[bytes, bytes]], end_stre
         if name == b"te":
             if value != b"trailers":
                 raise StreamError(CONNECTION_SPECIFIC, "te other than trailers")
+            trailers = True
             continue
         if name == b"cookie":
             r.size += len(value) + 2  # bounded with the head (joined below)
@@ -137,6 +140,11 @@ def fill_request(r: RequestHead, fields: Sequence[tuple[bytes, bytes]], end_stre
         r.chunked = True
         r.te = b"chunked"
     r.decide(method, "1.1", False, True, frozenset())
+    if trailers:
+        # Hop-by-hop, so said again by the proxy itself (RFC 9110 10.1.4: with its
+        # Connection option): the instance may then send trailer fields.
+        r.parts += (b"TE", b": ", b"trailers", b"\r\n", b"Connection", b": ", b"TE", b"\r\n")
+    return trailers
 
 
 # Response fields that never cross into HTTP/2 (RFC 9113 8.2.2), besides what
@@ -171,6 +179,34 @@ def response_fields(
         if name == b"content-length" and (status < 200 or status == 204):
             continue  # RFC 9110 8.6
         out.append((name, line[colon + 1 :].strip(b" \t")))
+    return out
+
+
+# Trailer fields that must not be (RFC 9110 6.5.1: framing, routing, controls), besides
+# the connection-specific ones.
+_TRAILER_DROP: Final = _RESP_DROP | {
+    b"content-length",
+    b"host",
+    b"content-encoding",
+    b"content-type",
+    b"content-range",
+    b"authorization",
+    b"set-cookie",
+    b"cache-control",
+    b"expect",
+    b"max-forwards",
+}
+
+
+def trailer_fields(fields: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An instance's trailer fields (after a chunked body, as llhttp validated them) as
+    HTTP/2 trailers: lower-cased, without the fields a trailer must not carry."""
+    out = []
+    for name, value in fields:
+        lname = name.lower()
+        if lname in _TRAILER_DROP or lname[:12] == b"x-edgeproxy-" or lname[:6] == b"proxy-":
+            continue
+        out.append((lname, value.strip(b" \t")))
     return out
 
 

@@ -61,6 +61,7 @@ class ClientIO:
         "tls",
         "transport",
         "up",
+        "wants_trailers",
         "write_paused",
     )
 
@@ -85,6 +86,7 @@ class ClientIO:
         self.resp_keep = True  # the connection stays open after the current answer
         self.phase = NEW  # proxy.core.conn_state: every move goes through step()
         self.deadline = 0.0  # loop time the phase's deadline passes (0.0: none)
+        self.wants_trailers = False  # the client takes response trailers (an HTTP/2 stream)
 
     def enter(self, event: int, deadline: float) -> None:
         """Move by `event` (proxy.core.conn_state.TRANSITIONS) with the new phase's deadline."""
@@ -112,6 +114,9 @@ class ClientIO:
         if framing != BAD_CODING:
             self.out.append(head)  # goes out with the first body bytes: one write
         return framing, keep
+
+    def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """An instance's trailer fields: not asked for over HTTP/1.1 (not sent on)."""
 
     def respond_local(
         self, status: int, text: str, extra: bytes, close: bool, head_only: bool

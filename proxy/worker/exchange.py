@@ -169,6 +169,7 @@ class ClientExchange(Exchange):
             r.head_bytes,
             r.method == b"HEAD",
             ctx.loop.time() + ctx.timeouts.upstream_response,
+            conn.wants_trailers,
         )
         if conn.write_paused:
             up.pause_reading(True)
@@ -356,6 +357,10 @@ class ClientExchange(Exchange):
             b"Retry-After: 1\r\n",
         )
 
+    def upstream_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        if not self.r.rejected:
+            self.conn.response_trailers(fields)
+
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
         conn = self.conn
         r = self.r
@@ -499,3 +504,6 @@ class Abandoned(Exchange):
 
     def upstream_held(self) -> list[bytes | memoryview]:
         return []
+
+    def upstream_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        pass

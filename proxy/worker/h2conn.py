@@ -266,8 +266,9 @@ class H2Front:
         r = Request(lim.max_headers, lim.max_header_bytes)
         end = ev.stream_ended is not None
         refusal: HeadError | None = None
+        trailers = False
         try:
-            fill_request(r, cast("list[tuple[bytes, bytes]]", ev.headers or []), end)
+            trailers = fill_request(r, cast("list[tuple[bytes, bytes]]", ev.headers or []), end)
         except StreamError as e:
             self.count(_KIND.get(e.kind, H2_MALFORMED))
             h.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
@@ -277,6 +278,7 @@ class H2Front:
         r.complete = end
         self.count(H2_STREAMS)
         s = H2Stream(self, sid, r)
+        s.wants_trailers = trailers
         self.streams[sid] = s
         self.queue.append(r)
         self.deadline = min(self.deadline, self.ctx.loop.time() + _CHECK)

@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
 
 from proxy.core.conn_state import CLOSE, MADE, NEW, START, step
-from proxy.core.h2_head import CONTENT_LENGTH, local_fields, response_fields
+from proxy.core.h2_head import CONTENT_LENGTH, local_fields, response_fields, trailer_fields
 from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, LENGTH, NO_BODY, chunk
 from proxy.worker.client_io import ClientIO
 from proxy.worker.exchange import Abandoned, ClientExchange
@@ -76,6 +76,7 @@ class H2Stream(ClientIO):
         "remote_done",
         "sid",
         "stall_at",
+        "trailers",
         "up_held",
     )
 
@@ -97,6 +98,7 @@ class H2Stream(ClientIO):
         self.owed = 0  # request bytes received and not yet acknowledged (WINDOW_UPDATE)
         self.stall_at = 0.0  # loop time a response stuck at a zero window is reset
         self.up_held = False  # the upstream's reading paused: too much waits for the window
+        self.trailers: list[tuple[bytes, bytes]] = []  # the instance's, sent at the end
 
     # the request -------------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +197,9 @@ class H2Stream(ClientIO):
             return NO_BODY, True
         return LENGTH, True  # anything but CHUNKED: the body's bytes go on as DATA
 
+    def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = trailer_fields(fields)
+
     def respond_local(
         self, status: int, text: str, extra: bytes, close: bool, head_only: bool
     ) -> None:
@@ -269,7 +274,7 @@ class H2Stream(ClientIO):
                 else:
                     pending.popleft()
                 self.pending_size -= n
-                last = self.closing and not pending
+                last = self.closing and not pending and not self.trailers
                 h.send_data(sid, data, end_stream=last)
                 if last:
                     self.fin_sent = True
@@ -303,7 +308,10 @@ class H2Stream(ClientIO):
         try:
             if not self.fin_sent:
                 self.fin_sent = True
-                h.end_stream(sid)
+                if self.trailers:
+                    h.send_headers(sid, self.trailers, end_stream=True)
+                else:
+                    h.end_stream(sid)
             if not self.remote_done:
                 # RFC 9113 8.1: a complete answer may end a request whose body is still
                 # coming: RST_STREAM NO_ERROR, and its DATA is no longer wanted.

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from h2raw import PROTOCOL_ERROR, RawH2, request_fields
-from hyperframe.frame import DataFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame
 from proxyctl import Proxy
 from raw_instance import RawInstance, Seen
 
@@ -34,9 +34,15 @@ def die_mid_body(s: socket.socket, seen: Seen) -> bool:
     return False  # the connection closes 5000 bytes into a 100000-byte body
 
 
+TRAILED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+    b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\nContent-Type: text/x\r\nX-Sum: abc\r\n\r\n"
+)
+
+
 @pytest.fixture
 def inst() -> Iterator[RawInstance]:
-    r = RawInstance(handlers={"/die": die_mid_body}).start()
+    r = RawInstance(handlers={"/die": die_mid_body}, responses={"/trailers": TRAILED}).start()
     yield r
     r.stop()
 
@@ -49,7 +55,7 @@ def px(proxy_factory: Callable[..., Proxy], inst: RawInstance) -> Proxy:
 def test_the_instance_reads_one_clean_http11_message(px: Proxy, inst: RawInstance) -> None:
     """A POST stream without content-length, with cookie crumbs and TE: trailers, reaches
     the instance as one HTTP/1.1 request: one Host, chunked framing made by the proxy, the
-    cookies joined, no TE, the body whole."""
+    cookies joined, TE: trailers said by the proxy, the body whole."""
     with RawH2(px.cfg.port) as c:
         fields = [
             *request_fields("/up?x=1", method="POST"),
@@ -64,7 +70,7 @@ def test_the_instance_reads_one_clean_http11_message(px: Proxy, inst: RawInstanc
     assert seen.line == b"POST /up?x=1 HTTP/1.1"
     assert seen.fields("host") == [b"hello.test"]
     assert seen.fields("cookie") == [b"a=1; b=2"]
-    assert seen.fields("te") == []
+    assert seen.fields("te") == [b"trailers"]  # said by the proxy itself, with Connection: TE
     assert seen.fields("transfer-encoding") == [b"chunked"]
     assert seen.fields("content-length") == []
     assert seen.body == b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
@@ -111,3 +117,26 @@ def test_data_on_a_closed_stream_is_a_stream_error(px: Proxy) -> None:
     with RawH2(px.cfg.port) as c:
         c.send(c.headers(1, request_fields("/ok")))
         assert c.stream_end(1)[0] == 200
+
+
+@pytest.mark.parametrize("te", [True, False])
+def test_trailers_pass_when_the_client_takes_them(px: Proxy, inst: RawInstance, te: bool) -> None:
+    """A client that sent TE: trailers gets the instance's trailer fields as a final
+    HEADERS frame (those a trailer must not carry, like Content-Type, dropped), and the
+    instance was told TE: trailers with its Connection option; without it, the body
+    ends the stream and the instance is told nothing."""
+    with RawH2(px.cfg.port) as c:
+        extra = [(b"te", b"trailers")] if te else []
+        c.send(c.headers(1, [*request_fields("/trailers"), *extra]))
+        assert c.stream_end(1)[0] == 200
+        heads = [f for f in c.frames if isinstance(f, HeadersFrame) and f.stream_id == 1]
+        body = b"".join(f.data for f in c.frames if isinstance(f, DataFrame) and f.stream_id == 1)
+    assert body == b"hello"
+    seen = inst.wait_requests(1)[0]
+    if te:
+        assert len(heads) == 2 and "END_STREAM" in heads[1].flags
+        assert heads[1].decoded == [(b"grpc-status", b"0"), (b"x-sum", b"abc")]
+        assert seen.fields("te") == [b"trailers"] and seen.fields("connection") == [b"TE"]
+    else:
+        assert len(heads) == 1
+        assert seen.fields("te") == []

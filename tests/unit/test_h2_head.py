@@ -20,6 +20,7 @@ from proxy.core.h2_head import (
     fill_request,
     local_fields,
     response_fields,
+    trailer_fields,
 )
 from proxy.core.headers import CHUNKED, LENGTH, NO_BODY, HeadError
 from proxy.core.request import Request
@@ -145,12 +146,6 @@ def test_connection_specific_fields_are_stream_errors(field: tuple[bytes, bytes]
     assert e.value.kind == CONNECTION_SPECIFIC
 
 
-def test_te_trailers_is_accepted_and_not_forwarded() -> None:
-    """TE: trailers is the one TE allowed; hop-by-hop, so the instance does not get it."""
-    r = made([*BASE, (b"te", b"trailers")])
-    assert all(k != b"te" for k, _ in head_fields(r.build(FRONT)))
-
-
 @pytest.mark.parametrize(
     ("fields", "end"),
     [
@@ -234,3 +229,30 @@ def test_whatever_the_fields_the_head_is_one_clean_message(
     assert [k for k, _ in fields].count(b"host") == 1
     assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
     assert b"\x00" not in head
+
+
+def test_te_trailers_is_told_to_the_instance_with_its_connection_option() -> None:
+    """TE: trailers makes fill_request say so and the instance's head carry TE: trailers
+    and Connection: TE (RFC 9110 10.1.4); without it, neither."""
+    r = Request(100, 65536)
+    assert fill_request(r, [*BASE, (b"te", b"trailers")], True) is True
+    fields = head_fields(r.build(FRONT))
+    assert (b"te", b"trailers") in fields and (b"connection", b"TE") in fields
+    r = Request(100, 65536)
+    assert fill_request(r, BASE, True) is False
+    assert all(k not in (b"te", b"connection") for k, _ in head_fields(r.build(FRONT)))
+
+
+def test_trailer_fields_drop_what_a_trailer_must_not_carry() -> None:
+    """Trailer fields are lower-cased; framing, routing and control fields are dropped."""
+    got = trailer_fields(
+        [
+            (b"Grpc-Status", b"0"),
+            (b"Content-Length", b"5"),
+            (b"Host", b"x"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"X-Edgeproxy-Load", b"3"),
+            (b"X-Sum", b" abc "),
+        ]
+    )
+    assert got == [(b"grpc-status", b"0"), (b"x-sum", b"abc")]
