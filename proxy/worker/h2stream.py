@@ -138,7 +138,10 @@ class H2Stream(ClientIO):
             up.write(framed)
             if r.replayable:
                 r.body.append(framed)
-                if r.body_size > self.ctx.limits.replay_body_bytes:
+                # Kept for a retry only up to one stream window (not [limits]
+                # replay_body_bytes as over HTTP/1.1): a connection carries up to
+                # max_concurrent_streams of these at once.
+                if r.body_size > self.ctx.config.http2.initial_window:
                     r.replayable = False
                     r.body.clear()
             if self.paused:
