@@ -89,7 +89,7 @@ class H2Stream(ClientIO):
         self.queue.append(r)
         self.phase = step(NEW, MADE)
         self.ex: ClientExchange | None = None
-        self.pending: deque[bytes] = deque()  # response bytes waiting for the window
+        self.pending: deque[bytes | memoryview] = deque()  # response bytes waiting for the window
         self.pending_size = 0
         self.closing = False  # answered: END_STREAM once what is pending is sent
         self.ended = False  # END_STREAM sent, or the stream reset: nothing more to do
@@ -245,15 +245,16 @@ class H2Stream(ClientIO):
         self.conn.flush_soon()
 
     def take_out(self) -> None:
-        """What the exchange held for the client joins what waits for the window."""
+        """What the exchange held for the client joins what waits for the window (kept
+        as given: the upstream hands over bytes, or views of bytes it copied, never views
+        of a buffer it reuses)."""
         out = self.out
         if out:
             pending = self.pending
             for data in out:
                 if data:
-                    b = data if type(data) is bytes else bytes(data)
-                    pending.append(b)
-                    self.pending_size += len(b)
+                    pending.append(data)
+                    self.pending_size += len(data)
             out.clear()
 
     def push(self) -> None:
@@ -272,8 +273,10 @@ class H2Stream(ClientIO):
                 data = pending[0]
                 n = min(len(data), window, h.max_outbound_frame_size)
                 if n < len(data):
-                    pending[0] = data[n:]
-                    data = data[:n]
+                    # Frame-sized pieces of a big read, without copying its rest each time.
+                    mv = data if type(data) is memoryview else memoryview(data)
+                    pending[0] = mv[n:]
+                    data = mv[:n]
                 else:
                     pending.popleft()
                 self.pending_size -= n
