@@ -13,6 +13,10 @@ nbthread 2. Modes, interleaved by round, each h2load run bounded by --duration:
 For each run: requests/s, failures, and the proxy's CPU per request (its process tree's
 CPU over the run / requests done). Medians are printed and written to
 bench/results/h2-tls-<date>.md (or --out). The machine may be shared: say so with them.
+
+To measure another (compiled) checkout, run it from there: `--edgeproxy-cmd "env -C DIR
+PYTHONPATH=DIR python -m proxy.cli"` (`python -m` puts the working directory first on
+sys.path, so PYTHONPATH alone would run this checkout's modules).
 """
 
 from __future__ import annotations
