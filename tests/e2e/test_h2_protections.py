@@ -8,7 +8,10 @@ content-length that disagrees with the DATA. Each ends in the RFC's error and is
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,7 +25,7 @@ from h2raw import (
     request_fields,
 )
 from hpack import Encoder
-from hyperframe.frame import HeadersFrame
+from hyperframe.frame import DataFrame, HeadersFrame, WindowUpdateFrame
 from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies
 
 pytestmark = pytest.mark.request_path
@@ -234,3 +237,48 @@ def test_content_length_that_disagrees_with_data_is_reset(
         c.send(c.headers(3, request_fields("/echo")))
         assert c.stream_end(3)[0] == 200
     assert h2c_proxy.wait_metric(series("content_length"), before + 1) >= before + 1
+
+
+def test_request_body_credit_follows_what_the_instance_reads(h2c_proxy: Proxy) -> None:
+    """An instance that reads nothing for 3 s: the proxy grants the client credit
+    (WINDOW_UPDATE) only as the body is written upstream, so the client can send a few
+    MB (kernel buffers) of the 64 MiB it has, not all of it (without that bound, all of
+    it: measured); once the instance reads, all that was sent arrives."""
+
+    total = 64 * 1024 * 1024
+    with RawH2(h2c_proxy.cfg.port, timeout=60) as c:
+        fields = request_fields("/slowread?pause=3&chunk=1048576", method="POST")
+        c.send(c.headers(1, fields, end_stream=False))
+        conn_window = stream_window = 65535
+        seen = 0  # WINDOW_UPDATE frames accounted for
+        sent = 0
+        frame = c.data(1, b"u" * 16384)
+
+        def credit() -> None:
+            nonlocal conn_window, stream_window, seen
+            for f in c.frames[seen:]:
+                if isinstance(f, WindowUpdateFrame):
+                    if f.stream_id == 0:
+                        conn_window += f.window_increment
+                    elif f.stream_id == 1:
+                        stream_window += f.window_increment
+            seen = len(c.frames)
+
+        observe_until = time.monotonic() + 2.0  # well inside the instance's 3 s pause
+        while time.monotonic() < observe_until:
+            credit()
+            k = min(conn_window, stream_window, total - sent, 1 << 20) // 16384
+            if k > 0:  # whole frames, up to 1 MiB in one write
+                c.send(frame * k)
+                sent += k * 16384
+                conn_window -= k * 16384
+                stream_window -= k * 16384
+            else:
+                with contextlib.suppress(TimeoutError):
+                    c.read_until(lambda: len(c.frames) > seen, timeout=0.2)
+        assert sent < 8_000_000, f"the client could send {sent} bytes to a stalled instance"
+        c.send(c.data(1, b"", end_stream=True))  # the body ends here (no length was given)
+        status, code = c.stream_end(1, timeout=30)
+        assert status == 200 and code is None
+        body = b"".join(f.data for f in c.frames if isinstance(f, DataFrame) and f.stream_id == 1)
+    assert json.loads(body)["body_len"] == sent  # what was credited all arrived
