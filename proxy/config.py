@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from proxy.config_http2 import Http2Config, http2_section
 from proxy.config_log import LogConfig, log_section
 from proxy.config_metrics import MetricsConfig, metrics_section
 from proxy.config_overload import OverloadConfig, overload_section
@@ -72,6 +73,7 @@ class ListenConfig:
     admin: Address | None
     control: str  # unix socket of the master (status, reload, takeover)
     https: tuple[Address, ...] = ()  # TLS-terminating client listeners ([tls])
+    h2c: bool = False  # HTTP/2 with prior knowledge on the plaintext (http) listeners too
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +202,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
 
     def app(self, name: str) -> AppConfig:
         for a in self.apps:
@@ -293,6 +296,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
             "tracing",
             "metrics",
             "log",
+            "http2",
             "app",
             "instance",
             "peer",
@@ -303,7 +307,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
     node = NodeConfig(id=node_r.name("id", "local"), region=node_r.name("region", "local"))
 
     listen_r = top.table("listen")
-    listen_r.check_keys(("http", "https", "backhaul", "admin", "control"))
+    listen_r.check_keys(("http", "https", "backhaul", "admin", "control", "h2c"))
     http = listen_r.addresses("http", ["127.0.0.1:8080"])
     if not http:
         raise listen_r.fail("http", "needs at least one address")
@@ -322,6 +326,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         admin=admin,
         control=listen_r.text("control", default_control(node.id)),
         https=https,
+        h2c=listen_r.get("h2c", bool, False),
     )
 
     w = top.table("workers")
@@ -459,6 +464,7 @@ def loads(text: str, path: str = "edgeproxy.toml") -> Config:
         tracing=tracing_section(top.table("tracing")),
         metrics=metrics_section(top.table("metrics")),
         log=log_section(top.table("log")),
+        http2=http2_section(top.table("http2")),
     )
 
 

@@ -73,6 +73,38 @@ SPAN_OUTCOMES = ("exported", "buffer_full", "export_failed")
 # The access log (proxy.worker.accesslog): what became of each sampled request's line.
 ACCESS_OUTCOMES = ("written", "buffer_full", "write_failed")
 
+# HTTP/2 from clients (proxy.worker.h2conn): streams, and what the protections did.
+H2_EVENTS = (
+    "stream",  # a request stream accepted (then routed like an HTTP/1.1 request)
+    "client_reset",  # RST_STREAM from the client
+    "rapid_reset",  # resets past [http2] reset_burst/reset_rate: GOAWAY ENHANCE_YOUR_CALM
+    "refused_stream",  # past max_concurrent_streams (or draining): RST_STREAM REFUSED_STREAM
+    "malformed",  # pseudo-header fields, names, values: RST_STREAM PROTOCOL_ERROR
+    "connection_specific",  # Connection, Transfer-Encoding, TE, ... (RFC 9113 8.2.2)
+    "content_length",  # content-length vs DATA (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR
+    "hpack_bomb",  # a header list past max_header_list_size: GOAWAY ENHANCE_YOUR_CALM
+    "continuation_flood",  # CONTINUATION frames past the bound: GOAWAY ENHANCE_YOUR_CALM
+    "ping_flood",  # PINGs past [http2] flood_burst/flood_rate: GOAWAY ENHANCE_YOUR_CALM
+    "settings_flood",  # SETTINGS past the same budget: GOAWAY ENHANCE_YOUR_CALM
+    "stalled",  # a response stuck at a zero window past stall_timeout: RST_STREAM CANCEL
+    "protocol_error",  # any other connection error: GOAWAY with its code
+)
+(
+    H2_STREAMS,
+    H2_CLIENT_RESET,
+    H2_RAPID_RESET,
+    H2_REFUSED_STREAM,
+    H2_MALFORMED,
+    H2_CONNECTION_SPECIFIC,
+    H2_CONTENT_LENGTH,
+    H2_HPACK_BOMB,
+    H2_CONTINUATION_FLOOD,
+    H2_PING_FLOOD,
+    H2_SETTINGS_FLOOD,
+    H2_STALLED,
+    H2_PROTOCOL_ERROR,
+) = range(len(H2_EVENTS))
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "tls_connections_total",
@@ -132,6 +164,9 @@ FAMILIES: tuple[Family, ...] = (
         " was full, or dropped because the write failed.",
         "outcome",
         ACCESS_OUTCOMES,
+    ),
+    Family(
+        "http2_events_total", "HTTP/2 client streams and protections, by event.", "event", H2_EVENTS
     ),
 )
 BY_NAME: Mapping[str, Family] = {f.name: f for f in FAMILIES}

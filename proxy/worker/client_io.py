@@ -14,7 +14,10 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
+from mypy_extensions import mypyc_attr
+
 from proxy.core.conn_state import CLOSE, NEW, step
+from proxy.core.headers import BAD_CODING, simple_response
 from proxy.core.request_head import FWD_SET, Front
 
 if TYPE_CHECKING:
@@ -33,6 +36,8 @@ P_BACKLOG: Final = 32  # parsing stopped at the pipelining bound; what was read 
 HOLD_MAX: Final = 65536  # response bytes held for one client until the iteration ends
 
 
+# An HTTP/2 stream (proxy.worker.h2stream, not compiled) is a client side too.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClientIO:
     """The transport side of one client connection (the base of ClientConnection).
 
@@ -56,6 +61,7 @@ class ClientIO:
         "tls",
         "transport",
         "up",
+        "wants_trailers",
         "write_paused",
     )
 
@@ -80,6 +86,7 @@ class ClientIO:
         self.resp_keep = True  # the connection stays open after the current answer
         self.phase = NEW  # proxy.core.conn_state: every move goes through step()
         self.deadline = 0.0  # loop time the phase's deadline passes (0.0: none)
+        self.wants_trailers = False  # the client takes response trailers (an HTTP/2 stream)
 
     def enter(self, event: int, deadline: float) -> None:
         """Move by `event` (proxy.core.conn_state.TRANSITIONS) with the new phase's deadline."""
@@ -91,6 +98,37 @@ class ClientIO:
         raise NotImplementedError
 
     # output ------------------------------------------------------------------
+    def response_head(
+        self,
+        up: UpstreamConnection,
+        status: int,
+        head_only: bool,
+        keep: bool,
+        http10: bool,
+        extra: bytes,
+    ) -> tuple[int, bool, int]:
+        """The instance's response head, made for this client and held: (the body's
+        framing towards it, whether the connection stays open, the head's bytes);
+        BAD_CODING if it cannot be sent."""
+        head, framing, keep = up.build(status, head_only, keep, http10, extra)
+        if framing == BAD_CODING:
+            return framing, keep, 0
+        self.out.append(head)  # goes out with the first body bytes: one write
+        return framing, keep, len(head)
+
+    def response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """An instance's trailer fields: not asked for over HTTP/1.1 (not sent on)."""
+
+    def respond_local(
+        self, status: int, text: str, extra: bytes, close: bool, head_only: bool
+    ) -> int:
+        """One of the proxy's own answers, written now (after what is held); its bytes."""
+        if self.transport is None:
+            return 0
+        answer = simple_response(status, text, close=close, extra=extra, head_only=head_only)
+        self.transport.write(answer)
+        return len(answer)
+
     def flush_out(self) -> None:
         """Write what is held for the client now, in one call."""
         self.queued = False

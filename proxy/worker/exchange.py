@@ -16,15 +16,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from proxy.core.conn_state import BUSY, REFUSING, TUNNEL, UPGRADE
-from proxy.core.headers import (
-    BAD_CODING,
-    CHUNK_END,
-    CHUNKED,
-    LENGTH,
-    NO_BODY,
-    chunk,
-    simple_response,
-)
+from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, LENGTH, NO_BODY, chunk
 from proxy.core.traceparent import pass_on
 from proxy.telemetry.families import SHED_LOOP_LAG
 from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
@@ -185,6 +177,7 @@ class ClientExchange(Exchange):
             r.head_bytes,
             r.method == b"HEAD",
             ctx.loop.time() + ctx.timeouts.upstream_response,
+            conn.wants_trailers,
         )
         if conn.write_paused:
             up.pause_reading(True)
@@ -256,10 +249,8 @@ class ClientExchange(Exchange):
         if status in (502, 504):
             ctx.upstream_error(status)
         head_only = r.method == b"HEAD"
-        answer = simple_response(status, text, close=not keep, extra=extra, head_only=head_only)
-        t.write(answer)
+        r.resp_bytes += conn.respond_local(status, text, extra, not keep, head_only)
         r.resp_size = 0 if head_only else len(text.encode())
-        r.resp_bytes += len(answer)
         r.responded = True
         conn.finish(r, status)
 
@@ -285,7 +276,11 @@ class ClientExchange(Exchange):
             # The load once this request is done: it is answered now.
             load = max(0, ctx.routing.load_of(t) - 1)
             extra = b"X-Edgeproxy-Load: %d\r\n" % load
-        head, framing, keep = up.build(status, r.method == b"HEAD", keep, r.http10, extra)
+        # The head goes to the client's side as its protocol frames it (held for HTTP/1.1:
+        # out with the first body bytes, one write).
+        framing, keep, sent = conn.response_head(
+            up, status, r.method == b"HEAD", keep, r.http10, extra
+        )
         if framing == BAD_CODING:
             self.local_response(
                 502, "edgeproxy: the upstream used a transfer coding HTTP/1.0 cannot carry\n"
@@ -296,8 +291,7 @@ class ClientExchange(Exchange):
         self.framing = framing
         conn.resp_keep = keep
         r.status = status
-        r.resp_bytes += len(head)
-        conn.out.append(head)  # goes out with the first body bytes: one write
+        r.resp_bytes += sent
 
     def upstream_interim(self, head: bytes) -> None:
         self.conn.write(head)
@@ -395,6 +389,10 @@ class ClientExchange(Exchange):
             f"edgeproxy: app {r.app_name!r} is at capacity, retry later\n",
             b"Retry-After: 1\r\n",
         )
+
+    def upstream_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        if not self.r.rejected:
+            self.conn.response_trailers(fields)
 
     def upstream_tunnel(self, up: UpstreamConnection, early: bytes) -> None:
         conn = self.conn
@@ -541,4 +539,7 @@ class Abandoned(Exchange):
         return []
 
     def upstream_spliced(self, n: int) -> None:
+        pass
+
+    def upstream_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
         pass

@@ -55,7 +55,9 @@ if TYPE_CHECKING:
     from proxy.telemetry.metrics import WorkerStats
     from proxy.worker.certs import CertCache
 
-ALPN = (b"http/1.1",)  # what this edge speaks, and so all it may advertise
+# What this edge speaks, and so all it may advertise; OpenSSL picks in this order, so a
+# client that offers h2 gets HTTP/2 (proxy.worker.h2select).
+ALPN = (b"h2", b"http/1.1")
 ACCEPT_BATCH = 64  # connections accepted per readable listener, before yielding
 LINGER = 1.0  # seconds a refused client may go on sending before it is closed anyway
 ACCEPT_RETRY = 0.1  # seconds accepting rests after the process ran out of descriptors

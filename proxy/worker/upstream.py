@@ -73,6 +73,10 @@ class Exchange:
         """`n` response bytes went to the client by splice, past this process."""
         raise NotImplementedError
 
+    def upstream_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The trailer fields after a chunked body (only when send() asked for them)."""
+        raise NotImplementedError
+
 
 _SPLIT_MIN = 2048  # a body shorter than this goes through the parser with its head
 _MAX_HEAD = 65536  # a response head larger than this is refused (502)
@@ -121,6 +125,7 @@ class UpstreamConnection(ResponseHead):
         "pool",
         "raw_left",
         "reused",
+        "trailers_wanted",
         "transport",
         "tunnel",
     )
@@ -147,6 +152,7 @@ class UpstreamConnection(ResponseHead):
         self.big = False  # the last response's body was worth splicing
         self.msg_done = False  # the parser completed a response: ended once the feed returns
         self.pending = b""  # a request head held until the loop iteration ends (batch)
+        self.trailers_wanted = False  # the parser reports trailer fields (_TrailerReader)
 
     # asyncio.BufferedProtocol -----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -316,11 +322,25 @@ class UpstreamConnection(ResponseHead):
         self.raw_left = 0
         self.big = self.content_length >= SPLICE_MIN
         self.parser = httptools.HttpResponseParser(self)  # it never saw the body's bytes
+        self.trailers_wanted = False
         self._finish()
 
     # the exchange ----------------------------------------------------------
-    def send(self, exchange: Exchange, head: bytes, head_only: bool, deadline: float) -> None:
-        """Start an exchange: write the request head; the body follows via write()."""
+    def send(
+        self,
+        exchange: Exchange,
+        head: bytes,
+        head_only: bool,
+        deadline: float,
+        trailers: bool = False,
+    ) -> None:
+        """Start an exchange: write the request head; the body follows via write().
+        `trailers`: the response's trailer fields are wanted (exchange.upstream_trailers)."""
+        if trailers or self.trailers_wanted:
+            # Only then does the parser call back per field (a cost the head, filtered
+            # whole by ResponseHead.take, does not need).
+            self.parser = httptools.HttpResponseParser(_TrailerReader(self) if trailers else self)
+            self.trailers_wanted = trailers
         self.exchange = exchange
         self.head_only = head_only
         self.got_bytes = False
@@ -411,6 +431,7 @@ class UpstreamConnection(ResponseHead):
         if self.head_only and status >= 200:
             # httptools cannot be told that a HEAD response has no body.
             self.parser = httptools.HttpResponseParser(self)
+            self.trailers_wanted = False
             self.msg_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -440,6 +461,46 @@ class UpstreamConnection(ResponseHead):
             self.pool.put(self)
         else:
             self.close()
+
+
+class _TrailerReader:
+    """The parser's callbacks for a response whose trailer fields are wanted: those of
+    the head are passed over (the head is filtered whole), the fields after a chunked
+    body are collected (bounded like a head) and reported before the response ends."""
+
+    __slots__ = ("after", "fields", "size", "up")
+
+    def __init__(self, up: UpstreamConnection) -> None:
+        self.up = up
+        self.after = False  # past this message's head: fields are trailer fields
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.size = 0
+
+    def on_message_begin(self) -> None:
+        self.after = False
+        self.fields = []
+        self.size = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.after:
+            self.size += len(name) + len(value) + 4
+            if self.size > _MAX_HEAD:
+                raise _StrayResponseError  # trailers past a head's bound: a bad response
+            self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.after = True
+        self.up.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.up.on_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.up.exchange
+        if self.fields and ex is not None and self.up.parser.get_status_code() >= 200:
+            ex.upstream_trailers(self.fields)
+        self.fields = []
+        self.up.on_message_complete()
 
 
 class Pool:

@@ -130,6 +130,16 @@ class Worker:
         """The protocol factory of a listener (a backhaul one: peers name the instance; a
         TLS one: requests must name the app the SNI named, "" when it named none)."""
         ctx = self.ctx
+        # HTTP/2 (the h2 library: some 40 ms of imports) only where a listener may speak it,
+        # so that a plaintext-only worker starts (and a reload serves) as fast as before.
+        if tls and not backhaul:
+            from proxy.worker.h2select import AlpnChoice
+
+            return lambda: AlpnChoice(ctx, sni_app)  # HTTP/2 when ALPN chose h2
+        if not backhaul and self.config.listen.h2c:
+            from proxy.worker.h2select import PrefaceSniff
+
+            return lambda: PrefaceSniff(ctx)  # HTTP/2 with prior knowledge, or HTTP/1.1
         return lambda: ClientConnection(ctx, backhaul, sni_app, tls)
 
     async def serve(self) -> None:
@@ -195,6 +205,9 @@ class Worker:
         """The HTTPS side of this worker, made with its first HTTPS listener."""
         if self.tls is None:
             from proxy.worker.certs import CertCache  # cryptography: HTTPS nodes only
+            from proxy.worker.h2select import AlpnChoice  # the h2 library, at startup
+
+            del AlpnChoice  # imported now, not on the loop at the first connection
 
             ctx, config = self.ctx, self.config
             tls = config.tls

@@ -278,16 +278,19 @@ def test_a_hello_that_never_completes_is_closed_at_the_timeout(tls_proxy: Proxy)
     tls_proxy.wait_metric(series, before + 1)
 
 
-def test_alpn_is_http11_and_h2_alone_is_refused(tls_proxy: Proxy, ca: CA) -> None:
-    """ALPN: http/1.1 chosen from [h2, http/1.1]; a client offering only h2 gets
-    no_application_protocol (HTTP/2 is not served, so it is never advertised)."""
+def test_alpn_prefers_h2_and_refuses_what_is_not_served(tls_proxy: Proxy, ca: CA) -> None:
+    """ALPN: h2 chosen from [h2, http/1.1], http/1.1 when only it is offered; a client
+    offering only protocols not served here gets no_application_protocol."""
     ctx = client_ctx(ca)
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     with Client(https_port(tls_proxy), tls=ctx, sni="hello.test") as c:
         assert isinstance(c.sock, ssl.SSLSocket)
-        assert c.sock.selected_alpn_protocol() == "http/1.1"
+        assert c.sock.selected_alpn_protocol() == "h2"
+    h11 = client_ctx(ca)
+    h11.set_alpn_protocols(["http/1.1"])
+    assert get(tls_proxy, h11, "hello.test", "hello.test")[0] == 200
     only = client_ctx(ca)
-    only.set_alpn_protocols(["h2"])
+    only.set_alpn_protocols(["spdy/3.1", "h3"])
     with pytest.raises(ssl.SSLError, match="no application protocol"):
         get(tls_proxy, only, "hello.test", "hello.test")
 

@@ -186,6 +186,8 @@ class ProxyConfig:
     tracing: dict[str, Any] = field(default_factory=dict)  # [tracing], if any
     metrics: dict[str, Any] = field(default_factory=dict)  # [metrics], if any
     log: dict[str, Any] = field(default_factory=dict)  # [log], if any
+    listen_extra: dict[str, Any] = field(default_factory=dict)  # more [listen] keys (h2c)
+    http2: dict[str, Any] = field(default_factory=dict)  # [http2], if any
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
     @property
@@ -201,7 +203,7 @@ class ProxyConfig:
         }
         if self.https_port is not None:
             listen["https"] = [f"{HOST}:{self.https_port}"]
-        out += _section("listen", listen)
+        out += _section("listen", {**listen, **self.listen_extra})
         out += _section("workers", {"count": self.workers, **self.workers_extra})
         if self.timeouts:
             out += _section("timeouts", self.timeouts)
@@ -223,6 +225,8 @@ class ProxyConfig:
             out += _section("metrics", self.metrics)
         if self.log:
             out += _section("log", self.log)
+        if self.http2:
+            out += _section("http2", self.http2)
         out += _section("pinger", {"listen": f"{HOST}:{free_port(HOST, socket.SOCK_DGRAM)}"})
         out += _section("table", {"name": f"edgeproxy-test-{self.uid}", **self.table_extra})
         apps = [{"name": "hello", "hosts": ["hello.test"], "soft_limit": 20, "hard_limit": 25}]
