@@ -25,6 +25,7 @@ class Request(RequestHead):
         "early",
         "front",
         "full",
+        "h2",
         "head_bytes",
         "hold",
         "parent_id",
@@ -58,6 +59,7 @@ class Request(RequestHead):
         self.resp_bytes = 0  # response bytes (head and body) relayed to the client
         self.front: Front | None = None  # the client connection's address and scheme
         self.complete = False
+        self.h2 = False  # a stream of an HTTP/2 connection (proxy.worker.h2conn)
         self.early = b""  # client bytes after an upgrade head, held until the 101
         self.head_bytes = b""
         self.sent = False  # head written to an upstream

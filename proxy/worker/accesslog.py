@@ -39,7 +39,7 @@ LOG_PERIOD = 60.0  # seconds between two logged write failures
 # What the loop keeps of a logged request (a line is built on the writer's thread):
 # wall time at the end, app, instance, its node, backhauled to it, status, method,
 # HTTP/1.0, client ip, scheme, from a peer node, bytes in, bytes out, seconds, tries.
-Raw = tuple[float, str, str, str, bool, int, bytes, bool, bytes, bytes, bool, int, int, float, int]
+Raw = tuple[float, str, str, str, bool, int, bytes, str, bytes, bytes, bool, int, int, float, int]
 
 
 class AccessLog:
@@ -80,7 +80,7 @@ class AccessLog:
                 t is not None and not t.local,
                 status,
                 r.method,
-                r.http10,
+                "HTTP/2" if r.h2 else "HTTP/1.0" if r.http10 else "HTTP/1.1",
                 f.ip if f is not None else b"",
                 f.proto if f is not None else b"",
                 f is not None and f.mode == FWD_KEEP,  # a peer's connection: a backhaul
@@ -94,7 +94,7 @@ class AccessLog:
 
 def line(raw: Raw, node: str) -> bytes:
     """The JSON line of one logged request (on the writer's thread)."""
-    (when, app, inst, inst_node, remote, status, method, http10, ip, scheme, peer,
+    (when, app, inst, inst_node, remote, status, method, protocol, ip, scheme, peer,
      bytes_in, bytes_out, elapsed, tries) = raw  # fmt: skip
     rec: dict[str, Any] = {
         "ts": _iso(when),
@@ -105,7 +105,7 @@ def line(raw: Raw, node: str) -> bytes:
         "backhaul": remote,
         "status": status,
         "method": method.decode("latin-1"),
-        "protocol": "HTTP/1.0" if http10 else "HTTP/1.1",
+        "protocol": protocol,
         "scheme": scheme.decode("latin-1"),
         "client": ip.decode("latin-1"),
         "from_peer": peer,

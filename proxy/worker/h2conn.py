@@ -264,6 +264,7 @@ class H2Front:
             return
         lim = self.ctx.limits
         r = Request(lim.max_headers, lim.max_header_bytes)
+        r.h2 = True
         end = ev.stream_ended is not None
         refusal: HeadError | None = None
         trailers = False

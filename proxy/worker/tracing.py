@@ -56,6 +56,7 @@ Raw = tuple[
     float,
     bool,
     int,
+    str,
     bytes,
     bytes,
     bytes,
@@ -113,6 +114,7 @@ class Tracer:
                 resp,
                 t is not None and not t.local,
                 r.resp_size,
+                "2" if r.h2 else "1.0" if r.http10 else "1.1",
                 r.trace_id,
                 r.span_id,
                 r.parent_id,
@@ -124,13 +126,13 @@ class Tracer:
 def build(raw: Raw, node: str) -> SpanRecord:
     """The span of one recorded request (on the exporter's thread)."""
     why, start, end, method, app, inst, inst_node, status, head_size, body_size, tries = raw[:11]
-    head, body, resp, backhaul, resp_size, trace, span_id, parent, retries = raw[11:]
+    head, body, resp, backhaul, resp_size, version, trace, span_id, parent, retries = raw[11:]
     m = method.decode("latin-1") or "HTTP"
     attrs: list[tuple[str, Value]] = [
         ("http.request.method", m),
         ("http.response.status_code", status),
         ("network.protocol.name", "http"),
-        ("network.protocol.version", "1.1"),
+        ("network.protocol.version", version),
         ("edgeproxy.app", app),
         ("edgeproxy.node", node),
         ("edgeproxy.traced_because", REASONS[why]),

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from h2client import H2Client
 from ports import free_port
 from proxyctl import Client, Proxy, request_bytes, wait_until
 
@@ -186,3 +187,26 @@ def test_error_lines_as_json(proxy_factory: Callable[..., Proxy]) -> None:
     assert f"worker {pid} " in died["msg"] and died["pid"] == p.proc.pid
     text = [ln for ln in p.stderr().splitlines() if ln and not ln.startswith("{")]
     assert text == [], text  # every line of master and workers is JSON
+
+
+@pytest.mark.timeout(60)
+def test_an_http2_stream_is_logged_as_http2(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """A request on an HTTP/2 connection (h2c prior knowledge) and one on HTTP/1.1 beside it
+    on the same listener: the lines say HTTP/2 and HTTP/1.1, and the stream's bytes_out
+    counts at least its body."""
+    log = tmp_path / "access.log"
+    p = proxy_factory(
+        workers=1, listen_extra={"h2c": True}, log={"access": str(log), "flush_ms": 50}
+    )
+    with H2Client(p.port, None) as c:
+        got = c.request("/")
+        assert got.status == 200
+    with Client(p.port) as c1:
+        c1.send(request_bytes("GET", "/", host="hello.test", close=True))
+        assert c1.response().status == 200
+    h2_line, h1_line = wait_lines(log, 2)
+    assert h2_line["protocol"] == "HTTP/2", h2_line
+    assert h2_line["bytes_out"] >= len(got.body) > 0, h2_line
+    assert h1_line["protocol"] == "HTTP/1.1", h1_line

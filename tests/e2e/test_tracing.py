@@ -3,10 +3,12 @@ receiver that decodes them with the official definitions (tests/support/otlp_rec
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
 
 import pytest
+from h2client import H2Client
 from otlp_receiver import Receiver, attrs
 from proxyctl import Proxy
 
@@ -92,3 +94,32 @@ def test_full_buffer_drops_and_counts_and_the_rest_leaves_at_stop(
     got = receiver.wait_spans(2)
     assert len(got) == 2
     assert {attrs(s.attributes)["http.response.status_code"] for _, s in got} == {500}
+
+
+@pytest.mark.timeout(60)
+def test_an_http2_stream_span_says_http2_and_carries_the_trace(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """A sampled request on an HTTP/2 connection (h2c) becomes a span whose protocol
+    version is 2, and the instance receives exactly one traceparent, naming that span's
+    trace and id; an HTTP/1.1 request beside it says 1.1."""
+    receiver = Receiver()
+    try:
+        p = proxy_factory(
+            workers=1,
+            listen_extra={"h2c": True},
+            tracing={"endpoint": receiver.endpoint, "sample_rate": 1.0, "interval_ms": 100},
+        )
+        with H2Client(p.port, None) as c:
+            got = c.request("/echo")
+        assert got.status == 200
+        assert p.get("/").status == 200
+        spans = [s for _, s in receiver.wait_spans(2)]
+    finally:
+        receiver.close()
+    versions = sorted(attrs(s.attributes)["network.protocol.version"] for s in spans)
+    assert versions == ["1.1", "2"], versions
+    (h2span,) = [s for s in spans if attrs(s.attributes)["network.protocol.version"] == "2"]
+    seen = json.loads(got.body)["headers"]
+    sent = [v for k, v in seen if k.lower() == "traceparent"]
+    assert sent == [f"00-{h2span.trace_id.hex()}-{h2span.span_id.hex()}-01"], (sent, seen)
