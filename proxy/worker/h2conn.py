@@ -54,6 +54,7 @@ from proxy.telemetry.families import (
     H2_SETTINGS_FLOOD,
     H2_STALLED,
     H2_STREAMS,
+    SHED_LOOP_LAG,
 )
 from proxy.worker.h2stream import H2Stream
 
@@ -258,8 +259,14 @@ class H2Front:
     def request(self, ev: RequestReceived) -> None:
         sid = ev.stream_id or 0
         h = self.h2
-        if len(self.streams) >= self.cfg.max_concurrent_streams or self.ctx.draining:
-            self.count(H2_REFUSED_STREAM)  # RFC 9113 5.1.2: nothing of it was processed
+        ctx = self.ctx
+        if len(self.streams) >= self.cfg.max_concurrent_streams or ctx.draining or ctx.shedding:
+            # RFC 9113 5.1.2 / 8.7: nothing of it was processed, the client may retry it
+            # (elsewhere). Shedding ([overload] shed_lag_ms) refuses a stream as HTTP/1.1
+            # gets its 503, before routing, and counts it the same.
+            if ctx.shedding:
+                ctx.stats.families["shed_total"][SHED_LOOP_LAG] += 1
+            self.count(H2_REFUSED_STREAM)
             h.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         lim = self.ctx.limits

@@ -9,15 +9,23 @@ import time
 from pathlib import Path
 
 import pytest
+from h2client import H2Client
 from harness_worker import harness_worker
 from proxyctl import Client, ProxyConfig, Response, Upstream, request_bytes
 
 from proxy.telemetry.aggregate import Aggregator
-from proxy.telemetry.families import BLOCKED_LOGGED, BLOCKED_RATE_LIMITED, SHED_LOOP_LAG
+from proxy.telemetry.families import (
+    BLOCKED_LOGGED,
+    BLOCKED_RATE_LIMITED,
+    H2_REFUSED_STREAM,
+    SHED_LOOP_LAG,
+)
 from proxy.telemetry.histograms import LAG_BUCKETS
 from proxy.telemetry.metrics import decode_snapshot
 
 pytestmark = pytest.mark.request_path
+
+REFUSED_STREAM = 0x7  # RFC 9113 7
 
 
 def get(port: int, path: str = "/") -> Response:
@@ -83,3 +91,38 @@ def test_slowed_loop_is_measured_logged_and_sheds(tmp_path: Path, upstream: Upst
     assert f'edgeproxy_shed_total{{reason="loop_lag"}} {shed_n}' in text
     assert f'edgeproxy_loop_lag_seconds_count{{worker="0"}} {sum(counts)}' in text
     assert 'edgeproxy_shedding{worker="0"} 0' in text
+
+
+@pytest.mark.timeout(60)
+def test_a_shedding_worker_refuses_http2_streams(tmp_path: Path, upstream: Upstream) -> None:
+    """While the loop's lag sheds, a new HTTP/2 stream (h2c) is reset with REFUSED_STREAM
+    (RFC 9113 8.7: unprocessed, safe to retry elsewhere) and counted as shed; once the lag
+    is gone, a stream on the same connection is answered."""
+    cfg = ProxyConfig(
+        upstream=upstream.address,
+        workers=1,
+        listen_extra={"h2c": True},
+        overload={"probe_ms": 10, "blocked_ms": 0, "shed_lag_ms": 50, "shed_after": 2},
+    )
+    with (
+        harness_worker("stall_harness.py", cfg, tmp_path) as (port, final),
+        H2Client(port, None) as c,
+    ):
+        assert c.request("/").status == 200
+        assert get(port, "/_stall?ms=400").status == 200
+        deadline = time.monotonic() + 15.0
+        refused = None
+        while refused is None and time.monotonic() < deadline:
+            got = c.request("/")
+            if got.reset is not None:
+                refused = got
+        assert refused is not None and refused.reset == REFUSED_STREAM, refused
+        assert get(port, "/_stall?ms=0").status == 200
+        deadline = time.monotonic() + 15.0
+        while (got := c.request("/")).status != 200 and time.monotonic() < deadline:
+            pass
+        assert got.status == 200, got
+    (data,) = final
+    snap = decode_snapshot(data)
+    assert snap.families["shed_total"][SHED_LOOP_LAG] >= 1
+    assert snap.families["http2_events_total"][H2_REFUSED_STREAM] >= 1
