@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from shm_procs import spawn, unique_segment
 
-from shm import codec, segment
+from shm import codec
 from shm.errors import WriterBusyError
 from shm.layout import Layout
 from shm.reader import TableReader
 from shm.writer import TableWriter
 
-ROOT = Path(__file__).resolve().parents[2]
-_COUNTER = itertools.count()
 CFG = "Layout(8, 4, 64)"
 
 
 @pytest.fixture
 def name() -> Iterator[str]:
     """A segment name unique to this test, unlinked afterwards."""
-    n = f"/ept-proc-{os.getpid()}-{next(_COUNTER)}"
-    yield n
-    segment.unlink(n)
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    yield from unique_segment("ept-proc")
 
 
 # Every row the writer writes carries an invariant derived from one counter k, so a

@@ -2,47 +2,26 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import random
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from shm_procs import spawn, unique_segment
 
 from proxy.core.router import UNKNOWN_RTT_US, FullMarks, NoPick
 from proxy.worker.walk import Walk
-from shm import segment
 from shm.candidate import Candidate
 from shm.layout import Layout
 from shm.reader import TableReader
 
-ROOT = Path(__file__).resolve().parents[2]
-_COUNTER = itertools.count()
 CFG = "Layout(8, 2, 96)"
 
 
 @pytest.fixture
 def name() -> Iterator[str]:
     """A segment name unique to this test, unlinked afterwards."""
-    n = f"/ept-walk-{os.getpid()}-{next(_COUNTER)}"
-    yield n
-    segment.unlink(n)
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    yield from unique_segment("ept-walk")
 
 
 # Loads jump across soft (5) and hard (9); RTTs of n1..n4 cross and meet each other and
