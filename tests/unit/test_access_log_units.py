@@ -47,7 +47,7 @@ def test_log_section() -> None:
 
 def test_line_fields() -> None:
     """A line is one JSON object ending in a newline, with the request's values."""
-    raw = (1764806400.25, "hello", "hello-1", "n2", True, 503, b"GET", True, b"10.0.0.1",
+    raw = (1764806400.25, "hello", "hello-1", "n2", True, 503, b"GET", "HTTP/1.0", b"10.0.0.1",
            b"https", False, 120, 300, 0.0125, 3)  # fmt: skip
     data = line(raw, "n1")
     assert data.endswith(b"\n") and data.count(b"\n") == 1
@@ -86,7 +86,7 @@ def test_unopenable_file_drops_and_counts(tmp_path: Path) -> None:
     counts = [0, 0, 0]
     cfg = LogConfig(access=str(tmp_path / "missing" / "access.log"), buffer=2)
     log = AccessLog(cfg, counts, lambda: 0.0, lambda: 1.0)
-    raw = (0.0, "a", "", "", False, 200, b"GET", False, b"", b"http", False, 1, 2, 0.1, 1)
+    raw = (0.0, "a", "", "", False, 200, b"GET", "HTTP/1.1", b"", b"http", False, 1, 2, 0.1, 1)
     log.buffer.extend([raw, raw])
     w = Writer(cfg, "n1", log)
     w.flush()
