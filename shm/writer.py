@@ -1,6 +1,6 @@
 """The single writer of a table segment (the pinger, or the master without one).
 
-Owns slot allocation, the id -> slot indexes, seqlocked row writes, the
+Owns seqlocked row writes (slots and id -> slot indexes: shm.slots), the
 generation bump after topology changes, the heartbeat and takeover after a dead
 writer, and what lets a reader pick without reading every instance: the groups'
 order array and blocks (rewritten whole when instances come or go, patched in place
@@ -10,7 +10,6 @@ a failed write (TableFull, RowTooLargeError) must leave every row as it was.
 
 from __future__ import annotations
 
-import heapq
 import mmap
 import os
 import struct
@@ -18,14 +17,15 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from shm import codec
-from shm.errors import LayoutMismatchError, TableFull
+from shm.errors import LayoutMismatchError
 from shm.groups import Group
 from shm.layout import Layout
 from shm.rtt_order import RttOrder
 from shm.segment import Segment, fence
+from shm.slots import Slots
 from shm.summary import Summary, word
 
 R = TypeVar("R")
@@ -46,29 +46,6 @@ def _holder_pid(mm: mmap.mmap) -> int:
     return got[1] if got else 0
 
 
-class _Slots(Generic[R]):
-    """Slot bookkeeping of one row table (writer memory only)."""
-
-    def __init__(self, kind: str, capacity: int) -> None:
-        self.kind = kind
-        self.capacity = capacity
-        self.index: dict[str, int] = {}
-        self.rows: dict[str, R] = {}
-        self.free: list[int] = []  # min-heap of freed slots below hwm
-        self.hwm = 0  # slots [0, hwm) have been written at least once
-
-    def take(self) -> int:
-        if self.free:
-            return heapq.heappop(self.free)
-        if self.hwm >= self.capacity:
-            raise TableFull(self.kind, self.capacity)
-        self.hwm += 1
-        return self.hwm - 1
-
-    def give_back(self, slot: int) -> None:
-        heapq.heappush(self.free, slot)
-
-
 class TableWriter:
     """Writes nodes, apps and instances into a segment; one per segment, lock-enforced."""
 
@@ -76,9 +53,9 @@ class TableWriter:
         self._seg = seg
         self._mm = seg.mm
         self._layout = layout
-        self._nodes: _Slots[codec.NodeRow] = _Slots("nodes", layout.max_nodes)
-        self._apps: _Slots[codec.AppRow] = _Slots("apps", layout.max_apps)
-        self._instances: _Slots[codec.InstanceRow] = _Slots("instances", layout.max_instances)
+        self._nodes: Slots[codec.NodeRow] = Slots("nodes", layout.max_nodes)
+        self._apps: Slots[codec.AppRow] = Slots("apps", layout.max_apps)
+        self._instances: Slots[codec.InstanceRow] = Slots("instances", layout.max_instances)
         self._hosts: dict[str, str] = {}
         self._defer = 0
         self._dirty = False
@@ -439,7 +416,7 @@ class TableWriter:
     def _put(
         self,
         *,
-        slots: _Slots[R],
+        slots: Slots[R],
         key: str,
         row: R,
         encode: _Encode[R],
@@ -466,7 +443,7 @@ class TableWriter:
         slots.rows[key] = row
         self._changed()
 
-    def _remove(self, slots: _Slots[R], key: str, encode: _Encode[R], offset: _Offset) -> None:
+    def _remove(self, slots: Slots[R], key: str, encode: _Encode[R], offset: _Offset) -> None:
         slot = slots.index.pop(key)
         del slots.rows[key]
         at = offset(slot)
@@ -561,7 +538,7 @@ class TableWriter:
     def _adopt_table(
         self,
         *,
-        slots: _Slots[R],
+        slots: Slots[R],
         hwm: int,
         cold_size: int,
         decode: _Decode[R],
@@ -571,20 +548,17 @@ class TableWriter:
         key: _Key[R],
     ) -> None:
         mm = self._mm
-        slots.hwm = min(hwm, slots.capacity)
-        for slot in range(slots.hwm):
+        torn, kept = slots.adopt(
+            hwm, lambda slot: decode(mm[offset(slot) : offset(slot) + cold_size]), key
+        )
+        for slot in torn:  # torn by the dead writer: make it a valid free row
             at = offset(slot)
-            got = decode(mm[at : at + cold_size])
-            row = got[1] if got else None
-            if row is None or key(row) in slots.index:
-                if got is None:  # torn by the dead writer: make it a valid free row
-                    self._write_cold(at, encode(self._next_seq(at), None))
-                heapq.heappush(slots.free, slot)
-                continue
-            slots.index[key(row)] = slot
-            slots.rows[key(row)] = row
-            if hot_at is not None and codec.decode_hot(mm, at + hot_at) is None:
-                self._write_hot(at + hot_at, 0, 0, 0, 0)
+            self._write_cold(at, encode(self._next_seq(at), None))
+        if hot_at is not None:
+            for slot in kept:
+                at = offset(slot) + hot_at
+                if codec.decode_hot(mm, at) is None:
+                    self._write_hot(at, 0, 0, 0, 0)
 
 
 def _mismatch(name: str, problem: str) -> Exception:
