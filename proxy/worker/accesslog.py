@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import orjson
 
 from proxy.core.request_head import FWD_KEEP
+from proxy.worker.faults import ThrottledLine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 WRITTEN, BUFFER_FULL, WRITE_FAILED = range(3)
 PATH_CHECK = 1.0  # seconds between two checks that the path still names the open file
 CHUNK: Final = 4096  # PIPE_BUF: a write to a pipe up to this size is never interleaved
-LOG_PERIOD = 60.0  # seconds between two logged write failures
 
 # What the loop keeps of a logged request (a line is built on the writer's thread):
 # wall time at the end, app, instance, its node, backhauled to it, status, method,
@@ -136,8 +136,7 @@ class Writer:
         self.out = out
         self.fd = -1
         self.checked = 0.0
-        self.last_logged = -LOG_PERIOD
-        self.failures = 0
+        self.complaints = ThrottledLine(out)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="access-log", daemon=True)
 
@@ -216,21 +215,7 @@ class Writer:
 
     def failed(self, n: int, why: str) -> None:
         self.counts[WRITE_FAILED] += n
-        now = time.monotonic()
-        self.failures += 1
-        if now - self.last_logged < LOG_PERIOD:
-            return
-        self.last_logged = now
-        more = self.failures - 1
-        self.failures = 0
-        text = f"access log: {why}; {n} lines dropped"
-        if more:
-            text += f" ({more} more failures since the last report)"
-        try:
-            self.out.write(f"edgeproxy worker: {text}\n")
-            self.out.flush()
-        except (OSError, ValueError):
-            pass
+        self.complaints.say(f"access log: {why}; {n} lines dropped")
 
 
 def _batches(lines: list[bytes], limit: int) -> list[list[bytes]]:

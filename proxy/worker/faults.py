@@ -2,12 +2,14 @@
 
 Owns the `internal_errors` counters (by where the exception was caught) and the
 rule that one site (where, exception type, innermost frame) logs its traceback at
-most once per period, with the count of repeats suppressed since. It must not
-decide what happens to the connection involved: the caller closes it.
+most once per period, with the count of repeats suppressed since. The same
+rule for a worker thread's own failures (ThrottledLine: the trace exporter, the access
+log). It must not decide what happens to the connection involved: the caller closes it.
 """
 
 from __future__ import annotations
 
+import time
 import traceback
 from typing import TYPE_CHECKING, TextIO
 
@@ -77,3 +79,31 @@ def _site(where: int, exc: BaseException | None) -> tuple[int, str, str, int]:
         filename, line = tb.tb_frame.f_code.co_filename, tb.tb_lineno
         tb = tb.tb_next
     return where, type(exc).__name__, filename, line
+
+
+class ThrottledLine:
+    """A thread's failure lines to `out`: at most one per period, the ones in between
+    counted and said with the next."""
+
+    __slots__ = ("last", "out", "period", "skipped")
+
+    def __init__(self, out: TextIO, period: float = LOG_PERIOD) -> None:
+        self.out = out
+        self.period = period
+        self.last = -period
+        self.skipped = 0
+
+    def say(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.period:
+            self.skipped += 1
+            return
+        self.last = now
+        if self.skipped:
+            text += f" ({self.skipped} more failures since the last report)"
+            self.skipped = 0
+        try:
+            self.out.write(f"edgeproxy worker: {text}\n")
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: the counters still say it happened

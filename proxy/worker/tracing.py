@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from proxy import __version__
 from proxy.core.otlp import Event, SpanRecord, Value, export_request
+from proxy.worker.faults import ThrottledLine
 
 if TYPE_CHECKING:
     from proxy.config import Config, TracingConfig
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 EXPORTED, BUFFER_FULL, EXPORT_FAILED = range(3)
 REASONS: Final = ("slow", "failed", "retried", "sampled")
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
-LOG_PERIOD = 60.0  # seconds between two logged export failures
 
 # What the loop keeps of a traced request (built into a span on the exporter's thread):
 # why, start and end (ns), method, app, instance, its node, status, head bytes, request
@@ -187,7 +187,6 @@ class Exporter:
         self.node = config.node.id
         self.tracer = tracer
         self.counts = tracer.counts
-        self.out = out
         self.resource: list[tuple[str, Value]] = [
             ("service.name", cfg.service_name),
             ("service.instance.id", f"{config.node.id}/{os.getpid()}"),
@@ -203,8 +202,7 @@ class Exporter:
         self.conn: http.client.HTTPConnection | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="trace-export", daemon=True)
-        self.last_logged = -LOG_PERIOD
-        self.failures = 0
+        self.complaints = ThrottledLine(out)
 
     def start(self) -> None:
         self.thread.start()
@@ -245,7 +243,9 @@ class Exporter:
                 break
             delay = min(delay * 2, 8.0)
         self.counts[EXPORT_FAILED] += n
-        self.log(f"trace export to {self.cfg.endpoint} failed: {problem}; {n} spans dropped")
+        self.complaints.say(
+            f"trace export to {self.cfg.endpoint} failed: {problem}; {n} spans dropped"
+        )
 
     def post(self, body: bytes) -> str:
         """One POST; "" when accepted, else why ("retry: ..." when a retry may help)."""
@@ -276,19 +276,3 @@ class Exporter:
         if status in _RETRYABLE:
             return f"retry: HTTP {status}"
         return f"HTTP {status}"
-
-    def log(self, text: str) -> None:
-        now = time.monotonic()
-        self.failures += 1
-        if now - self.last_logged < LOG_PERIOD:
-            return
-        self.last_logged = now
-        more = self.failures - 1
-        self.failures = 0
-        if more:
-            text += f" ({more} more failures since the last report)"
-        try:
-            self.out.write(f"edgeproxy worker: {text}\n")
-            self.out.flush()
-        except (OSError, ValueError):
-            pass
