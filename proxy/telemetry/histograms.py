@@ -1,8 +1,8 @@
 """Histogram families with one fixed label (the worker slot, or the app from config).
 
 Owns the registry of these histograms (loop lag per worker slot, request and response
-body durations per app), a worker's counts for them (`Hist.observe`: a bisect and two
-list increments, nothing allocated), their snapshot form, the master's sums by label
+body durations per app), a worker's counts for them (`Hist.observe`: a bucket search and
+two list increments), their snapshot form, the master's sums by label
 value and their rendering, with the loop gauges (current lag, shedding) per slot. Label
 values are a slot number or a configured app name, never anything a client sent.
 """
@@ -10,7 +10,6 @@ values are a slot number or a configured app name, never anything a client sent.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +57,18 @@ LOOP_LAG, REQUEST_BODY, RESPONSE_BODY = range(len(FAMILIES))
 BY_NAME: Mapping[str, HistFamily] = {f.name: f for f in FAMILIES}
 
 
+def bucket(bounds: tuple[float, ...], x: float) -> int:
+    """The index of the first bound >= `x` (bisect_left's answer), len(bounds) past the
+    last. A forward scan: compiled, it compares unboxed floats and most observations
+    stop at the first bounds, where bisect_left's generic comparisons cost ~10x more."""
+    i = 0
+    for b in bounds:
+        if x <= b:
+            return i
+        i += 1
+    return i
+
+
 class Hist:
     """One worker's counts of one family: `counts[row * width + bucket]` (per bucket, not
     cumulative; the last is +Inf) and `sums[row]`."""
@@ -71,7 +82,7 @@ class Hist:
         self.sums = [0.0] * rows
 
     def observe(self, row: int, seconds: float) -> None:
-        self.counts[row * self.width + bisect_left(self.bounds, seconds)] += 1
+        self.counts[row * self.width + bucket(self.bounds, seconds)] += 1
         self.sums[row] += seconds
 
 

@@ -10,7 +10,6 @@ allocate per request, or do I/O. Paths, hosts and instance ids must never become
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,12 +163,12 @@ class WorkerStats:
 
     def observe_connect(self, seconds: float) -> None:
         """One upstream connect took `seconds`."""
-        self.connect_buckets[bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        self.connect_buckets[histograms.bucket(CONNECT_BUCKETS, seconds)] += 1
         self.connect_sum += seconds
 
     def observe_response(self, seconds: float) -> None:
         """One request took `seconds` from its head received to its response's end."""
-        self.response_buckets[bisect_left(RESPONSE_BUCKETS, seconds)] += 1
+        self.response_buckets[histograms.bucket(RESPONSE_BUCKETS, seconds)] += 1
         self.response_sum += seconds
 
     def snapshot(self) -> bytes:

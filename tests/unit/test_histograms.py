@@ -125,3 +125,14 @@ def test_block_holds_the_histograms_of_many_apps() -> None:
     with StatsBlock.create(block_size_for(len(apps))) as b:
         b.publish(s.snapshot())
     assert len(LAG_BUCKETS) + 1 == len(s.hists[LOOP_LAG].counts)
+
+
+@given(
+    st.lists(st.floats(0, 1e4, allow_nan=False), max_size=20).map(lambda v: tuple(sorted(v))),
+    st.floats(-1.0, 2e4, allow_nan=False),
+)
+def test_bucket_is_bisect_left(bounds: tuple[float, ...], x: float) -> None:
+    """The forward scan picks the bucket bisect_left picks, for any sorted bounds and value."""
+    from bisect import bisect_left
+
+    assert histograms.bucket(bounds, x) == bisect_left(bounds, x)
