@@ -5,11 +5,12 @@ tenth of a µs can be told apart on a machine whose timings move by more than th
     python -m bench.tracing_instructions --tree branch=/tmp/copy --tree main=/tmp/main-copy
 
 Each tree is a compiled copy (`git archive`, then `setup.py build_ext --inplace`). Per tree
-and world, one process runs 500 plain small requests, another 2500 (after the same
-warm-up); the difference of callgrind's instruction totals over 2000 is the figure, so
-start-up, imports and the warm-up cancel out. PYTHONHASHSEED is fixed. A run takes about
-half a minute per process under valgrind. Instructions are not time (cache misses and
-branch mispredictions are not in them), but they do not move with the machine's load.
+and world, one process runs 500 plain requests (`--size small`, or 64k), another 2500
+(after the same warm-up); the difference of callgrind's instruction totals over 2000 is
+the figure, so start-up, imports and the warm-up cancel out. PYTHONHASHSEED is fixed. A
+run takes about half a minute per process under valgrind. Instructions are not time
+(cache misses and branch mispredictions are not in them), but they do not move with the
+machine's load.
 Written to bench/results/tracing-instructions-<UTC time>.md with date, machine, command.
 """
 
@@ -29,12 +30,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 COUNTS = (500, 2500)
 
 
-def child(world: str, n: int) -> None:
-    """Run in the tree under test: warm up, then `n` requests."""
-    from bench.fake_transport import HEAD, SMALL_BODY, World
+def child(world: str, n: int, size: str) -> None:
+    """Run in the tree under test: warm up, then `n` requests for a `size` response."""
+    from bench.fake_transport import HEAD, SIZES, World
 
-    req = b"GET /small HTTP/1.1\r\nHost: bench.test\r\n\r\n"
-    resp = HEAD % (len(SMALL_BODY), len(SMALL_BODY)) + SMALL_BODY
+    body = SIZES[size]
+    req = b"GET /%s HTTP/1.1\r\nHost: bench.test\r\n\r\n" % size.encode()
+    resp = HEAD % (len(body), len(body)) + body
     w = World("static")
     if world == "on":
         import random
@@ -48,12 +50,12 @@ def child(world: str, n: int) -> None:
         w.ctx.trace = TraceContext(os.urandom, 0.0, random.Random(1).random)
     w.run(req, resp, 200)
     w.run(req, resp, n)
-    if w.ctx.stats.requests[1] != 200 + n or not w.client_t.last.endswith(SMALL_BODY):
+    if w.ctx.stats.requests[1] != 200 + n or not w.client_t.last.endswith(body[-64:]):
         raise RuntimeError("not every request was answered")
     w.close()
 
 
-def instructions(tree: Path, world: str, n: int) -> int:
+def instructions(tree: Path, world: str, n: int, size: str) -> int:
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
     argv = [
         "valgrind",
@@ -64,6 +66,7 @@ def instructions(tree: Path, world: str, n: int) -> int:
         "--child",
         world,
         str(n),
+        size,
     ]
     done = subprocess.run(
         argv, cwd=tree, env=env, capture_output=True, text=True, timeout=900, check=False
@@ -77,11 +80,13 @@ def instructions(tree: Path, world: str, n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tracing_instructions", description=__doc__)
     p.add_argument("--tree", action="append", default=[], help="label=path of a compiled copy")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--size", choices=("small", "64k"), default="small", help="response size")
+    p.add_argument("--no-tracing", action="store_true", help="tracing off only")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), args.child[2])
         return 0
     trees = [(label, Path(path)) for label, _, path in (t.partition("=") for t in args.tree)]
     if not trees:
@@ -91,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, tree in trees:
         has_trace = (tree / "proxy" / "core" / "traceparent.py").exists()
-        for world in ("off", "on") if has_trace else ("off",):
-            lo, hi = (instructions(tree, world, n) for n in COUNTS)
+        for world in ("off", "on") if has_trace and not args.no_tracing else ("off",):
+            lo, hi = (instructions(tree, world, n, args.size) for n in COUNTS)
             per = (hi - lo) / (COUNTS[1] - COUNTS[0])
             rows.append((label, world, per))
             print(f"{label} {world}: {per:.0f} instructions per request", flush=True)
     lines = [
-        "# Instructions per request (callgrind), fake-transport request path, small responses",
+        "# Instructions per request (callgrind), fake-transport request path,"
+        f" {args.size} responses",
         "",
         f"- date: {when:%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.node()}, {platform.machine()}, nproc "
