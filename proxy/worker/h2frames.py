@@ -1,8 +1,9 @@
 """The client frames the h2 library's events do not show, counted: the no-progress
 budgets of proxy.core.h2_guard applied to each frame before the library handles it.
 
-Owns the classification of a client frame (an empty DATA, HEADERS or CONTINUATION, an
-extension frame, WINDOW_UPDATE, PRIORITY and PRIORITY_UPDATE, a RST_STREAM on a stream
+Owns the classification of a client frame (an empty DATA frame, an empty header block:
+HEADERS and its CONTINUATION frames, which the library joins, 64 at most; an extension
+frame, WINDOW_UPDATE, PRIORITY and PRIORITY_UPDATE, a RST_STREAM on a stream
 that is not open; request work that refills the budgets) and the connection error a
 flood becomes (GOAWAY ENHANCE_YOUR_CALM, which the library sends as for any protocol
 error). It must not handle events or streams: proxy.worker.h2conn does.
@@ -16,7 +17,6 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from hyperframe.frame import (
-    ContinuationFrame,
     DataFrame,
     ExtensionFrame,
     HeadersFrame,
@@ -81,12 +81,10 @@ class GuardedConnection(H2Connection):
             elif "END_STREAM" not in frame.flags:
                 kind = h2_guard.EMPTY  # padding alone is no payload either
         elif cls is HeadersFrame:
+            # With its CONTINUATION frames: the library joins them (64 at most) first.
             kind = h2_guard.STREAM if cast("HeadersFrame", frame).data else h2_guard.EMPTY
         elif cls is WindowUpdateFrame:
             kind = h2_guard.WINDOW
-        elif cls is ContinuationFrame:
-            if not cast("ContinuationFrame", frame).data:
-                kind = h2_guard.EMPTY
         elif cls is PriorityFrame:
             kind = h2_guard.PRIORITY
         elif cls is RstStreamFrame:
