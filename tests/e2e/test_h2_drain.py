@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from h2raw import REFUSED_STREAM, RawH2, request_fields
 from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
-from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies
+from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies, wait_until
 from reloadctl import hup, wait_generation
 
 pytestmark = [pytest.mark.request_path, pytest.mark.timeout(120)]
@@ -34,17 +34,23 @@ PIECE = 30_000  # request body bytes sent before, then after, the reload (< one 
 
 
 @pytest.fixture
-def make_proxy(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[[int], Proxy]]:
+def make_proxy(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
-    def make(workers: int = 1) -> Proxy:
-        cfg = ProxyConfig(upstream=upstream.address, workers=workers, listen_extra={"h2c": True})
+    def make(workers: int = 1, drain_timeout: float = 300) -> Proxy:
+        cfg = ProxyConfig(
+            upstream=upstream.address,
+            workers=workers,
+            listen_extra={"h2c": True},
+            workers_extra={"drain_timeout": drain_timeout},
+        )
         p = Proxy(cfg, tmp_path)
         started.append(p)
         return p
 
     yield make
     stop_proxies(started)
+    upstream.release("drain-timeout")
 
 
 def generation(p: Proxy) -> int:
@@ -81,7 +87,7 @@ def ack(ping: PingFrame) -> bytes:
 
 
 def test_two_step_goaway_serves_streams_until_the_ack_and_finishes_open_ones(
-    make_proxy: Callable[[int], Proxy],
+    make_proxy: Callable[..., Proxy],
 ) -> None:
     """A request body half sent when SIGHUP comes: GOAWAY(2^31-1) and a PING first; a
     stream opened then is served; after our ACK the final GOAWAY names that stream; a
@@ -127,7 +133,7 @@ def test_two_step_goaway_serves_streams_until_the_ack_and_finishes_open_ones(
 
 
 def test_a_client_that_never_acks_still_gets_the_final_goaway(
-    make_proxy: Callable[[int], Proxy],
+    make_proxy: Callable[..., Proxy],
 ) -> None:
     """No ACK for the drain's PING: the final GOAWAY comes anyway (after a bounded
     wait), naming the last stream the client had opened; the idle connection closes."""
@@ -141,6 +147,26 @@ def test_a_client_that_never_acks_still_gets_the_final_goaway(
         assert ids == [MAX_ID, 1]
         c.read_until(lambda: c.closed, timeout=10)
         assert c.closed
+
+
+def test_a_stream_still_open_at_drain_timeout_gets_goaway_and_the_close(
+    make_proxy: Callable[..., Proxy], upstream: Upstream
+) -> None:
+    """A response that never comes (the instance holds it) past drain_timeout (2 s): after
+    the two GOAWAYs (no ACK sent: the final one after the bounded wait), one more GOAWAY
+    (NO_ERROR, the same last stream), then the connection closes."""
+    p = make_proxy(1, drain_timeout=2)
+    with RawH2(p.cfg.port, timeout=20) as c:
+        c.send(c.headers(1, request_fields("/hold?tag=drain-timeout")))
+        assert wait_until(lambda: upstream.stats()["tags"].get("drain-timeout", {}).get("held"), 10)
+        hup(p)
+        c.read_until(lambda: c.closed, timeout=30)
+        assert [(g.last_stream_id, g.error_code) for g in goaways(c)] == [
+            (MAX_ID, 0),
+            (1, 0),
+            (1, 0),
+        ]
+        assert c.find(DataFrame, 1) is None  # the stream was cut, not answered
 
 
 _H2LOAD = shutil.which("h2load")
@@ -173,7 +199,7 @@ def h2load_run(port: int) -> tuple[int, int, int, int, int]:
 @pytest.mark.slow
 @pytest.mark.skipif(_H2LOAD is None, reason="h2load (Debian's nghttp2-client) is not installed")
 def test_h2load_across_three_sighup_reloads_fails_no_stream_that_reached_the_proxy(
-    make_proxy: Callable[[int], Proxy],
+    make_proxy: Callable[..., Proxy],
 ) -> None:
     """Back-to-back h2load runs (-n 2000 -c 4 -m 4, h2c) for 10 s across three SIGHUPs,
     each reload meeting live connections: every stream that reached the proxy succeeded
