@@ -81,6 +81,7 @@ _KIND: Final = {
     CONTENT_LENGTH: H2_CONTENT_LENGTH,
 }
 _ACK_WAIT: Final = 1.0  # seconds a draining connection waits for its PING's ACK
+_END_MARGIN: Final = 0.5  # seconds before drain_timeout a draining connection ends
 
 
 class _Stream(LibStream):
@@ -467,7 +468,10 @@ class H2Front:
         streams are done or at drain_timeout."""
         if self.drainer is not None or self.closed:
             return
-        d = self.drainer = Drain(_ACK_WAIT, self.ctx.config.workers.drain_timeout)
+        # The end comes a moment before the worker's own (which aborts what is left), so
+        # that the last GOAWAY is written before the loop stops.
+        timeout = self.ctx.config.workers.drain_timeout
+        d = self.drainer = Drain(_ACK_WAIT, timeout - min(_END_MARGIN, timeout / 4))
         self.drain_act(d.start(now))
         self.deadline = min(self.deadline, d.next_check()) if self.deadline else d.next_check()
 

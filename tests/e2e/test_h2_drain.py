@@ -50,7 +50,6 @@ def make_proxy(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Pro
 
     yield make
     stop_proxies(started)
-    upstream.release("drain-timeout")
 
 
 def generation(p: Proxy) -> int:
@@ -156,17 +155,21 @@ def test_a_stream_still_open_at_drain_timeout_gets_goaway_and_the_close(
     the two GOAWAYs (no ACK sent: the final one after the bounded wait), one more GOAWAY
     (NO_ERROR, the same last stream), then the connection closes."""
     p = make_proxy(1, drain_timeout=2)
-    with RawH2(p.cfg.port, timeout=20) as c:
-        c.send(c.headers(1, request_fields("/hold?tag=drain-timeout")))
-        assert wait_until(lambda: upstream.stats()["tags"].get("drain-timeout", {}).get("held"), 10)
-        hup(p)
-        c.read_until(lambda: c.closed, timeout=30)
-        assert [(g.last_stream_id, g.error_code) for g in goaways(c)] == [
-            (MAX_ID, 0),
-            (1, 0),
-            (1, 0),
-        ]
-        assert c.find(DataFrame, 1) is None  # the stream was cut, not answered
+    tag = f"drain-timeout-{time.monotonic_ns()}"  # a released tag stays released
+    try:
+        with RawH2(p.cfg.port, timeout=20) as c:
+            c.send(c.headers(1, request_fields(f"/hold?tag={tag}")))
+            assert wait_until(lambda: upstream.stats()["tags"].get(tag, {}).get("held"), 10)
+            hup(p)
+            c.read_until(lambda: c.closed, timeout=30)
+            assert [(g.last_stream_id, g.error_code) for g in goaways(c)] == [
+                (MAX_ID, 0),
+                (1, 0),
+                (1, 0),
+            ]
+            assert c.find(DataFrame, 1) is None  # the stream was cut, not answered
+    finally:
+        upstream.release(tag)
 
 
 _H2LOAD = shutil.which("h2load")

@@ -69,7 +69,7 @@ def test_credit_never_lets_more_than_burst_rate_and_work_through(
             credits += n / 1000
         else:
             ok += b.spend(now)
-        assert 0.0 <= b.level
+        assert b.level >= 0.0
     assert ok <= 5 + 2.0 * (now - 10.0) + credits + 1
 
 
