@@ -231,6 +231,8 @@ class H2Front:
             return
         now = self.ctx.loop.time()
         for ev in events:
+            if self.closed:  # a stream error past the reset budget ended it
+                return
             kind = type(ev)
             if kind is DataReceived:
                 d = cast("DataReceived", ev)
@@ -313,6 +315,7 @@ class H2Front:
         except StreamError as e:
             self.count(_KIND.get(e.kind, H2_MALFORMED))
             h.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
+            self.provoked_reset()
             return
         except HeadError as e:
             refusal = e
@@ -356,6 +359,15 @@ class H2Front:
         """A request found malformed after it started (content-length vs DATA)."""
         self.count(_KIND.get(kind, H2_MALFORMED))
         s.reset(ErrorCodes.PROTOCOL_ERROR)
+        self.provoked_reset()
+
+    def provoked_reset(self) -> None:
+        """A client that makes us reset its streams (CVE-2025-8671, "MadeYouReset": work
+        started, then a malformed frame) spends the rapid reset budget as if it reset
+        them itself: past it, GOAWAY ENHANCE_YOUR_CALM."""
+        if not self.resets.spend(self.ctx.loop.time()):
+            self.count(H2_RAPID_RESET)
+            self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def count(self, event: int) -> None:
         self.stats[event] += 1

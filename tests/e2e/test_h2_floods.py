@@ -31,7 +31,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Itera
     cfg = ProxyConfig(
         upstream=upstream.address,
         listen_extra={"h2c": True},
-        http2={"flood_burst": BURST, "flood_rate": 5.0},
+        http2={"flood_burst": BURST, "flood_rate": 5.0, "reset_burst": BURST, "reset_rate": 5.0},
     )
     p = Proxy(cfg, tmp_path_factory.mktemp("h2floods"))
     yield p
@@ -150,6 +150,38 @@ def test_a_flood_ends_in_enhance_your_calm_and_others_are_served(
     with H2Client(proxy.cfg.port, None) as ok:
         r = ok.request("/echo")
     assert r.status == 200 and b'"HTTP/1.1"' in r.body
+
+
+def bad_length(c: RawH2, sid: int) -> bytes:
+    """A request that starts well, then sends more DATA than its content-length."""
+    fields = [*request_fields("/echo", method="POST"), (b"content-length", b"1")]
+    return c.headers(sid, fields, end_stream=False) + c.data(sid, b"zz", end_stream=True)
+
+
+def bad_field(c: RawH2, sid: int) -> bytes:
+    """A request with a connection-specific field (RFC 9113 8.2.2)."""
+    return c.headers(sid, [*request_fields("/echo"), (b"connection", b"close")])
+
+
+@pytest.mark.parametrize("stream", [bad_length, bad_field])
+def test_streams_that_make_the_proxy_reset_them_spend_the_reset_budget(
+    proxy: Proxy, stream: object
+) -> None:
+    """Streams the proxy must reset (PROTOCOL_ERROR) opened in a loop (CVE-2025-8671,
+    "MadeYouReset"): past the rapid reset budget, GOAWAY ENHANCE_YOUR_CALM, counted as a
+    rapid reset; another connection is served."""
+    before = proxy.metric(series("rapid_reset"))
+    with RawH2(proxy.cfg.port) as c:
+        try:
+            for i in range(0, FLOOD, 40):
+                c.send(b"".join(stream(c, 1 + 2 * j) for j in range(i, i + 40)))  # type: ignore[operator]
+        except OSError:
+            pass
+        g = c.goaway()
+    assert g is not None and g.error_code == ENHANCE_YOUR_CALM, g
+    assert proxy.wait_metric(series("rapid_reset"), before + 1) >= before + 1
+    with H2Client(proxy.cfg.port, None) as ok:
+        assert ok.request("/echo").status == 200
 
 
 def test_frames_under_their_budgets_are_served(proxy: Proxy) -> None:
