@@ -74,12 +74,13 @@ class GuardedConnection(H2Connection):
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         cls = frame.__class__
-        kind = -1
         if cls is DataFrame:
-            if cast("DataFrame", frame).data:
-                kind = h2_guard.PROGRESS
-            elif "END_STREAM" not in frame.flags:
-                kind = h2_guard.EMPTY  # padding alone is no payload either
+            if cast("DataFrame", frame).data:  # request work: the common case, kept short
+                empty = self.guard.empty
+                if empty.level:
+                    empty.credit(h2_guard.EMPTY_PER_WORK)
+                return _RECEIVE(self, frame)
+            kind = -1 if "END_STREAM" in frame.flags else h2_guard.EMPTY  # padding alone too
         elif cls is HeadersFrame:
             # With its CONTINUATION frames: the library joins them (64 at most) first.
             kind = h2_guard.STREAM if cast("HeadersFrame", frame).data else h2_guard.EMPTY
@@ -89,11 +90,17 @@ class GuardedConnection(H2Connection):
             kind = h2_guard.PRIORITY
         elif cls is RstStreamFrame:
             s = self.streams.get(frame.stream_id)
-            if s is None or s.closed:  # closed, or idle (the library ignores both)
-                kind = h2_guard.CLOSED_RESET
+            # Closed, or idle (the library ignores both); an open one: the rapid reset
+            # budget counts it (proxy.worker.h2conn).
+            kind = h2_guard.CLOSED_RESET if s is None or s.closed else -1
         elif cls is ExtensionFrame:
             ext = cast("ExtensionFrame", frame).type
             kind = h2_guard.PRIORITY if ext == PRIORITY_UPDATE else h2_guard.EMPTY
+        else:
+            kind = -1
         if kind >= 0 and not self.guard.frame(kind, self.clock()):
             raise FloodError(FLOOD_EVENTS[kind])
-        return super()._receive_frame(frame)
+        return _RECEIVE(self, frame)
+
+
+_RECEIVE: Final = H2Connection._receive_frame  # the library's own (no super() lookup per frame)
