@@ -5,10 +5,12 @@ Owns the h2 library's connection (frames, HPACK, flow-control bookkeeping), our
 SETTINGS, each client frame's event (a request becomes a stream, proxy.worker.h2stream,
 started once the whole read is handled, so a stream reset in the same read never
 reaches an instance), the connection's protections (rapid reset, PING and SETTINGS
-floods as budgets, proxy.core.h2_guard; HPACK bombs and CONTINUATION floods bounded by
-the library; streams past max_concurrent_streams refused; malformed requests reset,
-proxy.core.h2_head), the writes to the socket and the connection's deadlines. It must
-not route or relay a request (the exchange does) nor frame a response (the stream does).
+floods as budgets, proxy.core.h2_guard, and the frames that carry no progress counted
+by proxy.worker.h2frames; HPACK bombs and CONTINUATION floods bounded by the library;
+streams past max_concurrent_streams refused; malformed requests reset,
+proxy.core.h2_head), the two-step GOAWAY when the worker drains (proxy.core.h2_drain
+decides), the writes to the socket and the connection's deadlines. It must not route
+or relay a request (the exchange does) nor frame a response (the stream does).
 """
 
 from __future__ import annotations
