@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -22,9 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from certgen import CA
 from h2raw import REFUSED_STREAM, RawH2, request_fields
 from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
-from proxyctl import Proxy, ProxyConfig, Upstream, stop_proxies, wait_until
+from proxyctl import Proxy, ProxyConfig, Upstream, free_port, stop_proxies, wait_until
 from reloadctl import hup, wait_generation
 
 pytestmark = [pytest.mark.request_path, pytest.mark.timeout(120)]
@@ -146,6 +148,37 @@ def test_a_client_that_never_acks_still_gets_the_final_goaway(
         assert ids == [MAX_ID, 1]
         c.read_until(lambda: c.closed, timeout=10)
         assert c.closed
+
+
+def test_over_tls_the_same_two_goaways(tmp_path: Path, upstream: Upstream) -> None:
+    """HTTP/2 over TLS (ALPN h2) drains the same way: GOAWAY(2^31-1) and the PING, our
+    ACK, the final GOAWAY naming the last stream, then the close."""
+    ca = CA.new()
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca.issue(("hello.test",)).write(certs / "hello.pem")
+    cfg = ProxyConfig(
+        upstream=upstream.address,
+        workers=1,
+        https_port=free_port(),
+        tls={"certs_dir": str(certs), "default_host": "hello.test"},
+    )
+    p = Proxy(cfg, tmp_path)
+    try:
+        assert cfg.https_port is not None
+        tls = ssl.create_default_context(cadata=ca.pem().decode())
+        with RawH2(cfg.https_port, ctx=tls, timeout=20) as c:
+            c.send(c.headers(1, request_fields("/echo")))
+            assert c.stream_end(1)[0] == 200
+            hup(p)
+            c.read_until(lambda: our_ping(c) is not None, timeout=30)
+            ping = our_ping(c)
+            assert ping is not None
+            c.send(ack(ping))
+            c.read_until(lambda: c.closed, timeout=10)
+            assert [(g.last_stream_id, g.error_code) for g in goaways(c)] == [(MAX_ID, 0), (1, 0)]
+    finally:
+        stop_proxies([p])
 
 
 def test_a_stream_still_open_at_drain_timeout_gets_goaway_and_the_close(
