@@ -78,7 +78,7 @@ H2_EVENTS = (
     "stream",  # a request stream accepted (then routed like an HTTP/1.1 request)
     "client_reset",  # RST_STREAM from the client
     "rapid_reset",  # resets past [http2] reset_burst/reset_rate: GOAWAY ENHANCE_YOUR_CALM
-    "refused_stream",  # past max_concurrent_streams (or draining): RST_STREAM REFUSED_STREAM
+    "refused_stream",  # past max_concurrent_streams (or shedding): RST_STREAM REFUSED_STREAM
     "malformed",  # pseudo-header fields, names, values: RST_STREAM PROTOCOL_ERROR
     "connection_specific",  # Connection, Transfer-Encoding, TE, ... (RFC 9113 8.2.2)
     "content_length",  # content-length vs DATA (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR
