@@ -78,7 +78,7 @@ H2_EVENTS = (
     "stream",  # a request stream accepted (then routed like an HTTP/1.1 request)
     "client_reset",  # RST_STREAM from the client
     "rapid_reset",  # resets past [http2] reset_burst/reset_rate: GOAWAY ENHANCE_YOUR_CALM
-    "refused_stream",  # past max_concurrent_streams (or draining): RST_STREAM REFUSED_STREAM
+    "refused_stream",  # past max_concurrent_streams (or shedding): RST_STREAM REFUSED_STREAM
     "malformed",  # pseudo-header fields, names, values: RST_STREAM PROTOCOL_ERROR
     "connection_specific",  # Connection, Transfer-Encoding, TE, ... (RFC 9113 8.2.2)
     "content_length",  # content-length vs DATA (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR
@@ -88,6 +88,12 @@ H2_EVENTS = (
     "settings_flood",  # SETTINGS past the same budget: GOAWAY ENHANCE_YOUR_CALM
     "stalled",  # a response stuck at a zero window past stall_timeout: RST_STREAM CANCEL
     "protocol_error",  # any other connection error: GOAWAY with its code
+    "empty_frames",  # empty DATA/HEADERS/CONTINUATION, unknown frames past flood_burst/rate
+    "window_update_flood",  # WINDOW_UPDATE past the budget (refilled by bytes sent)
+    "priority_flood",  # PRIORITY / PRIORITY_UPDATE past the budget (refilled by streams)
+    "closed_reset_flood",  # RST_STREAM on closed streams past the budget
+    "drain_goaway",  # a draining worker's first GOAWAY (2^31-1) and PING (RFC 9113 6.8)
+    "drain_refused",  # a stream opened after the final GOAWAY: RST_STREAM REFUSED_STREAM
 )
 (
     H2_STREAMS,
@@ -103,6 +109,12 @@ H2_EVENTS = (
     H2_SETTINGS_FLOOD,
     H2_STALLED,
     H2_PROTOCOL_ERROR,
+    H2_EMPTY_FRAMES,
+    H2_WINDOW_UPDATE_FLOOD,
+    H2_PRIORITY_FLOOD,
+    H2_CLOSED_RESET_FLOOD,
+    H2_DRAIN_GOAWAY,
+    H2_DRAIN_REFUSED,
 ) = range(len(H2_EVENTS))
 
 FAMILIES: tuple[Family, ...] = (

@@ -5,10 +5,12 @@ Owns the h2 library's connection (frames, HPACK, flow-control bookkeeping), our
 SETTINGS, each client frame's event (a request becomes a stream, proxy.worker.h2stream,
 started once the whole read is handled, so a stream reset in the same read never
 reaches an instance), the connection's protections (rapid reset, PING and SETTINGS
-floods as budgets, proxy.core.h2_guard; HPACK bombs and CONTINUATION floods bounded by
-the library; streams past max_concurrent_streams refused; malformed requests reset,
-proxy.core.h2_head), the writes to the socket and the connection's deadlines. It must
-not route or relay a request (the exchange does) nor frame a response (the stream does).
+floods as budgets, proxy.core.h2_guard, and the frames that carry no progress counted
+by proxy.worker.h2frames; HPACK bombs and CONTINUATION floods bounded by the library;
+streams past max_concurrent_streams refused; malformed requests reset,
+proxy.core.h2_head), the two-step GOAWAY when the worker drains (proxy.core.h2_drain
+decides), the writes to the socket and the connection's deadlines. It must not route
+or relay a request (the exchange does) nor frame a response (the stream does).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
@@ -34,8 +37,11 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream as LibStream
+from hyperframe.frame import GoAwayFrame
 
-from proxy.core.h2_guard import Budget
+from proxy.core import h2_drain
+from proxy.core.h2_drain import Drain
+from proxy.core.h2_guard import Budget, FrameGuard
 from proxy.core.h2_head import CONNECTION_SPECIFIC, CONTENT_LENGTH, StreamError, fill_request
 from proxy.core.headers import HeadError
 from proxy.core.request import Request
@@ -45,6 +51,8 @@ from proxy.telemetry.families import (
     H2_CONNECTION_SPECIFIC,
     H2_CONTENT_LENGTH,
     H2_CONTINUATION_FLOOD,
+    H2_DRAIN_GOAWAY,
+    H2_DRAIN_REFUSED,
     H2_HPACK_BOMB,
     H2_MALFORMED,
     H2_PING_FLOOD,
@@ -56,6 +64,7 @@ from proxy.telemetry.families import (
     H2_STREAMS,
     SHED_LOOP_LAG,
 )
+from proxy.worker.h2frames import FloodError, GuardedConnection
 from proxy.worker.h2stream import H2Stream
 
 if TYPE_CHECKING:
@@ -73,6 +82,8 @@ _KIND: Final = {
     CONNECTION_SPECIFIC: H2_CONNECTION_SPECIFIC,
     CONTENT_LENGTH: H2_CONTENT_LENGTH,
 }
+_ACK_WAIT: Final = 1.0  # seconds a draining connection waits for its PING's ACK
+_END_MARGIN: Final = 0.5  # seconds before drain_timeout a draining connection ends
 
 
 class _Stream(LibStream):
@@ -86,7 +97,7 @@ class _Stream(LibStream):
         pass
 
 
-class _Connection(H2Connection):
+class _Connection(GuardedConnection):
     def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> LibStream:
         s = super()._begin_new_stream(stream_id, allowed_ids)
         s.__class__ = _Stream
@@ -117,7 +128,8 @@ class H2Front:
         self.backhaul = False
         self.transport: asyncio.Transport | None = None
         self.front = Front(FWD_SET, b"unknown", b"https" if tls else b"http", b"0")
-        self.h2: H2Connection = _Connection(_config())
+        self.guard = FrameGuard(cfg.flood_rate, cfg.flood_burst)
+        self.h2: H2Connection = _Connection(_config(), self.guard, ctx.loop.time)
         self.streams: dict[int, H2Stream] = {}
         self.queue: deque[Request] = deque()  # requests in flight (the worker's gauge)
         self.starting: list[H2Stream] = []  # made in this read, started after it
@@ -130,6 +142,7 @@ class H2Front:
         self.resets = Budget(cfg.reset_rate, cfg.reset_burst)
         self.pings = Budget(cfg.flood_rate, cfg.flood_burst)
         self.settings = Budget(cfg.flood_rate, cfg.flood_burst)
+        self.drainer: Drain | None = None  # the two-step GOAWAY, once the worker drains
 
     # asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -161,7 +174,10 @@ class H2Front:
             h.increment_flow_control_window(cfg.connection_window - 65535)
         t.write(h.data_to_send())
         ctx.opened(self)
-        self.deadline = ctx.loop.time() + ctx.timeouts.client_header
+        now = ctx.loop.time()
+        self.deadline = now + ctx.timeouts.client_header
+        if ctx.draining:  # the TLS handshake ended after the worker began to drain
+            self.drain(now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -203,6 +219,10 @@ class H2Front:
             self.count(H2_HPACK_BOMB)
             self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
             return
+        except FloodError as e:
+            self.count(e.event)  # the library has queued GOAWAY ENHANCE_YOUR_CALM
+            self.goaway(e.error_code)
+            return
         except ProtocolError as e:
             # The library has queued its GOAWAY with the error's code already. A header
             # block past its 64 CONTINUATION frames (at most 64 x 16 KiB held) is a
@@ -213,6 +233,8 @@ class H2Front:
             return
         now = self.ctx.loop.time()
         for ev in events:
+            if self.closed:  # a stream error past the reset budget ended it
+                return
             kind = type(ev)
             if kind is DataReceived:
                 d = cast("DataReceived", ev)
@@ -234,6 +256,19 @@ class H2Front:
                     return
             elif kind is PingReceived:
                 if not self.pings.spend(now):
+                    self.count(H2_PING_FLOOD)
+                    self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+                    return
+            elif kind is PingAckReceived:
+                data = cast("PingAckReceived", ev).ping_data or b""
+                dr = self.drainer
+                if dr is not None and data == h2_drain.PING_DATA:
+                    self.drain_act(
+                        dr.ping_ack(data, self.h2.highest_inbound_stream_id, len(self.streams))
+                    )
+                    if self.closed:
+                        return
+                elif not self.pings.spend(now):  # ACKs of PINGs we never sent
                     self.count(H2_PING_FLOOD)
                     self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
                     return
@@ -260,13 +295,15 @@ class H2Front:
         sid = ev.stream_id or 0
         h = self.h2
         ctx = self.ctx
-        if len(self.streams) >= self.cfg.max_concurrent_streams or ctx.draining or ctx.shedding:
+        d = self.drainer
+        late = d is not None and not d.admits(sid)  # after the final GOAWAY (RFC 9113 6.8)
+        if len(self.streams) >= self.cfg.max_concurrent_streams or late or ctx.shedding:
             # RFC 9113 5.1.2 / 8.7: nothing of it was processed, the client may retry it
             # (elsewhere). Shedding ([overload] shed_lag_ms) refuses a stream as HTTP/1.1
             # gets its 503, before routing, and counts it the same.
             if ctx.shedding:
                 ctx.stats.families["shed_total"][SHED_LOOP_LAG] += 1
-            self.count(H2_REFUSED_STREAM)
+            self.count(H2_DRAIN_REFUSED if late else H2_REFUSED_STREAM)
             h.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         lim = self.ctx.limits
@@ -280,6 +317,7 @@ class H2Front:
         except StreamError as e:
             self.count(_KIND.get(e.kind, H2_MALFORMED))
             h.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
+            self.provoked_reset()
             return
         except HeadError as e:
             refusal = e
@@ -323,6 +361,15 @@ class H2Front:
         """A request found malformed after it started (content-length vs DATA)."""
         self.count(_KIND.get(kind, H2_MALFORMED))
         s.reset(ErrorCodes.PROTOCOL_ERROR)
+        self.provoked_reset()
+
+    def provoked_reset(self) -> None:
+        """A client that makes us reset its streams (CVE-2025-8671, "MadeYouReset": work
+        started, then a malformed frame) spends the rapid reset budget as if it reset
+        them itself: past it, GOAWAY ENHANCE_YOUR_CALM."""
+        if not self.resets.spend(self.ctx.loop.time()):
+            self.count(H2_RAPID_RESET)
+            self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def count(self, event: int) -> None:
         self.stats[event] += 1
@@ -346,10 +393,11 @@ class H2Front:
         if self.streams.get(s.sid) is s:
             del self.streams[s.sid]
         if not self.streams and not self.closed:
-            ctx = self.ctx
-            if ctx.draining:
-                self.goaway(ErrorCodes.NO_ERROR)
+            d = self.drainer
+            if d is not None:
+                self.drain_act(d.stream_done(0))
             else:
+                ctx = self.ctx
                 self.deadline = ctx.loop.time() + ctx.timeouts.client_idle
 
     # output --------------------------------------------------------------------------
@@ -373,6 +421,7 @@ class H2Front:
         t = self.transport
         if data and t is not None and not t.is_closing():
             t.write(data)
+            self.guard.sent(len(data))  # as many WINDOW_UPDATEs may answer it
 
     def goaway(self, code: int) -> None:
         """A connection error (or the end): GOAWAY with `code` (unless the library sent
@@ -382,7 +431,11 @@ class H2Front:
         self.closed = True
         with contextlib.suppress(ProtocolError):
             self.h2.close_connection(code)
-        data = self.h2.data_to_send()
+        self.end(self.h2.data_to_send())
+
+    def end(self, data: bytes) -> None:
+        """`data` is the last the client gets; every stream dropped, closed."""
+        self.closed = True
         for s in list(self.streams.values()):
             s.gone()
         self.streams.clear()
@@ -402,18 +455,59 @@ class H2Front:
 
     # the worker's sweep ------------------------------------------------------------------
     def on_deadline(self, now: float) -> None:
+        d = self.drainer
+        if d is not None:
+            self.drain_act(d.tick(now, self.h2.highest_inbound_stream_id, len(self.streams)))
+            if self.closed:
+                return
         streams = self.streams
         if not streams:
-            self.goaway(ErrorCodes.NO_ERROR)  # idle (or no request since the preface)
+            if d is None:
+                self.goaway(ErrorCodes.NO_ERROR)  # idle (or no request since the preface)
+            else:
+                self.deadline = d.next_check()  # idle, waiting for the PING's ACK
             return
         for s in list(streams.values()):
             if (s.deadline and now >= s.deadline) or (s.stall_at and now >= s.stall_at):
                 s.on_deadline(now)
         if self.streams:
             self.deadline = now + _CHECK
+            if d is not None and d.next_check():
+                self.deadline = min(self.deadline, d.next_check())
         self.flush_soon()
 
+    # the worker's drain (proxy.core.h2_drain) -----------------------------------------------
     def drain(self, now: float) -> None:
-        """The worker drains: new streams are refused, the connection ends when idle."""
-        if not self.streams:
-            self.deadline = min(self.deadline, now + self.ctx.quiet_period)
+        """The worker drains: the two-step GOAWAY (RFC 9113 6.8), then the end once the
+        streams are done or at drain_timeout."""
+        if self.drainer is not None or self.closed:
+            return
+        # The end comes a moment before the worker's own (which aborts what is left), so
+        # that the last GOAWAY is written before the loop stops.
+        timeout = self.ctx.config.workers.drain_timeout
+        d = self.drainer = Drain(_ACK_WAIT, timeout - min(_END_MARGIN, timeout / 4))
+        self.drain_act(d.start(now))
+        self.deadline = min(self.deadline, d.next_check()) if self.deadline else d.next_check()
+
+    def drain_act(self, act: int) -> None:
+        """Do what the drain decided: GOAWAYs and PING out (after what is queued), close."""
+        d = self.drainer
+        if not act or d is None or self.closed:
+            return
+        h = self.h2
+        out = h.data_to_send()
+        # GOAWAY frames of our own, not the library's close_connection: that would end
+        # its state machine, and the streams it covers must still be served.
+        if act & h2_drain.ANNOUNCE:
+            self.count(H2_DRAIN_GOAWAY)
+            out += GoAwayFrame(0, last_stream_id=h2_drain.MAX_STREAM_ID).serialize()
+            h.ping(h2_drain.PING_DATA)
+            out += h.data_to_send()
+        if act & h2_drain.FINAL:
+            out += GoAwayFrame(0, last_stream_id=d.last_stream_id).serialize()
+        if act & h2_drain.CLOSE:
+            self.end(out)
+            return
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out)

@@ -122,8 +122,10 @@ class H2Stream(ClientIO):
     def on_data(self, data: bytes, flow: int) -> None:
         """DATA from the client: on to the upstream, or held until it is there."""
         r = self.queue[0] if self.queue else None
-        if r is None or self.ended or r.complete:
-            self.conn.ack(self.sid, flow)  # answered already: dropped (window returned)
+        if r is None or self.ended or r.complete or not data:
+            # Answered already: dropped (window returned). No payload (padding alone):
+            # nothing to relay, and an empty chunk would end a chunked body upstream.
+            self.conn.ack(self.sid, flow)
             return
         size = r.body_size + len(data)
         if 0 <= r.content_length < size:
