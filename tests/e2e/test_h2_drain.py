@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from certgen import CA
+from ci_policy import needs
 from h2raw import REFUSED_STREAM, RawH2, request_fields
 from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
 from proxyctl import Proxy, ProxyConfig, Upstream, free_port, stop_proxies, wait_until
@@ -233,7 +234,7 @@ def h2load_run(port: int) -> tuple[int, int, int, int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_H2LOAD is None, reason="h2load (Debian's nghttp2-client) is not installed")
+@needs(_H2LOAD is not None, "h2load (Debian's nghttp2-client) is not installed")
 def test_h2load_across_three_sighup_reloads_fails_no_stream_that_reached_the_proxy(
     make_proxy: Callable[..., Proxy],
 ) -> None:

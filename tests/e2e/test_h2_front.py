@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 from certgen import CA
+from ci_policy import needs
 from h2client import H2Client
 from proxyctl import Proxy, ProxyConfig, Upstream, free_port, stop_proxies
 from tcpqueues import kernel_queued
@@ -188,7 +189,7 @@ def test_http11_still_served_when_h2_not_offered(h2_proxy: Proxy, ca: CA) -> Non
     assert data.startswith(b"HTTP/1.1 200")
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@needs(shutil.which("curl") is not None, "needs curl")
 def test_curl_http2(h2_proxy: Proxy, ca: CA, tmp_path: object) -> None:
     """curl --http2 (nghttp2) gets its answer over HTTP/2."""
     import pathlib

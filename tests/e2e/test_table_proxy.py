@@ -215,9 +215,7 @@ def _series(text: str, name: str) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(40)
-@pytest.mark.skipif(
-    shutil.which("wrk") is None, reason="wrk is not installed (./dev test installs it)"
-)
+@needs(shutil.which("wrk") is not None, "wrk is not installed (./dev test installs it)")
 def test_full_instance_answers_503_never_502_under_wrk(
     proxy_factory: Callable[..., Proxy], instance: Instance, tmp_path: Path
 ) -> None:
