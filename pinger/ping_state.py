@@ -1,6 +1,10 @@
 """Per-peer measurement core: RTT estimator, jitter, loss window, up/down state (sans-io).
 
-Owns the numbers the table shows for a peer and the up/down transition table.
+Owns the numbers the table shows for a peer and the up/down transition table. The
+table's RTT is the least of the last RTT_MIN_WINDOW samples (a windowed minimum, as
+Linux keeps min_rtt for BBR and RACK): a sample can only be late, never early (a busy
+pinger reads an answer late, a queue holds it), so the minimum is the path's own delay
+and the smoothed RTT (RFC 6298) sets the probe timeout.
 Times are passed in (seconds, any monotonic origin); it must not read clocks,
 touch sockets or know about the table.
 """
@@ -18,6 +22,7 @@ JITTER_GAIN: Final = 1 / 16  # RFC 3550 A.8 interarrival jitter gain
 LOSS_WINDOW: Final = 100  # probes the loss share is computed over
 MIN_TIMEOUT: Final = 1.0  # seconds before an unanswered probe counts as lost
 TIMEOUT_SRTTS: Final = 4
+RTT_MIN_WINDOW: Final = 8  # answered probes the table's RTT is the least of
 
 
 class PeerState(enum.Enum):
@@ -73,6 +78,7 @@ class Estimator:
     __slots__ = (
         "_answers",
         "_misses",
+        "_recent",
         "_window",
         "down_after",
         "jitter",
@@ -96,6 +102,7 @@ class Estimator:
         self.rttvar = 0.0
         self.jitter = 0.0
         self.last_rtt: float | None = None
+        self._recent: deque[float] = deque(maxlen=RTT_MIN_WINDOW)
         self.last_heard = 0.0
         self.state = PeerState.UNKNOWN
         self._window: deque[bool] = deque()  # True = lost
@@ -121,6 +128,7 @@ class Estimator:
         if self.last_rtt is not None:  # RFC 3550 A.8 on consecutive RTTs
             self.jitter += (abs(rtt - self.last_rtt) - self.jitter) * JITTER_GAIN
         self.last_rtt = rtt
+        self._recent.append(rtt)
         self.last_heard = max(self.last_heard, now)
         self._record(False)
         self._answers += 1
@@ -139,9 +147,14 @@ class Estimator:
         n = len(self._window)
         return self.lost_in_window / n if n else 0.0
 
+    def min_rtt(self) -> float | None:
+        """The least of the last RTT_MIN_WINDOW answered probes' RTTs (None before any)."""
+        return min(self._recent) if self._recent else None
+
     def snapshot(self) -> Snapshot:
+        low = self.min_rtt()
         return Snapshot(
-            rtt_us=-1 if self.srtt is None else round(self.srtt * 1e6),
+            rtt_us=-1 if low is None else round(low * 1e6),
             jitter_us=round(self.jitter * 1e6),
             loss_permille=round(self.lost_in_window * 1000 / len(self._window))
             if self._window

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pinger.ping_state import (
     MIN_TIMEOUT,
+    RTT_MIN_WINDOW,
     TRANSITIONS,
     Estimator,
     Outcome,
@@ -72,7 +73,6 @@ def test_srtt_and_rttvar_follow_rfc6298() -> None:
     e.answered(0.200, 2.0)
     assert e.rttvar == pytest.approx(0.75 * 0.050 + 0.25 * 0.100)
     assert e.srtt == pytest.approx(0.875 * 0.100 + 0.125 * 0.200)
-    assert e.snapshot().rtt_us == round((0.875 * 0.100 + 0.125 * 0.200) * 1e6)
 
 
 def test_srtt_converges_to_a_steady_rtt() -> None:
@@ -81,7 +81,35 @@ def test_srtt_converges_to_a_steady_rtt() -> None:
     e.answered(0.5, 0.0)
     for i in range(120):
         e.answered(0.050, float(i))
-    assert abs(e.snapshot().rtt_us - 50_000) <= 1
+    assert e.srtt is not None and abs(e.srtt - 0.050) <= 1e-6
+
+
+def test_table_rtt_is_the_least_of_the_last_window_of_samples() -> None:
+    """The table's RTT is the minimum of the last RTT_MIN_WINDOW samples: late samples
+    (a busy pinger, a queue) do not raise it, an early one lowers it at once, and a path
+    that really got slower shows once its fast samples left the window."""
+    e = Estimator(1, 1)
+    e.answered(0.050, 0.0)
+    assert e.snapshot().rtt_us == 50_000
+    for i in range(RTT_MIN_WINDOW - 1):  # late samples: the minimum holds
+        e.answered(0.050 + 0.004 * (i + 1), 1.0 + i)
+    assert e.snapshot().rtt_us == 50_000
+    assert e.srtt is not None and e.srtt > 0.052  # the smoothed RTT moved; the table did not
+    e.answered(0.049, 10.0)  # an early sample lowers it at once
+    assert e.snapshot().rtt_us == 49_000
+    for i in range(RTT_MIN_WINDOW):  # the path now takes 80 ms
+        assert e.snapshot().rtt_us < 80_000
+        e.answered(0.080, 11.0 + i)
+    assert e.snapshot().rtt_us == 80_000
+
+
+@given(st.lists(st.floats(0.0, 2.0, allow_nan=False), min_size=1, max_size=40))
+def test_table_rtt_is_min_of_the_window_property(rtts: list[float]) -> None:
+    """For any samples, the table's RTT is round(min(last RTT_MIN_WINDOW) * 1e6)."""
+    e = Estimator(1, 1)
+    for i, r in enumerate(rtts):
+        e.answered(r, float(i))
+    assert e.snapshot().rtt_us == round(min(rtts[-RTT_MIN_WINDOW:]) * 1e6)
 
 
 def test_jitter_is_the_mean_deviation_of_consecutive_rtts() -> None:
