@@ -24,6 +24,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
@@ -57,6 +58,7 @@ from proxy.telemetry.families import (
     SHED_LOOP_LAG,
 )
 from proxy.worker.h2stream import H2Stream
+from proxy.worker.h2window import WindowTuner
 
 if TYPE_CHECKING:
     from h2.connection import AllowedStreamIDs
@@ -130,6 +132,8 @@ class H2Front:
         self.resets = Budget(cfg.reset_rate, cfg.reset_burst)
         self.pings = Budget(cfg.flood_rate, cfg.flood_burst)
         self.settings = Budget(cfg.flood_rate, cfg.flood_burst)
+        # The receive windows grow with the measured BDP (client uploads).
+        self.tuner = WindowTuner(self.h2, cfg) if cfg.adaptive_window else None
 
     # asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -216,6 +220,8 @@ class H2Front:
             kind = type(ev)
             if kind is DataReceived:
                 d = cast("DataReceived", ev)
+                if self.tuner is not None:
+                    self.tuner.data(d.flow_controlled_length or 0, now)
                 s = self.streams.get(d.stream_id or 0)
                 if s is None:
                     self.ack(d.stream_id or 0, d.flow_controlled_length or 0)
@@ -243,6 +249,9 @@ class H2Front:
                     self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
                     return
                 self.window(0)  # a new initial window may open the streams' windows
+            elif kind is PingAckReceived:
+                if self.tuner is not None:
+                    self.tuner.ack(cast("PingAckReceived", ev).ping_data or b"", now)
             elif kind is ConnectionTerminated:
                 self.goaway(ErrorCodes.NO_ERROR)
                 return
