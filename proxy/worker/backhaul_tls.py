@@ -183,16 +183,19 @@ class BackhaulTLS:
         self.stats.backhaul_handshakes[side * len(TLS_KINDS) + kind] += 1
 
     # the listener -------------------------------------------------------------------
-    def serve(self, sock: socket.socket, make: Callable[[], Any]) -> None:
+    def serve(
+        self, sock: socket.socket, make: Callable[[], Any], make_h2: Callable[[], Any]
+    ) -> None:
         """Accept on the backhaul listener `sock` (non-blocking): each connection's
         handshake runs before `make()` (a ClientConnection, which honours
-        X-Edgeproxy-Instance) is called, and only for an authenticated peer.
+        X-Edgeproxy-Instance) is called, and only for an authenticated peer; `make_h2()`
+        instead when ALPN chose h2 (an HTTP/2 connection of the same trust).
 
         Accepted by hand and wrapped with connect_accepted_socket rather than by
         create_server(ssl=...): that way the handshake's failure (and why) reaches this
         code; and rather than start_tls on a plain protocol: uvloop may read the peer's
         first bytes before start_tls is in place, and they would be lost to TLS."""
-        task = self.loop.create_task(self._accept(sock, make))
+        task = self.loop.create_task(self._accept(sock, make, make_h2))
         self.acceptors.append((task, sock))
 
     def stop_accepting(self) -> None:
@@ -209,7 +212,9 @@ class BackhaulTLS:
         for task in list(self.tasks):
             task.cancel()
 
-    async def _accept(self, sock: socket.socket, make: Callable[[], Any]) -> None:
+    async def _accept(
+        self, sock: socket.socket, make: Callable[[], Any], make_h2: Callable[[], Any]
+    ) -> None:
         loop = self.loop
         while True:
             try:
@@ -225,11 +230,17 @@ class BackhaulTLS:
                 self.log.refuse(SIDE_ACCEPT, "overload", peer, detail)
                 continue
             self.handshaking += 1
-            task = loop.create_task(self._handshake(conn, peer, make))
+            task = loop.create_task(self._handshake(conn, peer, make, make_h2))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _handshake(self, conn: socket.socket, peer: str, make: Callable[[], Any]) -> None:
+    async def _handshake(
+        self,
+        conn: socket.socket,
+        peer: str,
+        make: Callable[[], Any],
+        make_h2: Callable[[], Any],
+    ) -> None:
         assert self.server is not None
         hold = _Hold()
         try:
@@ -256,7 +267,9 @@ class BackhaulTLS:
             return
         self.done(SIDE_ACCEPT, tls)
         try:
-            c = make()
+            obj = tls.get_extra_info("ssl_object")
+            h2 = obj is not None and obj.selected_alpn_protocol() == "h2"
+            c = make_h2() if h2 else make()
             tls.set_protocol(c)
             c.connection_made(tls)
             early = hold.early

@@ -40,7 +40,7 @@ from proxy.core.h2_guard import Budget
 from proxy.core.h2_head import CONNECTION_SPECIFIC, CONTENT_LENGTH, StreamError, fill_request
 from proxy.core.headers import HeadError
 from proxy.core.request import Request
-from proxy.core.request_head import FWD_APPEND, FWD_SET, Front
+from proxy.core.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
 from proxy.telemetry.families import (
     H2_CLIENT_RESET,
     H2_CONNECTION_SPECIFIC,
@@ -111,12 +111,16 @@ def _config() -> H2Configuration:
 class H2Front:
     """One client's HTTP/2 connection (over TLS with ALPN h2, or h2c prior knowledge)."""
 
-    def __init__(self, ctx: WorkerContext, sni_app: str | None, tls: bool) -> None:
+    def __init__(
+        self, ctx: WorkerContext, sni_app: str | None, tls: bool, backhaul: bool = False
+    ) -> None:
         self.ctx = ctx
         self.cfg = cfg = ctx.config.http2
         self.sni_app = sni_app
         self.tls = tls
-        self.backhaul = False
+        # A peer node's (the backhaul listener's, ALPN h2): its streams name their
+        # instance and keep the forwarding fields its edge set, as over HTTP/1.1.
+        self.backhaul = backhaul
         self.transport: asyncio.Transport | None = None
         self.front = Front(FWD_SET, b"unknown", b"https" if tls else b"http", b"0")
         self.h2: H2Connection = _Connection(_config())
@@ -143,7 +147,12 @@ class H2Front:
         ip = str(peer[0]) if peer else "unknown"
         local = t.get_extra_info("sockname")
         port = str(local[1]).encode() if local else b"0"
-        mode = FWD_APPEND if ctx.trusted_forwarder(ip) else FWD_SET
+        if self.backhaul:
+            mode = FWD_KEEP
+        elif ctx.trusted_forwarder(ip):
+            mode = FWD_APPEND
+        else:
+            mode = FWD_SET
         self.front = Front(mode, ip.encode(), b"https" if self.tls else b"http", port)
         t.set_write_buffer_limits(high=ctx.limits.response_buffer)
         cfg = self.cfg
@@ -269,11 +278,14 @@ class H2Front:
         sid = ev.stream_id or 0
         h = self.h2
         ctx = self.ctx
-        if len(self.streams) >= self.cfg.max_concurrent_streams or ctx.draining or ctx.shedding:
+        # A peer's stream while shedding goes on to the exchange: it answers the "full"
+        # reject there, as over HTTP/1.1, and the edge retries elsewhere.
+        shed = ctx.shedding and not self.backhaul
+        if len(self.streams) >= self.cfg.max_concurrent_streams or ctx.draining or shed:
             # RFC 9113 5.1.2 / 8.7: nothing of it was processed, the client may retry it
             # (elsewhere). Shedding ([overload] shed_lag_ms) refuses a stream as HTTP/1.1
             # gets its 503, before routing, and counts it the same.
-            if ctx.shedding:
+            if shed:
                 ctx.stats.families["shed_total"][SHED_LOOP_LAG] += 1
             self.count(H2_REFUSED_STREAM)
             h.reset_stream(sid, ErrorCodes.REFUSED_STREAM)

@@ -142,6 +142,23 @@ class Worker:
             return lambda: PrefaceSniff(ctx)  # HTTP/2 with prior knowledge, or HTTP/1.1
         return lambda: ClientConnection(ctx, backhaul, sni_app, tls)
 
+    def backhaul_h2(self) -> Any:
+        """The protocol factory of a backhaul connection whose peer chose h2 (ALPN): the
+        same trust as HTTP/1.1 there (X-Edgeproxy-* honoured). The h2 library is imported
+        now, at start, on a node with a backhaul listener: not on its first connection."""
+        from proxy.worker.h2conn import H2Front
+
+        ctx = self.ctx
+        return lambda: H2Front(ctx, None, False, True)
+
+    def backhaul_plain(self) -> Any:
+        """The protocol factory of a plaintext backhaul listener ([backhaul] insecure):
+        HTTP/2 with prior knowledge (the RFC 9113 preface), or HTTP/1.1."""
+        from proxy.worker.h2select import PrefaceSniff
+
+        ctx = self.ctx
+        return lambda: PrefaceSniff(ctx, True)
+
     async def serve(self) -> None:
         loop = self.loop
         loop.set_exception_handler(self.on_loop_exception)
@@ -149,10 +166,11 @@ class Worker:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
             if lst["kind"] == "backhaul" and self.backhaul_tls.server is not None:
-                self.backhaul_tls.serve(sock, self.factory(True))  # mutual TLS first
+                # Mutual TLS first; then HTTP/1.1, or HTTP/2 when ALPN chose h2.
+                self.backhaul_tls.serve(sock, self.factory(True), self.backhaul_h2())
             elif lst["kind"] == "backhaul":  # [backhaul] insecure: plaintext
                 srv = await loop.create_server(
-                    self.factory(True), sock=sock, backlog=4096, start_serving=True
+                    self.backhaul_plain(), sock=sock, backlog=4096, start_serving=True
                 )
                 self.servers.append(srv)
             elif lst["kind"] == "https":
