@@ -167,8 +167,13 @@ class BackhaulTLS:
             if not self.shared_tickets:
                 _say(out, f"backhaul TLS: session tickets per worker ({tickets.last_failure()})")
         self.client: PeerContext | None = None
+        # Connections for HTTP/2 streams: ALPN h2 offered (a context of their own: ALPN
+        # is a context's, and the HTTP/1.1 ones must not be offered h2).
+        self.client_h2: PeerContext | None = None
         if material is not None:
             self.client = client_context(material)
+            self.client_h2 = client_context(material)
+            self.client_h2.set_alpn_protocols(["h2", "http/1.1"])
         self.timeout = handshake_timeout
         self.stats = stats
         self.faults = faults
@@ -285,8 +290,25 @@ class BackhaulTLS:
         """A verified TLS connection to `target`'s node, as an UpstreamConnection of
         `pool`. Raises TimeoutError, or OSError (BackhaulRefusedError when the handshake or
         the identity check failed: nothing was sent)."""
+        t, early = await self.handshake(target, False)
+        return self.http11(pool, target, t, early)
+
+    def http11(
+        self, pool: Pool, target: Target, t: asyncio.Transport, early: bytes
+    ) -> UpstreamConnection:
+        """A verified connection as an HTTP/1.1 UpstreamConnection of `pool`."""
+        up = UpstreamConnection(pool, target.key)
+        t.set_protocol(cast("asyncio.BaseProtocol", up))
+        up.connection_made(t)
+        if early:
+            up.data_received(early)  # bytes before any request: the connection closes
+        return up
+
+    async def handshake(self, target: Target, h2: bool) -> tuple[asyncio.Transport, bytes]:
+        """A verified TLS connection to `target`'s node (offering ALPN h2 when `h2`), and
+        the bytes that came before it was handed over. Raises as connect() does."""
         peer = target.node
-        ctx = self.client
+        ctx = self.client_h2 if h2 else self.client
         if ctx is None:
             self.log.refuse(
                 SIDE_CONNECT,
@@ -335,9 +357,4 @@ class BackhaulTLS:
             raise BackhaulRefusedError(f"peer {peer!r} closed the connection after the handshake")
         ctx.remember(peer, t.get_extra_info("ssl_object"))
         self.done(SIDE_CONNECT, t)
-        up = UpstreamConnection(pool, target.key)
-        t.set_protocol(cast("asyncio.BaseProtocol", up))
-        up.connection_made(t)
-        if hold.early:
-            up.data_received(hold.early)  # bytes before any request: the connection closes
-        return up
+        return t, hold.early

@@ -124,7 +124,11 @@ class ClientExchange(Exchange):
         else:
             r.hold = False
         r.head_bytes = r.base_head[:-2] + extra + b"\r\n" if extra else r.base_head
-        up = None if r.tunnel else self.conn.ctx.pool.get(target.key)
+        ctx = self.conn.ctx
+        if r.h2 and not target.local and ctx.h2_connect is not None:
+            self.connect(target)  # a new stream on a peer's HTTP/2 connection
+            return
+        up = None if r.tunnel else ctx.pool.get(target.key)
         if up is not None:
             self.attach(up)
         else:
@@ -140,8 +144,11 @@ class ClientExchange(Exchange):
     async def _connect(self, ctx: WorkerContext, target: Target) -> None:
         t0 = ctx.loop.time()
         peer_connect = ctx.peer_connect
+        h2_connect = ctx.h2_connect
         try:
-            if peer_connect is not None and not target.local:
+            if h2_connect is not None and self.r.h2 and not target.local:
+                up = await h2_connect(ctx.pool, target)
+            elif peer_connect is not None and not target.local:
                 up = await peer_connect(ctx.pool, target)
             else:
                 up = await ctx.pool.connect(

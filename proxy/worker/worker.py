@@ -88,6 +88,23 @@ class Worker:
         )
         if not bh.insecure:
             self.ctx.peer_connect = self.backhaul_tls.connect
+        self.h2_peers: Any = None
+        listen = self.config.listen
+        if listen.https or listen.h2c:
+            # Requests that come as HTTP/2 cross to peers as HTTP/2 (the h2 library is
+            # imported by these listeners anyway; a node without them never touches it).
+            from proxy.worker.h2peer import H2Peers
+
+            bt = self.backhaul_tls
+            tls = not bh.insecure
+            self.h2_peers = H2Peers(
+                self.loop,
+                self.config.http2,
+                self.config.pool.idle_timeout,
+                bt.handshake if tls else None,
+                bt.http11 if tls else None,
+            )
+            self.ctx.h2_connect = self.h2_peers.stream
         self.servers: list[asyncio.Server] = []
         # Client listeners, kept open for the process's life: pausing at max_connections
         # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
@@ -209,6 +226,8 @@ class Worker:
         if self.tls is not None:
             await self.tls.stop()
         self.backhaul_tls.close()
+        if self.h2_peers is not None:
+            self.h2_peers.close_all()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:
