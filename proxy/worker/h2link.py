@@ -47,7 +47,7 @@ class StreamLink:
 
     def __init__(self, conn: PeerConn, sid: int, up: UpstreamConnection) -> None:
         self.conn = conn
-        self.sid = sid
+        self.sid = sid  # 0 until the HEADERS go (PeerConn.send_headers)
         self.up = up
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -140,7 +140,7 @@ class StreamLink:
         ]
         self.fields = []
         self.fin = not body
-        self.conn.send_headers(self.sid, head + out, not body)
+        self.conn.send_headers(self, head + out, not body)
         if not body:
             self.fin_sent = True
 

@@ -71,6 +71,7 @@ class PeerConn:
             )
         )
         self.links: dict[int, StreamLink] = {}
+        self.starting: set[StreamLink] = set()  # opened, their HEADERS not sent yet
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.draining = False  # GOAWAY came: no new stream here
@@ -99,9 +100,10 @@ class PeerConn:
         self.transport = None
         self.peers.forget(self)
         self.cancel_idle()
-        for link in list(self.links.values()):
+        for link in [*self.links.values(), *self.starting]:
             link.lost()
         self.links.clear()
+        self.starting.clear()
 
     def eof_received(self) -> bool:
         return False
@@ -174,25 +176,30 @@ class PeerConn:
         if self.closed or self.draining or self.transport is None:
             return False
         allowed = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
-        return len(self.links) < allowed
+        return len(self.links) + len(self.starting) < allowed
 
     def open_stream(self, pool: Pool) -> UpstreamConnection:
         """A new stream, as a fresh UpstreamConnection of `pool` (never pooled)."""
         self.cancel_idle()
-        sid = self.h2.get_next_available_stream_id()
         up = UpstreamConnection(pool, self.key)
-        link = StreamLink(self, sid, up)
-        self.links[sid] = link
+        link = StreamLink(self, 0, up)
+        self.starting.add(link)
         up.connection_made(cast("asyncio.BaseTransport", link))
         return up
 
-    def send_headers(self, sid: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+    def send_headers(self, link: StreamLink, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        """The stream's id is taken now, as its HEADERS go (ids must rise in the order
+        streams open: RFC 9113 5.1.1), not when the exchange got it."""
+        self.starting.discard(link)
+        if self.closed:
+            link.lost()
+            return
+        sid = link.sid = self.h2.get_next_available_stream_id()
+        self.links[sid] = link
         try:
             self.h2.send_headers(sid, fields, end_stream=end)
         except ProtocolError:
-            link = self.links.get(sid)
-            if link is not None:
-                link.lost()
+            link.lost()
             return
         self.flush()
 
@@ -229,21 +236,22 @@ class PeerConn:
         return sent, ended
 
     def ack(self, sid: int, n: int) -> None:
-        if n and not self.closed:
+        if n and sid and not self.closed:
             with contextlib.suppress(ProtocolError):
                 self.h2.acknowledge_received_data(n, sid)
             self.flush()
 
     def reset(self, sid: int, code: int) -> None:
-        if not self.closed:
+        if sid and not self.closed:
             with contextlib.suppress(ProtocolError):
                 self.h2.reset_stream(sid, code)
             self.flush()
 
     def forget(self, link: StreamLink) -> None:
+        self.starting.discard(link)
         if self.links.get(link.sid) is link:
             del self.links[link.sid]
-        if not self.links and not self.closed:
+        if not self.links and not self.starting and not self.closed:
             if self.draining:
                 self.close()
             else:
@@ -254,6 +262,8 @@ class PeerConn:
         before any response: the exchange retries them as its rules allow)."""
         self.draining = True
         self.peers.forget(self)
+        for link in list(self.starting):
+            link.lost()  # nothing of it was sent
         for sid, link in list(self.links.items()):
             if last is not None and sid > last:
                 link.lost()
@@ -274,7 +284,7 @@ class PeerConn:
 
     def idle_close(self) -> None:
         self.idle = None
-        if not self.links:
+        if not self.links and not self.starting:
             self.close()
 
     def close(self) -> None:

@@ -37,6 +37,13 @@ class LimitedNode(BackhaulNode):
         return super().render().replace(app, app + "soft_limit = 1\nhard_limit = 1\n", 1)
 
 
+class H2cNode(BackhaulNode):
+    """A node whose plaintext listener also takes HTTP/2 with prior knowledge."""
+
+    def render(self) -> str:
+        return super().render().replace("[listen]\n", "[listen]\nh2c = true\n", 1)
+
+
 @dataclass
 class Nodes:
     n3: Proxy
@@ -44,6 +51,7 @@ class Nodes:
     n4: Proxy
     n4_cfg: BackhaulNode
     n2_cert: tuple[str, str]
+    n2: Proxy  # an edge (h2c) with n2's certificate, n3 its peer
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,16 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Itera
         started.append(Proxy(n3_cfg, work))  # type: ignore[arg-type]
         n4_cfg = BackhaulNode("n4", "127.0.0.4", {"insecure": True}, instances=inst)
         started.append(Proxy(n4_cfg, work))  # type: ignore[arg-type]
-        yield Nodes(started[0], n3_cfg, started[1], n4_cfg, (n2["cert"], n2["key"]))
+        n2_cfg = H2cNode(
+            "n2",
+            "127.0.0.2",
+            n2,
+            instances=[{"id": "hello-n3", "address": upstream.address, "node": "n3"}],
+            peers=[{"id": "n3", "backhaul": n3_cfg.backhaul_address, "ping": "127.0.0.3:9"}],
+            listen_backhaul=False,
+        )
+        started.append(Proxy(n2_cfg, work))  # type: ignore[arg-type]
+        yield Nodes(started[0], n3_cfg, started[1], n4_cfg, (n2["cert"], n2["key"]), started[2])
     finally:
         stop_proxies(started)
 
@@ -140,3 +157,14 @@ def test_a_plaintext_backhaul_takes_h2_with_prior_knowledge(nodes: Nodes) -> Non
     req = b"GET /echo HTTP/1.1\r\nHost: hello.test\r\nX-Edgeproxy-Instance: hello-n3\r\n\r\n"
     got = talk("127.0.0.2", "127.0.0.4", port, None, req, timeout=2.0)
     assert got.data.startswith(b"HTTP/1.1 200"), got
+
+
+def test_an_edge_crosses_to_its_peer_over_mutual_tls_h2(nodes: Nodes) -> None:
+    """A stream to the edge n2 for n3's instance crosses n2 -> n3 as HTTP/2 over mutual
+    TLS (ALPN h2: n3 counts the stream)."""
+    before = nodes.n3.metric(STREAMS)
+    with H2Client(nodes.n2.cfg.port, None) as c:  # type: ignore[attr-defined]
+        r = c.request("/echo?via=mtls-h2")
+    assert r.status == 200, r
+    assert json.loads(r.body)["target"] == "/echo?via=mtls-h2"
+    assert nodes.n3.wait_metric(STREAMS, before + 1) >= before + 1
