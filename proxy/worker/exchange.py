@@ -21,7 +21,13 @@ from proxy.core.traceparent import pass_on
 from proxy.telemetry.families import SHED_LOOP_LAG
 from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
 from proxy.worker.routing import MAX_TRIES
-from proxy.worker.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
+from proxy.worker.upstream import (
+    BAD_RESPONSE,
+    LOST_BEFORE_RESPONSE,
+    LOST_UNPROCESSED,
+    Exchange,
+    UpstreamConnection,
+)
 
 if TYPE_CHECKING:
     from proxy.core.request import Request
@@ -448,6 +454,12 @@ class ClientExchange(Exchange):
             conn.queue.popleft()
             ctx.done(r, 502)
             conn.abort()
+            return
+        if why == LOST_UNPROCESSED and r.replayable and r.complete and r.target is not None:
+            # Nothing of it reached the instance, whatever its method: as a refused connect.
+            r.sent = False
+            r.tries -= 1  # connect_failed counts the try again
+            self.connect_failed("connect_refused")
             return
         if why == LOST_BEFORE_RESPONSE and self.can_replay() and r.target is not None:
             r.sent = False

@@ -20,6 +20,7 @@ import httptools
 from h2.errors import ErrorCodes
 
 from proxy.core.headers import chunk
+from proxy.worker.upstream import LOST_UNPROCESSED
 
 if TYPE_CHECKING:
     from proxy.worker.h2peer import PeerConn
@@ -241,21 +242,30 @@ class StreamLink:
         if self.fin_sent:
             self.finish()
 
-    def lost(self) -> None:
+    def lost(self, unprocessed: bool = False) -> None:
         """The stream ended without a (whole) response: reset by the peer, refused, or
-        the connection went. The exchange hears it as a connection lost."""
+        the connection went. The exchange hears it as a connection lost; `unprocessed`:
+        the peer said nothing of it was processed (or nothing of it left), then as a
+        refused connect (retried whatever the method)."""
         if self.closing:
             return
         if not self.remote_done:
             self.conn.reset(self.sid, ErrorCodes.CANCEL)
-        self.finish()
+        self.finish(unprocessed)
 
-    def finish(self) -> None:
+    def finish(self, unprocessed: bool = False) -> None:
         if self.closing:
             return
         self.closing = True
         self.pending.clear()
         self.conn.forget(self)
         up = self.up
+        loop = self.conn.loop
+        ex = up.exchange
+        if unprocessed and ex is not None and not self.responded:
+            up.exchange = None
+            up.pool.open.discard(up)
+            loop.call_soon(ex.upstream_lost, up, LOST_UNPROCESSED)
+            return
         # As asyncio reports a closed transport: on the next iteration.
-        self.conn.loop.call_soon(up.connection_lost, None)
+        loop.call_soon(up.connection_lost, None)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -100,8 +101,10 @@ class PeerConn:
         self.transport = None
         self.peers.forget(self)
         self.cancel_idle()
-        for link in [*self.links.values(), *self.starting]:
+        for link in list(self.links.values()):
             link.lost()
+        for link in list(self.starting):
+            link.lost(True)  # nothing of it left
         self.links.clear()
         self.starting.clear()
 
@@ -154,9 +157,10 @@ class PeerConn:
                 if link is not None:
                     link.on_trailers(cast("list[tuple[bytes, bytes]]", tr.headers or []))
             elif kind is StreamReset:
-                link = links.get(cast("StreamReset", ev).stream_id or 0)
+                rs = cast("StreamReset", ev)
+                link = links.get(rs.stream_id or 0)
                 if link is not None:
-                    link.lost()
+                    link.lost(rs.error_code == ErrorCodes.REFUSED_STREAM)
             elif kind is WindowUpdated or kind is RemoteSettingsChanged:
                 sid = cast("WindowUpdated", ev).stream_id if kind is WindowUpdated else 0
                 targets = [links[sid]] if sid and sid in links else list(links.values())
@@ -191,8 +195,8 @@ class PeerConn:
         """The stream's id is taken now, as its HEADERS go (ids must rise in the order
         streams open: RFC 9113 5.1.1), not when the exchange got it."""
         self.starting.discard(link)
-        if self.closed:
-            link.lost()
+        if self.closed or self.draining:
+            link.lost(True)
             return
         sid = link.sid = self.h2.get_next_available_stream_id()
         self.links[sid] = link
@@ -263,10 +267,10 @@ class PeerConn:
         self.draining = True
         self.peers.forget(self)
         for link in list(self.starting):
-            link.lost()  # nothing of it was sent
+            link.lost(True)  # nothing of it was sent
         for sid, link in list(self.links.items()):
             if last is not None and sid > last:
-                link.lost()
+                link.lost(True)
         if not self.links:
             self.close()
 

@@ -223,3 +223,22 @@ def test_a_peer_killed_with_streams_open(doomed: Fleet, upstream: Upstream) -> N
     upstream.release("kpost")
     assert upstream.stats()["tags"]["kpost"]["held"] == 1
     assert doomed.far.wait_metric(STREAMS, s4 + 1) >= s4 + 1
+
+
+def test_a_stream_refused_by_a_draining_peer_is_sent_elsewhere(
+    doomed: Fleet, upstream: Upstream
+) -> None:
+    """n3 reloads while a stream holds its old worker (and so the edge's HTTP/2
+    connection to it): a POST the old worker refuses unprocessed (REFUSED_STREAM, RFC
+    9113 8.7) is sent again, though not idempotent, and answered with its body whole;
+    the held stream ends normally."""
+    with client(doomed) as c:
+        held = c.start("/hold?tag=drain")
+        wait_for("held via n3", lambda: upstream.stats()["tags"].get("drain", {}).get("held"))
+        r = doomed.near.cli("reload")
+        assert r.returncode == 0, r.stderr
+        post = c.request("/echo?after=reload", method="POST", body=b"q" * 5000)
+        assert post.status == 200, post
+        assert json.loads(post.body)["body_len"] == 5000
+        upstream.release("drain")
+        assert c.wait(held).status == 200
