@@ -85,10 +85,10 @@ def vm_hwm_kib(pid: int) -> int:
 class Relay:
     """`python -m pinger.relay` with one TCP route, RTT/2 each way."""
 
-    def __init__(self, target_port: int, rtt_ms: float) -> None:
+    def __init__(self, target_port: int, rtt_ms: float, target: str = HOST) -> None:
         self.port = free_port()
         half = rtt_ms / 2
-        route = f"tcp,{HOST}:{self.port},{HOST}:{target_port},{half},{half}"
+        route = f"tcp,{HOST}:{self.port},{target}:{target_port},{half},{half}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pinger.relay", "--route", route],
             cwd=BENCH_DIR.parent,

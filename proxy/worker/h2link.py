@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httptools
 from h2.errors import ErrorCodes
@@ -23,7 +23,8 @@ from proxy.core.headers import chunk
 from proxy.worker.upstream import LOST_UNPROCESSED
 
 if TYPE_CHECKING:
-    from proxy.worker.h2peer import PeerConn
+    import asyncio
+
     from proxy.worker.upstream import UpstreamConnection
 
 HIGH_WATER: Final = 262144  # request bytes waiting for the peer's window: the exchange pauses
@@ -43,10 +44,26 @@ _REASONS: Final = {int(s): s.phrase.encode() for s in HTTPStatus}
 _CLOSE: Final = b"connection: close\r\n"
 
 
+Fields = list[tuple[bytes, bytes]]
+
+
+class LinkOwner(Protocol):
+    """What a stream needs of its connection (proxy.worker.h2peer.PeerConn)."""
+
+    loop: asyncio.AbstractEventLoop
+    scheme: bytes
+
+    def send_headers(self, link: StreamLink, fields: Fields, end: bool) -> None: ...
+    def send_data(self, sid: int, pending: deque[bytes], fin: bool) -> tuple[int, bool]: ...
+    def ack(self, sid: int, n: int) -> None: ...
+    def reset(self, sid: int, code: int) -> None: ...
+    def forget(self, link: StreamLink) -> None: ...
+
+
 class StreamLink:
     """Stream `sid` of `conn`, carrying the exchange of `up` (its transport)."""
 
-    def __init__(self, conn: PeerConn, sid: int, up: UpstreamConnection) -> None:
+    def __init__(self, conn: LinkOwner, sid: int, up: UpstreamConnection) -> None:
         self.conn = conn
         self.sid = sid  # 0 until the HEADERS go (PeerConn.send_headers)
         self.up = up
