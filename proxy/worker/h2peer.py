@@ -158,9 +158,16 @@ class PeerConn:
                     link.on_trailers(cast("list[tuple[bytes, bytes]]", tr.headers or []))
             elif kind is StreamReset:
                 rs = cast("StreamReset", ev)
+                refused = rs.error_code == ErrorCodes.REFUSED_STREAM
+                if refused and not self.draining:
+                    # A peer that refuses streams (draining, at its limit): new ones go
+                    # on a new connection (to its next generation, say); this one ends
+                    # with its last stream.
+                    self.draining = True
+                    self.peers.forget(self)
                 link = links.get(rs.stream_id or 0)
                 if link is not None:
-                    link.lost(rs.error_code == ErrorCodes.REFUSED_STREAM)
+                    link.lost(refused)
             elif kind is WindowUpdated or kind is RemoteSettingsChanged:
                 sid = cast("WindowUpdated", ev).stream_id if kind is WindowUpdated else 0
                 targets = [links[sid]] if sid and sid in links else list(links.values())
