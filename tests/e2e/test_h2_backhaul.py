@@ -115,7 +115,7 @@ def client(f: Fleet) -> H2Client:
 
 
 def connections_to(cfg: BackhaulNode) -> int:
-    """Established TCP connections (either end seen from this host) to `cfg`'s backhaul."""
+    """Established TCP connections to `cfg`'s backhaul (counted at the connecting end)."""
     return sum(
         1 for _, remote, st, _ in _proc_net_tcp() if remote == cfg.backhaul_address and st == "01"
     )
@@ -168,8 +168,8 @@ def test_many_concurrent_streams_share_one_connection(fleet: Fleet) -> None:
         f"/echo?n={i}&delay=0.2" for i in range(20)
     ]
     after = (connections_to(fleet.near_cfg), connections_to(fleet.far_cfg))
-    # Both ends of a loopback connection are on this host: one connection shows twice.
-    assert after[0] - before[0] <= 2 and after[1] - before[1] <= 2, (before, after)
+    # The edge's end of each (the far end's remote is the edge's ephemeral port).
+    assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1, (before, after)
 
 
 def test_a_full_instance_sends_the_stream_elsewhere(fleet: Fleet, upstream: Upstream) -> None:
