@@ -29,6 +29,11 @@ class Http2Config:
     flood_burst: int = 100  # PING or SETTINGS frames taken at once (each, per connection)
     flood_rate: float = 10.0  # ... and per second after that; past it: GOAWAY ENHANCE_YOUR_CALM
     stall_timeout: float = 30.0  # seconds a stream's response may wait on a zero window
+    # Receive windows grow with the measured bandwidth-delay product (PING RTT x bytes
+    # per RTT, proxy.core.h2_window), from the two above up to max_window (then the most
+    # request body one connection holds).
+    adaptive_window: bool = True
+    max_window: int = 16777216
 
 
 def http2_section(r: Reader) -> Http2Config:
@@ -44,12 +49,16 @@ def http2_section(r: Reader) -> Http2Config:
         flood_burst=r.positive("flood_burst", int, d.flood_burst),
         flood_rate=r.positive("flood_rate", float, d.flood_rate),
         stall_timeout=r.positive("stall_timeout", float, d.stall_timeout),
+        adaptive_window=r.get("adaptive_window", bool, d.adaptive_window),
+        max_window=r.positive("max_window", int, d.max_window),
     )
-    for name in ("initial_window", "connection_window"):
+    for name in ("initial_window", "connection_window", "max_window"):
         value = getattr(cfg, name)
         if not _DEFAULT_WINDOW <= value <= _MAX_WINDOW:
             # Below 65535 a client may rightly send more than allowed before our SETTINGS.
             raise r.fail(name, f"must be between {_DEFAULT_WINDOW} and {_MAX_WINDOW}")
+    if cfg.max_window < max(cfg.initial_window, cfg.connection_window):
+        raise r.fail("max_window", "must be >= initial_window and connection_window")
     if cfg.max_header_list_size < 1024:
         raise r.fail("max_header_list_size", "must be >= 1024")
     return cfg

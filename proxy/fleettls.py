@@ -178,9 +178,11 @@ def _setup(ctx: ssl.SSLContext, m: Material) -> None:
 
 def server_context(m: Material) -> ssl.SSLContext:
     """The backhaul listener's: a client certificate of the fleet CA is required (OpenSSL
-    also checks its extendedKeyUsage allows clientAuth). Session tickets on (TLS 1.3)."""
+    also checks its extendedKeyUsage allows clientAuth). Session tickets on (TLS 1.3).
+    ALPN h2 and http/1.1 (RFC 7301): a peer that offers neither speaks HTTP/1.1."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _setup(ctx, m)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     return ctx
 
 

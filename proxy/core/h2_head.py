@@ -218,10 +218,17 @@ def local_fields(status: int, length: int, extra: bytes) -> list[tuple[bytes, by
         (b"content-length", b"%d" % length),
     ]
     if extra:
-        for line in extra.split(b"\r\n"):
-            colon = line.find(b":")
-            if colon > 0:
-                name = line[:colon].strip().lower()
-                if name not in _RESP_DROP:
-                    out.append((name, line[colon + 1 :].strip(b" \t")))
+        out += extra_fields(extra)
+    return out
+
+
+def extra_fields(extra: bytes) -> list[tuple[bytes, bytes]]:
+    """The proxy's own "Name: value" lines (each ending in CRLF) as HTTP/2 fields."""
+    out = []
+    for line in extra.split(b"\r\n"):
+        colon = line.find(b":")
+        if colon > 0:
+            name = line[:colon].strip().lower()
+            if name not in _RESP_DROP:
+                out.append((name, line[colon + 1 :].strip(b" \t")))
     return out

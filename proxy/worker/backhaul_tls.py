@@ -167,8 +167,13 @@ class BackhaulTLS:
             if not self.shared_tickets:
                 _say(out, f"backhaul TLS: session tickets per worker ({tickets.last_failure()})")
         self.client: PeerContext | None = None
+        # Connections for HTTP/2 streams: ALPN h2 offered (a context of their own: ALPN
+        # is a context's, and the HTTP/1.1 ones must not be offered h2).
+        self.client_h2: PeerContext | None = None
         if material is not None:
             self.client = client_context(material)
+            self.client_h2 = client_context(material)
+            self.client_h2.set_alpn_protocols(["h2", "http/1.1"])
         self.timeout = handshake_timeout
         self.stats = stats
         self.faults = faults
@@ -183,16 +188,19 @@ class BackhaulTLS:
         self.stats.backhaul_handshakes[side * len(TLS_KINDS) + kind] += 1
 
     # the listener -------------------------------------------------------------------
-    def serve(self, sock: socket.socket, make: Callable[[], Any]) -> None:
+    def serve(
+        self, sock: socket.socket, make: Callable[[], Any], make_h2: Callable[[], Any]
+    ) -> None:
         """Accept on the backhaul listener `sock` (non-blocking): each connection's
         handshake runs before `make()` (a ClientConnection, which honours
-        X-Edgeproxy-Instance) is called, and only for an authenticated peer.
+        X-Edgeproxy-Instance) is called, and only for an authenticated peer; `make_h2()`
+        instead when ALPN chose h2 (an HTTP/2 connection of the same trust).
 
         Accepted by hand and wrapped with connect_accepted_socket rather than by
         create_server(ssl=...): that way the handshake's failure (and why) reaches this
         code; and rather than start_tls on a plain protocol: uvloop may read the peer's
         first bytes before start_tls is in place, and they would be lost to TLS."""
-        task = self.loop.create_task(self._accept(sock, make))
+        task = self.loop.create_task(self._accept(sock, make, make_h2))
         self.acceptors.append((task, sock))
 
     def stop_accepting(self) -> None:
@@ -209,7 +217,9 @@ class BackhaulTLS:
         for task in list(self.tasks):
             task.cancel()
 
-    async def _accept(self, sock: socket.socket, make: Callable[[], Any]) -> None:
+    async def _accept(
+        self, sock: socket.socket, make: Callable[[], Any], make_h2: Callable[[], Any]
+    ) -> None:
         loop = self.loop
         while True:
             try:
@@ -225,11 +235,17 @@ class BackhaulTLS:
                 self.log.refuse(SIDE_ACCEPT, "overload", peer, detail)
                 continue
             self.handshaking += 1
-            task = loop.create_task(self._handshake(conn, peer, make))
+            task = loop.create_task(self._handshake(conn, peer, make, make_h2))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _handshake(self, conn: socket.socket, peer: str, make: Callable[[], Any]) -> None:
+    async def _handshake(
+        self,
+        conn: socket.socket,
+        peer: str,
+        make: Callable[[], Any],
+        make_h2: Callable[[], Any],
+    ) -> None:
         assert self.server is not None
         hold = _Hold()
         try:
@@ -256,7 +272,9 @@ class BackhaulTLS:
             return
         self.done(SIDE_ACCEPT, tls)
         try:
-            c = make()
+            obj = tls.get_extra_info("ssl_object")
+            h2 = obj is not None and obj.selected_alpn_protocol() == "h2"
+            c = make_h2() if h2 else make()
             tls.set_protocol(c)
             c.connection_made(tls)
             early = hold.early
@@ -272,8 +290,25 @@ class BackhaulTLS:
         """A verified TLS connection to `target`'s node, as an UpstreamConnection of
         `pool`. Raises TimeoutError, or OSError (BackhaulRefusedError when the handshake or
         the identity check failed: nothing was sent)."""
+        t, early = await self.handshake(target, False)
+        return self.http11(pool, target, t, early)
+
+    def http11(
+        self, pool: Pool, target: Target, t: asyncio.Transport, early: bytes
+    ) -> UpstreamConnection:
+        """A verified connection as an HTTP/1.1 UpstreamConnection of `pool`."""
+        up = UpstreamConnection(pool, target.key)
+        t.set_protocol(cast("asyncio.BaseProtocol", up))
+        up.connection_made(t)
+        if early:
+            up.data_received(early)  # bytes before any request: the connection closes
+        return up
+
+    async def handshake(self, target: Target, h2: bool) -> tuple[asyncio.Transport, bytes]:
+        """A verified TLS connection to `target`'s node (offering ALPN h2 when `h2`), and
+        the bytes that came before it was handed over. Raises as connect() does."""
         peer = target.node
-        ctx = self.client
+        ctx = self.client_h2 if h2 else self.client
         if ctx is None:
             self.log.refuse(
                 SIDE_CONNECT,
@@ -322,9 +357,4 @@ class BackhaulTLS:
             raise BackhaulRefusedError(f"peer {peer!r} closed the connection after the handshake")
         ctx.remember(peer, t.get_extra_info("ssl_object"))
         self.done(SIDE_CONNECT, t)
-        up = UpstreamConnection(pool, target.key)
-        t.set_protocol(cast("asyncio.BaseProtocol", up))
-        up.connection_made(t)
-        if hold.early:
-            up.data_received(hold.early)  # bytes before any request: the connection closes
-        return up
+        return t, hold.early

@@ -90,6 +90,9 @@ class WorkerContext:
         # Connecting to a peer's backhaul (mutual TLS: proxy.worker.backhaul_tls); None: as
         # to a local instance, plaintext ([backhaul] insecure).
         self.peer_connect: Callable[[Pool, Target], Awaitable[UpstreamConnection]] | None = None
+        # A stream on a peer's HTTP/2 connection, for requests that came as HTTP/2
+        # (proxy.worker.h2peer); None: this worker takes no HTTP/2, or has no peers.
+        self.h2_connect: Callable[[Pool, Target], Awaitable[UpstreamConnection]] | None = None
         self.upgrades = config.trust.upgrade  # protocols an Upgrade may switch to
         self.forwarders = config.trust.forwarded_from
         self.clients: set[Connection] = set()

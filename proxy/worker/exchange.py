@@ -21,7 +21,13 @@ from proxy.core.traceparent import pass_on
 from proxy.telemetry.families import SHED_LOOP_LAG
 from proxy.worker.client_io import P_BUFFER, P_UPGRADE, P_UPSTREAM, ClientIO
 from proxy.worker.routing import MAX_TRIES
-from proxy.worker.upstream import BAD_RESPONSE, LOST_BEFORE_RESPONSE, Exchange, UpstreamConnection
+from proxy.worker.upstream import (
+    BAD_RESPONSE,
+    LOST_BEFORE_RESPONSE,
+    LOST_UNPROCESSED,
+    Exchange,
+    UpstreamConnection,
+)
 
 if TYPE_CHECKING:
     from proxy.core.request import Request
@@ -124,7 +130,11 @@ class ClientExchange(Exchange):
         else:
             r.hold = False
         r.head_bytes = r.base_head[:-2] + extra + b"\r\n" if extra else r.base_head
-        up = None if r.tunnel else self.conn.ctx.pool.get(target.key)
+        ctx = self.conn.ctx
+        if r.h2 and not target.local and ctx.h2_connect is not None:
+            self.connect(target)  # a new stream on a peer's HTTP/2 connection
+            return
+        up = None if r.tunnel else ctx.pool.get(target.key)
         if up is not None:
             self.attach(up)
         else:
@@ -140,8 +150,11 @@ class ClientExchange(Exchange):
     async def _connect(self, ctx: WorkerContext, target: Target) -> None:
         t0 = ctx.loop.time()
         peer_connect = ctx.peer_connect
+        h2_connect = ctx.h2_connect
         try:
-            if peer_connect is not None and not target.local:
+            if h2_connect is not None and self.r.h2 and not target.local:
+                up = await h2_connect(ctx.pool, target)
+            elif peer_connect is not None and not target.local:
                 up = await peer_connect(ctx.pool, target)
             else:
                 up = await ctx.pool.connect(
@@ -441,6 +454,12 @@ class ClientExchange(Exchange):
             conn.queue.popleft()
             ctx.done(r, 502)
             conn.abort()
+            return
+        if why == LOST_UNPROCESSED and r.replayable and r.complete and r.target is not None:
+            # Nothing of it reached the instance, whatever its method: as a refused connect.
+            r.sent = False
+            r.tries -= 1  # connect_failed counts the try again
+            self.connect_failed("connect_refused")
             return
         if why == LOST_BEFORE_RESPONSE and self.can_replay() and r.target is not None:
             r.sent = False

@@ -45,7 +45,7 @@ from proxy.core.h2_guard import Budget, FrameGuard
 from proxy.core.h2_head import CONNECTION_SPECIFIC, CONTENT_LENGTH, StreamError, fill_request
 from proxy.core.headers import HeadError
 from proxy.core.request import Request
-from proxy.core.request_head import FWD_APPEND, FWD_SET, Front
+from proxy.core.request_head import FWD_APPEND, FWD_KEEP, FWD_SET, Front
 from proxy.telemetry.families import (
     H2_CLIENT_RESET,
     H2_CONNECTION_SPECIFIC,
@@ -66,6 +66,7 @@ from proxy.telemetry.families import (
 )
 from proxy.worker.h2frames import FloodError, GuardedConnection
 from proxy.worker.h2stream import H2Stream
+from proxy.worker.h2window import WindowTuner
 
 if TYPE_CHECKING:
     from h2.connection import AllowedStreamIDs
@@ -120,12 +121,16 @@ def _config() -> H2Configuration:
 class H2Front:
     """One client's HTTP/2 connection (over TLS with ALPN h2, or h2c prior knowledge)."""
 
-    def __init__(self, ctx: WorkerContext, sni_app: str | None, tls: bool) -> None:
+    def __init__(
+        self, ctx: WorkerContext, sni_app: str | None, tls: bool, backhaul: bool = False
+    ) -> None:
         self.ctx = ctx
         self.cfg = cfg = ctx.config.http2
         self.sni_app = sni_app
         self.tls = tls
-        self.backhaul = False
+        # A peer node's (the backhaul listener's, ALPN h2): its streams name their
+        # instance and keep the forwarding fields its edge set, as over HTTP/1.1.
+        self.backhaul = backhaul
         self.transport: asyncio.Transport | None = None
         self.front = Front(FWD_SET, b"unknown", b"https" if tls else b"http", b"0")
         self.guard = FrameGuard(cfg.flood_rate, cfg.flood_burst)
@@ -143,6 +148,8 @@ class H2Front:
         self.pings = Budget(cfg.flood_rate, cfg.flood_burst)
         self.settings = Budget(cfg.flood_rate, cfg.flood_burst)
         self.drainer: Drain | None = None  # the two-step GOAWAY, once the worker drains
+        # The receive windows grow with the measured BDP (client uploads).
+        self.tuner = WindowTuner(self.h2, cfg) if cfg.adaptive_window else None
 
     # asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,7 +159,12 @@ class H2Front:
         ip = str(peer[0]) if peer else "unknown"
         local = t.get_extra_info("sockname")
         port = str(local[1]).encode() if local else b"0"
-        mode = FWD_APPEND if ctx.trusted_forwarder(ip) else FWD_SET
+        if self.backhaul:
+            mode = FWD_KEEP
+        elif ctx.trusted_forwarder(ip):
+            mode = FWD_APPEND
+        else:
+            mode = FWD_SET
         self.front = Front(mode, ip.encode(), b"https" if self.tls else b"http", port)
         t.set_write_buffer_limits(high=ctx.limits.response_buffer)
         cfg = self.cfg
@@ -238,6 +250,8 @@ class H2Front:
             kind = type(ev)
             if kind is DataReceived:
                 d = cast("DataReceived", ev)
+                if self.tuner is not None:
+                    self.tuner.data(d.flow_controlled_length or 0, now)
                 s = self.streams.get(d.stream_id or 0)
                 if s is None:
                     self.ack(d.stream_id or 0, d.flow_controlled_length or 0)
@@ -268,6 +282,8 @@ class H2Front:
                     )
                     if self.closed:
                         return
+                elif self.tuner is not None and self.tuner.owns(data):  # the BDP PING's
+                    self.tuner.ack(data, now)
                 elif not self.pings.spend(now):  # ACKs of PINGs we never sent
                     self.count(H2_PING_FLOOD)
                     self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -297,11 +313,14 @@ class H2Front:
         ctx = self.ctx
         d = self.drainer
         late = d is not None and not d.admits(sid)  # after the final GOAWAY (RFC 9113 6.8)
-        if len(self.streams) >= self.cfg.max_concurrent_streams or late or ctx.shedding:
+        # A peer's stream while shedding goes on to the exchange: it answers the "full"
+        # reject there, as over HTTP/1.1, and the edge retries elsewhere.
+        shed = ctx.shedding and not self.backhaul
+        if len(self.streams) >= self.cfg.max_concurrent_streams or late or shed:
             # RFC 9113 5.1.2 / 8.7: nothing of it was processed, the client may retry it
             # (elsewhere). Shedding ([overload] shed_lag_ms) refuses a stream as HTTP/1.1
             # gets its 503, before routing, and counts it the same.
-            if ctx.shedding:
+            if shed:
                 ctx.stats.families["shed_total"][SHED_LOOP_LAG] += 1
             self.count(H2_DRAIN_REFUSED if late else H2_REFUSED_STREAM)
             h.reset_stream(sid, ErrorCodes.REFUSED_STREAM)

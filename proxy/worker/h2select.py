@@ -46,11 +46,13 @@ class AlpnChoice:
 
 
 class PrefaceSniff:
-    """A plaintext connection with h2c on: HTTP/2 if it opens with the preface, else
-    HTTP/1.1. At most len(PREFACE) bytes are held, for at most [timeouts] client_header."""
+    """A plaintext connection with h2c on (or a plaintext backhaul's, `[backhaul]
+    insecure`): HTTP/2 if it opens with the preface, else HTTP/1.1. At most len(PREFACE)
+    bytes are held, for at most [timeouts] client_header."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, backhaul: bool = False) -> None:
         self.ctx = ctx
+        self.backhaul = backhaul
         self.transport: asyncio.Transport | None = None
         self.held = b""
         self.timer: asyncio.TimerHandle | None = None
@@ -74,7 +76,9 @@ class PrefaceSniff:
         self.held = b""
         if t is None or t.is_closing():
             return
-        proto: Any = H2Front(self.ctx, None, False) if h2 else ClientConnection(self.ctx)
+        ctx = self.ctx
+        bh = self.backhaul
+        proto: Any = H2Front(ctx, None, False, bh) if h2 else ClientConnection(ctx, bh)
         t.set_protocol(proto)
         proto.connection_made(t)
         if held:

@@ -21,7 +21,13 @@ from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
 
 from proxy.core.conn_state import CLOSE, MADE, NEW, START, step
-from proxy.core.h2_head import CONTENT_LENGTH, local_fields, response_fields, trailer_fields
+from proxy.core.h2_head import (
+    CONTENT_LENGTH,
+    extra_fields,
+    local_fields,
+    response_fields,
+    trailer_fields,
+)
 from proxy.core.headers import BAD_CODING, CHUNK_END, CHUNKED, LENGTH, NO_BODY, chunk
 from proxy.worker.client_io import ClientIO
 from proxy.worker.exchange import Abandoned, ClientExchange
@@ -48,6 +54,7 @@ class StreamOwner(Protocol):
     h2: H2Connection
     sni_app: str | None
     tls: bool
+    backhaul: bool
     front: Front
     transport: asyncio.Transport | None
     dirty: list[H2Stream]
@@ -81,7 +88,7 @@ class H2Stream(ClientIO):
     )
 
     def __init__(self, conn: StreamOwner, sid: int, r: Request) -> None:
-        ClientIO.__init__(self, conn.ctx, False, conn.sni_app, conn.tls)
+        ClientIO.__init__(self, conn.ctx, conn.backhaul, conn.sni_app, conn.tls)
         self.conn = conn
         self.sid = sid
         self.front = conn.front
@@ -199,7 +206,10 @@ class H2Stream(ClientIO):
         compressed, are not counted: 0)."""
         if status == 101 or up.codings:
             return BAD_CODING, False, 0  # a switch or a transfer coding HTTP/2 cannot carry
-        self.send_head(response_fields(status, up.fields, up.conn_tokens))
+        fields = response_fields(status, up.fields, up.conn_tokens)
+        if extra:  # to a peer (backhaul): X-Edgeproxy-Load, read by its edge
+            fields += extra_fields(extra)
+        self.send_head(fields)
         if head_only or status in (204, 304):
             return NO_BODY, True, 0
         return LENGTH, True, 0  # anything but CHUNKED: the body's bytes go on as DATA

@@ -98,6 +98,9 @@ class _StrayResponseError(Exception):
 LOST_BEFORE_RESPONSE = "reset_before_response"
 LOST_MID_RESPONSE = "lost_mid_response"
 BAD_RESPONSE = "bad_response"
+# The peer said the request was not processed (an HTTP/2 backhaul stream refused, or past
+# a GOAWAY's last stream id: RFC 9113 8.7): retried as a refused connect would be.
+LOST_UNPROCESSED = "unprocessed"
 
 
 class UpstreamConnection(ResponseHead):

@@ -88,6 +88,23 @@ class Worker:
         )
         if not bh.insecure:
             self.ctx.peer_connect = self.backhaul_tls.connect
+        self.h2_peers: Any = None
+        listen = self.config.listen
+        if listen.https or listen.h2c:
+            # Requests that come as HTTP/2 cross to peers as HTTP/2 (the h2 library is
+            # imported by these listeners anyway; a node without them never touches it).
+            from proxy.worker.h2peer import H2Peers
+
+            bt = self.backhaul_tls
+            tls = not bh.insecure
+            self.h2_peers = H2Peers(
+                self.loop,
+                self.config.http2,
+                self.config.pool.idle_timeout,
+                bt.handshake if tls else None,
+                bt.http11 if tls else None,
+            )
+            self.ctx.h2_connect = self.h2_peers.stream
         self.servers: list[asyncio.Server] = []
         # Client listeners, kept open for the process's life: pausing at max_connections
         # closes only the dup'ed fd an asyncio Server polls, so the socket and its accept
@@ -142,6 +159,23 @@ class Worker:
             return lambda: PrefaceSniff(ctx)  # HTTP/2 with prior knowledge, or HTTP/1.1
         return lambda: ClientConnection(ctx, backhaul, sni_app, tls)
 
+    def backhaul_h2(self) -> Any:
+        """The protocol factory of a backhaul connection whose peer chose h2 (ALPN): the
+        same trust as HTTP/1.1 there (X-Edgeproxy-* honoured). The h2 library is imported
+        now, at start, on a node with a backhaul listener: not on its first connection."""
+        from proxy.worker.h2conn import H2Front
+
+        ctx = self.ctx
+        return lambda: H2Front(ctx, None, False, True)
+
+    def backhaul_plain(self) -> Any:
+        """The protocol factory of a plaintext backhaul listener ([backhaul] insecure):
+        HTTP/2 with prior knowledge (the RFC 9113 preface), or HTTP/1.1."""
+        from proxy.worker.h2select import PrefaceSniff
+
+        ctx = self.ctx
+        return lambda: PrefaceSniff(ctx, True)
+
     async def serve(self) -> None:
         loop = self.loop
         loop.set_exception_handler(self.on_loop_exception)
@@ -149,10 +183,11 @@ class Worker:
             sock = socket.socket(fileno=lst["fd"])
             sock.setblocking(False)
             if lst["kind"] == "backhaul" and self.backhaul_tls.server is not None:
-                self.backhaul_tls.serve(sock, self.factory(True))  # mutual TLS first
+                # Mutual TLS first; then HTTP/1.1, or HTTP/2 when ALPN chose h2.
+                self.backhaul_tls.serve(sock, self.factory(True), self.backhaul_h2())
             elif lst["kind"] == "backhaul":  # [backhaul] insecure: plaintext
                 srv = await loop.create_server(
-                    self.factory(True), sock=sock, backlog=4096, start_serving=True
+                    self.backhaul_plain(), sock=sock, backlog=4096, start_serving=True
                 )
                 self.servers.append(srv)
             elif lst["kind"] == "https":
@@ -191,6 +226,8 @@ class Worker:
         if self.tls is not None:
             await self.tls.stop()
         self.backhaul_tls.close()
+        if self.h2_peers is not None:
+            self.h2_peers.close_all()
         self.ctx.pool.close_all()
         for c in list(self.ctx.clients):
             if c.transport is not None:

@@ -49,8 +49,11 @@ class H2Client:
         timeout: float = 10.0,
         settings: dict[int, int] | None = None,
         auto_ack: bool = True,
+        host: str = HOST,
+        source: str | None = None,
     ) -> None:
-        raw = socket.create_connection((HOST, port), timeout=timeout)
+        src = (source, 0) if source is not None else None
+        raw = socket.create_connection((host, port), timeout=timeout, source_address=src)
         if ctx is not None:
             ctx.set_alpn_protocols(["h2", "http/1.1"])
             self.sock: socket.socket = ctx.wrap_socket(raw, server_hostname=sni)

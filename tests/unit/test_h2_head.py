@@ -17,6 +17,7 @@ from proxy.core.h2_head import (
     CONTENT_LENGTH,
     MALFORMED,
     StreamError,
+    extra_fields,
     fill_request,
     local_fields,
     response_fields,
@@ -190,6 +191,13 @@ def test_local_fields() -> None:
     out = local_fields(503, 10, b"Retry-After: 1\r\n")
     assert (b":status", b"503") in out and (b"retry-after", b"1") in out
     assert (b"content-length", b"10") in out
+
+
+def test_extra_fields_for_a_peer() -> None:
+    """The proxy's own lines for a peer (X-Edgeproxy-Load on a backhaul answer) become
+    lower-cased fields; a connection-specific one is dropped."""
+    out = extra_fields(b"X-Edgeproxy-Load: 3\r\nConnection: close\r\n")
+    assert out == [(b"x-edgeproxy-load", b"3")]
 
 
 def test_bytes_in_through_the_library() -> None:
