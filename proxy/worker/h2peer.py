@@ -23,6 +23,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     InformationalResponseReceived,
     PingAckReceived,
     RemoteSettingsChanged,
@@ -34,6 +35,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame, GoAwayFrame
 
 from proxy.worker.h2link import StreamLink
 from proxy.worker.h2window import WindowTuner
@@ -49,6 +51,30 @@ if TYPE_CHECKING:
     Handshake = Callable[[Target, bool], Awaitable[tuple[asyncio.Transport, bytes]]]
     Http11 = Callable[[Pool, Target, asyncio.Transport, bytes], UpstreamConnection]
 
+
+class PeerH2Connection(H2Connection):
+    """h2's client connection, kept receiving after a GOAWAY. The library moves to CLOSED
+    on any GOAWAY and then refuses every frame (ProtocolError), and it drops what it had
+    queued: that would fail the streams a draining peer still serves. RFC 9113 6.8 lets
+    them finish up to the GOAWAY's last stream id, and a peer's drain sends a first GOAWAY
+    naming 2^31-1 and a PING before the final one. No new stream is opened on it
+    (PeerConn.draining); the streams past the last id are lost unprocessed."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
+        ev = ConnectionTerminated()
+        ev.error_code = _error_code(frame.error_code)
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+
+def _error_code(code: int) -> ErrorCodes | int:
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code  # an unknown code is kept as its number (RFC 9113 7)
+
+
 MAX_CONNS: Final = 4  # HTTP/2 connections per peer per worker
 MAX_STREAMS: Final = 100  # streams per connection (fewer if the peer says so)
 H1_ONLY_FOR: Final = 60.0  # seconds a peer that did not choose h2 is reached as HTTP/1.1
@@ -63,7 +89,7 @@ class PeerConn:
         self.key = key
         self.scheme = b"https" if tls else b"http"
         cfg = peers.cfg
-        self.h2 = H2Connection(
+        self.h2 = PeerH2Connection(
             H2Configuration(
                 client_side=True,
                 header_encoding=None,
