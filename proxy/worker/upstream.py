@@ -13,6 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from proxy.core.headers import ResponseHead
 from proxy.worker import splice
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Exchange:
     """What an upstream connection reports to (the client side of an exchange).
 
     A base class rather than a typing.Protocol: compiled, a call through it is a
-    direct call, not a method lookup (see setup.py)."""
+    direct call, not a method lookup (see setup.py). Interpreted subclasses are allowed
+    (a test's recording exchange); compiled ones still dispatch through the vtable."""
 
     __slots__ = ()
 

@@ -231,7 +231,8 @@ def test_a_stream_refused_by_a_draining_peer_is_sent_elsewhere(
     """n3 reloads while a stream holds its old worker (and so the edge's HTTP/2
     connection to it): a POST the old worker refuses unprocessed (REFUSED_STREAM, RFC
     9113 8.7) is sent again, though not idempotent, and answered with its body whole;
-    the held stream ends normally."""
+    the held stream ends normally, answered by the old worker (the edge keeps reading
+    its connection after the drain's GOAWAYs), not sent again."""
     with client(doomed) as c:
         held = c.start("/hold?tag=drain")
         wait_for("held via n3", lambda: upstream.stats()["tags"].get("drain", {}).get("held"))
@@ -242,3 +243,5 @@ def test_a_stream_refused_by_a_draining_peer_is_sent_elsewhere(
         assert json.loads(post.body)["body_len"] == 5000
         upstream.release("drain")
         assert c.wait(held).status == 200
+    # Served where it was held, through both GOAWAYs of n3's drain: not sent again.
+    assert upstream.stats()["tags"]["drain"]["held"] == 1

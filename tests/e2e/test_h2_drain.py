@@ -30,6 +30,8 @@ from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
 from proxyctl import Proxy, ProxyConfig, Upstream, free_port, stop_proxies, wait_until
 from reloadctl import hup, wait_generation
 
+from proxy.core.h2_drain import PING_DATA
+
 pytestmark = [pytest.mark.request_path, pytest.mark.timeout(120)]
 
 MAX_ID = 2**31 - 1
@@ -64,8 +66,10 @@ def goaways(c: RawH2) -> list[GoAwayFrame]:
 
 
 def our_ping(c: RawH2) -> PingFrame | None:
+    """The drain's PING (not the adaptive window's, which also goes out while a body is
+    received: proxy.worker.h2window)."""
     for f in c.frames:
-        if isinstance(f, PingFrame) and "ACK" not in f.flags:
+        if isinstance(f, PingFrame) and "ACK" not in f.flags and f.opaque_data == PING_DATA:
             return f
     return None
 
