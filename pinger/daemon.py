@@ -46,6 +46,20 @@ from shm.writer import TableWriter
 log = logging.getLogger("edgeproxy.pinger")
 STORE_RETRY_MAX = 5.0  # seconds between attempts to start a store session, at most
 STOP_TIMEOUT = 5.0  # seconds a clean stop may spend closing the store
+# Load publishes to the store are paced. Loads travel on every ping (each peer hears
+# them every interval); the store's copy only seeds a node that has not exchanged a ping
+# yet. Every store write is delivered to every node's watch: a publish per change (every
+# load_publish_ms) measured 3.8 writes/s per busy node, and N nodes publishing every P
+# seconds cost etcd N^2/P events/s (bench/fleet_sim.py). So at most one publish every
+# STORE_LOAD_EVERY seconds, and slower in a large fleet: the load records of all peers
+# together bring each node at most STORE_LOAD_EVENTS events per second.
+STORE_LOAD_EVERY = 5.0
+STORE_LOAD_EVENTS = 20.0
+
+
+def store_load_pace(peers: int) -> float:
+    """Seconds between two load publishes to the store in a fleet of `peers` other nodes."""
+    return max(STORE_LOAD_EVERY, peers / STORE_LOAD_EVENTS)
 
 
 STATUS_DIR = "/dev/shm"
@@ -110,6 +124,7 @@ class Daemon:
         self.inflight: InflightSegment | None = None
         self.proto: MeshProtocol | None = None
         self._publishing = False
+        self._next_publish = 0.0  # monotonic: no store load publish before this
         self._stop = asyncio.Event()
 
     # --- table --------------------------------------------------------------------------
@@ -334,7 +349,13 @@ class Daemon:
                 self.unpublished[iid] = load
         self.mesh.local_loads = dict(self.local_loads) if self.local_loads else None
         self.mesh.local_loads_at = now  # every value in it is the one read at `now`
-        if self.store is not None and self.unpublished and not self._publishing:
+        if (
+            self.store is not None
+            and self.unpublished
+            and not self._publishing
+            and self.mono() >= self._next_publish
+        ):
+            self._next_publish = self.mono() + store_load_pace(len(self.mesh.peers))
             self._publishing = True
             batch, self.unpublished = self.unpublished, {}
             asyncio.get_running_loop().create_task(self._publish(batch, now))
