@@ -125,6 +125,7 @@ class Daemon:
         self.proto: MeshProtocol | None = None
         self._publishing = False
         self._next_publish = 0.0  # monotonic: no store load publish before this
+        self._view: ClusterView | None = None  # the last view applied
         self._stop = asyncio.Event()
 
     # --- table --------------------------------------------------------------------------
@@ -236,7 +237,21 @@ class Daemon:
 
     # --- the store view -----------------------------------------------------------------
     def apply_view(self, view: ClusterView) -> None:
-        """Make the table and the mesh follow one whole store view."""
+        """Make the table and the mesh follow one whole store view.
+
+        A view whose nodes and instances are those of the last one (the common change: a
+        peer's load publish) only applies the load records that changed: rebuilding rows
+        and peers from the whole view is O(fleet) per store event (7.5 ms per view at 300
+        nodes, the pinger's largest cost in bench/fleet_sim.py).
+        """
+        last, self._view = self._view, view
+        if last is not None and view.nodes == last.nodes and view.instances == last.instances:
+            for iid, rec in view.loads.items():
+                if last.loads.get(iid) is not rec:  # records are kept until replaced
+                    self.remote_load(rec.node, rec.instance, rec.load, rec.time, rec.boot_epoch)
+            self.views_applied += 1
+            self.last_view = self.wall()
+            return
         cfg = self.config
         nodes = [self_row(cfg, self.epoch)]
         peers: dict[str, Addr] = {}

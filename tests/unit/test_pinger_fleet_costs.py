@@ -123,3 +123,21 @@ def test_store_load_pace_grows_with_the_fleet() -> None:
     assert store_load_pace(3) == STORE_LOAD_EVERY
     assert store_load_pace(300) == 15.0
     assert store_load_pace(3000) == 150.0
+
+
+def test_a_view_that_only_changed_a_load_applies_it(nrt: Node) -> None:
+    """Same nodes and instances, a new load record: the table takes the new load."""
+    nrt.view(load=LoadRecord("hello-hkg", "hkg", 3, 99.0, E1))
+    assert nrt.load_of("hello-hkg") == 3
+    nrt.view(load=LoadRecord("hello-hkg", "hkg", 7, 99.5, E1))
+    assert nrt.load_of("hello-hkg") == 7
+    nrt.view(load=LoadRecord("hello-hkg", "hkg", 2, 99.2, E1))  # older than 7's: ignored
+    assert nrt.load_of("hello-hkg") == 7
+
+
+def test_a_view_that_changed_a_node_is_applied_whole(nrt: Node) -> None:
+    """A node record that changed (its ping address) still reaches the mesh."""
+    nrt.view()
+    assert nrt.d.mesh.peers["hkg"].addr == ("127.0.0.3", 4281)
+    nrt.view(ping="127.0.0.3:4999")
+    assert nrt.d.mesh.peers["hkg"].addr == ("127.0.0.3", 4999)
