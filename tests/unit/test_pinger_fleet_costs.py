@@ -141,3 +141,27 @@ def test_a_view_that_changed_a_node_is_applied_whole(nrt: Node) -> None:
     assert nrt.d.mesh.peers["hkg"].addr == ("127.0.0.3", 4281)
     nrt.view(ping="127.0.0.3:4999")
     assert nrt.d.mesh.peers["hkg"].addr == ("127.0.0.3", 4999)
+
+
+def test_rtt_moves_in_the_table_only_past_its_deadband(nrt: Node) -> None:
+    """50 ms, then answers 1 ms slower: the table keeps 50 ms; a real change (80 ms) gets
+    through; a peer going down is written at once whatever its RTT did."""
+    nrt.view()
+    est = nrt.d.mesh.peers["hkg"].est
+    est.answered(0.050, nrt.mono)
+    nrt.d.write_peer("hkg")
+    assert nrt.row("hkg")[0] == 50_000
+    for _ in range(5):
+        est.answered(0.051, nrt.mono)
+        nrt.d.write_peer("hkg")
+    assert est.srtt is not None and est.srtt > 0.0503
+    assert nrt.row("hkg")[0] == 50_000
+    for _ in range(8):
+        est.answered(0.080, nrt.mono)
+        nrt.d.write_peer("hkg")
+    assert nrt.row("hkg")[0] > 60_000
+    kept = nrt.row("hkg")[0]
+    for _ in range(est.down_after):
+        est.missed()
+    nrt.d.write_peer("hkg")
+    assert nrt.row("hkg") == (kept, False)
