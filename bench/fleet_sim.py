@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=1.0, help="ping interval, seconds")
     ap.add_argument("--window", type=float, default=30.0, help="steady window, seconds")
     ap.add_argument("--no-watch", action="store_true", help="simulated nodes hold no watch")
+    ap.add_argument(
+        "--flat-rtt", action="store_true", help="simulated nodes answer at once (loopback RTT)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             window=args.window,
             max_seconds=per,
             watch=not args.no_watch,
+            distance=not args.flat_rtt,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
         print(f"--- {n} nodes, {args.real} real, etcd x{args.etcd}", file=sys.stderr)

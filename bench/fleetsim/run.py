@@ -40,6 +40,7 @@ class Options:
     window: float = 30.0  # seconds of steady state measured
     max_seconds: float = 540.0  # the whole scenario, etcd excluded
     watch: bool = True  # simulated nodes hold a watch each, as real ones do
+    distance: bool = True  # simulated nodes answer after their region's RTT (sim.py)
     kill_real: bool = True  # SIGKILL a real node at the end (needs real >= 2)
     workdir: Path | None = None
     log: Callable[[str], None] = print
@@ -154,7 +155,7 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
         )
         for k in range(opts.real)
     ]
-    paced = _store_pace()
+    paced = _store_pace(opts.nodes)
     sims = SimFleet(
         endpoints=tuple(endpoints),
         prefix=prefix,
@@ -163,6 +164,7 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
         targets={r.id: (r.ip, r.port) for r in reals},
         publish_every=paced,
         watch=opts.watch,
+        distance=opts.distance,
     )
     out: dict[str, Any] = {"options": {k: v for k, v in vars(opts).items() if k != "log"}}
     out["options"]["workdir"] = str(workdir)
@@ -199,14 +201,16 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
         # --- a join ---
         joiner = f"sim{n_sim:05d}"
         t0 = time.monotonic()
-        await sims.add(n_sim)
+        await sims.add(n_sim, own_client=True)
         out["join_register_s"] = round(time.monotonic() - t0, 3)
         dl = min(deadline, time.monotonic() + 15)
         out["join_seen_s"] = await _times(reals, lambda r: r.has(joiner), t0, dl)
         out["join_up_s"] = await _times(reals, lambda r: r.up(joiner), t0, dl)
         log(f"join {joiner}: seen {out['join_seen_s']}, up {out['join_up_s']}")
         # --- a simulated node killed (socket gone, lease not revoked) ---
-        victim = next(iter(sims.nodes))
+        victim = next(
+            (s.id for s in sims.alive() if all(r.up(s.id) for r in reals)), sims.alive()[0].id
+        )
         t0 = time.monotonic()
         sims.kill(victim)
         dl = min(deadline, t0 + opts.ttl + 15)
@@ -238,13 +242,13 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
             tmp.cleanup()
 
 
-def _store_pace() -> Callable[[], float]:
+def _store_pace(nodes: int) -> Callable[[], float]:
     """Seconds between a node's store load publishes, as the real daemon paces them."""
     try:
-        from pinger.daemon import STORE_LOAD_EVERY  # type: ignore[attr-defined]
+        from pinger.daemon import store_load_pace  # type: ignore[attr-defined]
     except ImportError:  # a daemon that publishes every change (every load_publish_ms)
         return lambda: 0.1
-    return lambda: float(STORE_LOAD_EVERY)
+    return lambda: float(store_load_pace(nodes - 1))
 
 
 async def _drive_loads(reals: list[RealNode]) -> None:

@@ -34,6 +34,10 @@ from proxy.config import ClusterConfig
 
 Addr = tuple[str, int]
 TICK = 0.05  # seconds between scheduler passes (probes, keep-alives)
+# Round-trip time each region's simulated nodes stand for, ms (loopback answers in
+# microseconds: 300 peers all within a few µs of each other would swap places in the
+# RTT order on every answer, which no real fleet does); each node adds 0-10 % of it.
+REGION_RTT_MS = (2.0, 8.0, 20.0, 35.0, 50.0, 70.0, 90.0, 120.0, 160.0, 220.0)
 UDP_OVERHEAD = 28  # IPv4 + UDP header bytes per datagram (on the wire, not counted by recv)
 
 
@@ -66,6 +70,8 @@ class SimNode:
     published: int | None = None
     last_publish: float = -1e9
     seq: int = 0
+    delay: float = 0.0  # seconds before a reply leaves: the distance this node stands for
+    publishing: bool = False  # one load publish in flight at a time, as the daemon does
     alive: bool = True
     watch: asyncio.Task[None] | None = None
 
@@ -99,12 +105,19 @@ class _SimProto(asyncio.DatagramProtocol):
             return
         loads = {n.instance: n.load}
         out = ping_codec.encode(ping_codec.reply_to(p, n.id, n.epoch, loads, n.loads_at))
+        if n.delay > 0:
+            asyncio.get_running_loop().call_later(n.delay, self._send, out, addr, t)
+        else:
+            self._send(out, addr, t)
+        f.answered += 1
+
+    def _send(self, out: bytes, addr: Addr, t: Traffic | None) -> None:
+        n = self.node
         if n.transport is not None:
             n.transport.sendto(out, addr)
             if t is not None:
                 t.dg_out += 1
                 t.bytes_out += len(out)
-        f.answered += 1
 
 
 @dataclass
@@ -119,6 +132,7 @@ class SimFleet:
     publish_every: Callable[[], float]  # seconds between a node's store load publishes
     load_period: float = 0.1  # seconds between load changes of a simulated node
     watch: bool = True
+    distance: bool = True  # replies delayed by region (REGION_RTT_MS) + a per-node offset
     concurrency: int = 32
     nodes: dict[str, SimNode] = field(default_factory=dict)
     traffic: dict[Addr, Traffic] = field(default_factory=dict)
@@ -136,7 +150,8 @@ class SimFleet:
 
     def __post_init__(self) -> None:
         self.http = Http(list(self.endpoints), timeout=max(0.5, min(5.0, self.ttl / 3)))
-        self.sem = asyncio.Semaphore(self.concurrency)
+        self.sem = asyncio.Semaphore(self.concurrency)  # registrations and load publishes
+        self.ka_sem = asyncio.Semaphore(self.concurrency)  # keep-alives never wait on those
         self.cluster = ClusterConfig("etcd", self.endpoints, self.ttl, self.prefix)
         self._due: list[tuple[float, int, str, str]] = []  # (when, tiebreak, what, node id)
         self._tie = 0
@@ -145,22 +160,35 @@ class SimFleet:
             self.traffic[addr] = Traffic()
 
     # --- membership -------------------------------------------------------------------
-    async def add(self, i: int) -> SimNode:
-        """Start simulated node i: socket, lease, records, watch; returns when registered."""
+    async def add(self, i: int, own_client: bool = False) -> SimNode:
+        """Start simulated node i: socket, lease, records, watch; returns when registered.
+
+        `own_client`: register on a connection of its own, not behind the shared queue
+        (the timed joiner: its join must not wait on the simulator's backlog).
+        """
         nid = f"sim{i:05d}"
         ip = sim_ip(i)
         store = EtcdStore(self.cluster)
-        store.http = self.http  # shared client; the lease stays this node's own
+        if not own_client:
+            store.http = self.http  # shared client; the lease stays this node's own
         n = SimNode(nid, ip, f"r{i % 10}", int(time.time() * 1000), f"hello-{nid}", store)
+        if self.distance:
+            n.delay = REGION_RTT_MS[i % 10] * self.rng.uniform(1.0, 1.1) / 1000
         loop = asyncio.get_running_loop()
         tr, _ = await loop.create_datagram_endpoint(lambda: _SimProto(self, n), local_addr=(ip, 0))
         n.transport = cast(asyncio.DatagramTransport, tr)
         host, port = n.ping
         store.me = NodeRecord(nid, n.region, f"{host}:{port}", f"{ip}:4280", n.epoch)
         store.instances = (InstanceRecord("hello", n.instance, nid, f"{ip}:8080", 20, 25, n.epoch),)
-        async with self.sem:
+        if own_client:
             await store.open_session()
             await store.register()
+            store.http.close()
+            store.http = self.http
+        else:
+            async with self.sem:
+                await store.open_session()
+                await store.register()
         store.healthy = True
         self.nodes[nid] = n
         now = time.monotonic()
@@ -239,21 +267,26 @@ class SimFleet:
         n.load = max(0, min(25, n.load + self.rng.choice((-1, 0, 1))))
         n.loads_at = time.time()
         mono = time.monotonic()
-        if n.load != n.published and mono - n.last_publish >= self.publish_every():
+        if n.publishing or n.load == n.published:
+            return
+        if mono - n.last_publish >= self.publish_every():
             n.last_publish = mono
             n.published = n.load
+            n.publishing = True
             self._spawn(self._publish(n, n.load, n.loads_at))
 
     async def _publish(self, n: SimNode, load: int, at: float) -> None:
-        async with self.sem:
-            try:
+        try:
+            async with self.sem:
                 await n.store.publish_loads({n.instance: load}, at)
                 self.publishes += 1
-            except StoreError:
-                self.store_errors += 1
+        except StoreError:
+            self.store_errors += 1
+        finally:
+            n.publishing = False
 
     async def _keepalive(self, n: SimNode) -> None:
-        async with self.sem:
+        async with self.ka_sem:
             if not n.alive:
                 return
             try:
