@@ -55,8 +55,7 @@ STOP_TIMEOUT = 5.0  # seconds a clean stop may spend closing the store
 # together bring each node at most STORE_LOAD_EVENTS events per second.
 STORE_LOAD_EVERY = 5.0
 STORE_LOAD_EVENTS = 20.0
-RTT_DEADBAND = 0.05  # a peer's RTT in the table moves when it changed by more than 5 %
-RTT_DEADBAND_US = 100  # or by more than this many µs, whichever is larger
+RTT_DEADBAND_US = 100  # a peer's RTT in the table moves past its jitter, or this (µs)
 
 
 def store_load_pace(peers: int) -> float:
@@ -196,17 +195,18 @@ class Daemon:
 
     def _steady_rtt(self, nid: str, rtt: int, jitter: int) -> int:
         """The RTT (µs) to write for `nid`: the one written last, unless `rtt` left its
-        deadband (RTT_DEADBAND of it, RTT_DEADBAND_US, or the peer's jitter: the largest).
+        deadband (the peer's jitter, at least RTT_DEADBAND_US).
 
         A node whose RTT passes another's reorders the table's per-app walk (the writer
         re-sorts those apps' summaries: O(nodes log nodes)); peers close to each other swap
         on every answer from measurement noise alone. With 300 peers 88 % of RTT writes
-        did, most of the pinger's CPU (bench/fleet_sim.py). The smoothed RTT moves by its
-        jitter (RFC 3550: about the samples' spread) only on a real change; loss, jitter,
-        up and last_heard are written every time.
+        did, most of the pinger's CPU (bench/fleet_sim.py). The smoothed RTT (gain 1/8)
+        strays by its jitter (RFC 3550: about the samples' own spread) only on a real
+        change, so the table stays within the noise of the measurement; loss, jitter, up
+        and last_heard are written every time.
         """
         old = self.written_rtt.get(nid, -1)
-        band = max(RTT_DEADBAND_US, old * RTT_DEADBAND, jitter)
+        band = max(RTT_DEADBAND_US, jitter)
         if old >= 0 and rtt >= 0 and abs(rtt - old) <= band:
             return old
         self.written_rtt[nid] = rtt
