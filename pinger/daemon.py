@@ -52,9 +52,12 @@ STOP_TIMEOUT = 5.0  # seconds a clean stop may spend closing the store
 # load_publish_ms) measured 3.8 writes/s per busy node, and N nodes publishing every P
 # seconds cost etcd N^2/P events/s (bench/fleet_sim.py). So at most one publish every
 # STORE_LOAD_EVERY seconds, and slower in a large fleet: the load records of all peers
-# together bring each node at most STORE_LOAD_EVENTS events per second.
+# together bring each node at most STORE_LOAD_EVENTS events per second. (20 per node
+# was too many: 300 watchers x 21 events/s through etcd's JSON gateway lagged a join's
+# event by 6 s on this shared 2-core machine; none held a watch but the 2 real nodes:
+# 25 ms, bench/results/fleet-sim-20261204-1252.md.)
 STORE_LOAD_EVERY = 5.0
-STORE_LOAD_EVENTS = 20.0
+STORE_LOAD_EVENTS = 2.0
 RTT_DEADBAND_US = 100  # a peer's RTT in the table moves past its jitter, or this (µs)
 
 

@@ -121,8 +121,8 @@ def test_store_load_publishes_are_paced(nrt: Node) -> None:
 def test_store_load_pace_grows_with_the_fleet() -> None:
     """Past STORE_LOAD_EVENTS * STORE_LOAD_EVERY peers, the pace grows with the peer count."""
     assert store_load_pace(3) == STORE_LOAD_EVERY
-    assert store_load_pace(300) == 15.0
-    assert store_load_pace(3000) == 150.0
+    assert store_load_pace(300) == 150.0
+    assert store_load_pace(3000) == 1500.0
 
 
 def test_a_view_that_only_changed_a_load_applies_it(nrt: Node) -> None:
