@@ -38,6 +38,14 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             None if j is None else j <= GOAL_JOIN_S,
         )
     )
+    rows.append(
+        (
+            "join: lease + records written (s) / put seen on a watch (s)",
+            f"{r.get('join_register_s')} / {r.get('join_watch_event_s')}",
+            "-",
+            None,
+        )
+    )
     ju = _worst(r.get("join_up_s"))
     rows.append(("join marked up (answering) by every real table (s)", str(ju), "-", None))
     k = _worst(r.get("kill_sim_gone_s"))
@@ -47,6 +55,14 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             str(k),
             f"<= {ttl + 1:g}",
             None if k is None else k <= ttl + 1,
+        )
+    )
+    rows.append(
+        (
+            "kill: last keep-alive before the kill (s) / delete seen on a watch (s)",
+            f"{r.get('kill_since_keepalive_s')} / {r.get('kill_watch_event_s')}",
+            "-",
+            None,
         )
     )
     kd = _worst(r.get("kill_sim_down_s"))
@@ -109,6 +125,24 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         rows.append(("etcd RSS per member (MiB)", ", ".join(map(str, e["rss_mb"])), "-", None))
         rows.append(
             ("etcd db size / in use (MiB)", f"{e['db_size_mb']} / {e['db_in_use_mb']}", "-", None)
+        )
+        t = r.get("sim_totals", {})
+        rows.append(
+            (
+                "simulated nodes: store errors / watch failures (whole run)",
+                f"{t.get('store_errors')} / {t.get('watch_failures')}",
+                "-",
+                None,
+            )
+        )
+        lag = r.get("lag", {})
+        rows.append(
+            (
+                "bench event loop lag p50 / max (ms)",
+                f"{lag.get('p50_ms', 0):.1f} / {lag.get('max_ms', 0):.0f}",
+                "-",
+                None,
+            )
         )
         rows.append(
             (

@@ -55,6 +55,7 @@ class Observer:
         self.puts: Counter[str] = Counter()  # node -> puts
         self.kinds: Counter[str] = Counter()  # nodes / instances / load / delete
         self.events = 0
+        self.marks: dict[tuple[str, str], float] = {}  # (PUT|DELETE, node) -> first seen
         self.task: asyncio.Task[None] | None = None
 
     async def _on(self, line: bytes) -> None:
@@ -63,6 +64,8 @@ class Observer:
             key = _unb64(ev["kv"]["key"]).decode("utf-8", "replace")[len(self.prefix) :]
             parts = key.split("/")
             self.events += 1
+            if parts[0] == "nodes" and len(parts) == 2:
+                self.marks.setdefault((ev.get("type", "PUT"), parts[1]), time.monotonic())
             if ev.get("type") == "DELETE":
                 self.kinds["delete"] += 1
                 continue
@@ -206,17 +209,22 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
         dl = min(deadline, time.monotonic() + 15)
         out["join_seen_s"] = await _times(reals, lambda r: r.has(joiner), t0, dl)
         out["join_up_s"] = await _times(reals, lambda r: r.up(joiner), t0, dl)
+        seen = observer.marks.get(("PUT", joiner))
+        out["join_watch_event_s"] = None if seen is None else round(seen - t0, 3)
         log(f"join {joiner}: seen {out['join_seen_s']}, up {out['join_up_s']}")
         # --- a simulated node killed (socket gone, lease not revoked) ---
         victim = next(
             (s.id for s in sims.alive() if all(r.up(s.id) for r in reals)), sims.alive()[0].id
         )
         t0 = time.monotonic()
+        out["kill_since_keepalive_s"] = round(t0 - sims.nodes[victim].last_keepalive, 3)
         sims.kill(victim)
         dl = min(deadline, t0 + opts.ttl + 15)
         down = asyncio.create_task(_times(reals, lambda r: not r.up(victim), t0, dl))
         out["kill_sim_gone_s"] = await _times(reals, lambda r: not r.has(victim), t0, dl)
         out["kill_sim_down_s"] = await down
+        seen = observer.marks.get(("DELETE", victim))
+        out["kill_watch_event_s"] = None if seen is None else round(seen - t0, 3)
         log(f"kill {victim}: down {out['kill_sim_down_s']}, gone {out['kill_sim_gone_s']}")
         # --- a real node killed with SIGKILL ---
         if opts.kill_real and len(reals) >= 2:

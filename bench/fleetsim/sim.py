@@ -70,6 +70,7 @@ class SimNode:
     published: int | None = None
     last_publish: float = -1e9
     seq: int = 0
+    last_keepalive: float = 0.0  # monotonic time of the last keep-alive answered
     delay: float = 0.0  # seconds before a reply leaves: the distance this node stands for
     publishing: bool = False  # one load publish in flight at a time, as the daemon does
     alive: bool = True
@@ -190,6 +191,7 @@ class SimFleet:
                 await store.open_session()
                 await store.register()
         store.healthy = True
+        n.last_keepalive = time.monotonic()  # the lease was granted just now
         self.nodes[nid] = n
         now = time.monotonic()
         self._push(now + self.rng.uniform(0, self.ttl / 3), "keepalive", nid)
@@ -294,6 +296,7 @@ class SimFleet:
                     "POST", "/v3/lease/keepalive", orjson.dumps({"ID": str(n.store.lease)})
                 )
                 self.keepalives += 1
+                n.last_keepalive = time.monotonic()
                 if b'"TTL"' not in resp.body:
                     self.store_errors += 1  # the lease is gone (expired under a stall)
             except StoreError:
