@@ -145,6 +145,15 @@ class RealNode:
         rows = [(row, st) for row, st in self.reader.nodes() if row.id != self.id]
         return len(rows), sum(1 for _, st in rows if st.up)
 
+    def store_log(self, limit: int = 8) -> list[str]:
+        """The pinger's store warnings (lost sessions, watch re-lists), the last few."""
+        try:
+            text = (self.workdir / f"{self.id}.log").read_text(errors="replace")
+        except OSError:
+            return []
+        keep = ("WARNING", "re-listing", "session up", "took over")
+        return [ln for ln in text.splitlines() if any(k in ln for k in keep)][-limit:]
+
     def cpu(self) -> float:
         return self.proc.cpu_seconds() if self.proc is not None else 0.0
 

@@ -56,11 +56,13 @@ class Observer:
         self.kinds: Counter[str] = Counter()  # nodes / instances / load / delete
         self.events = 0
         self.marks: dict[tuple[str, str], float] = {}  # (PUT|DELETE, node) -> first seen
+        self.revision = 0  # the highest mod revision delivered so far
         self.task: asyncio.Task[None] | None = None
 
     async def _on(self, line: bytes) -> None:
         msg = orjson.loads(line)
         for ev in (msg.get("result") or {}).get("events", ()):
+            self.revision = max(self.revision, int(ev["kv"].get("mod_revision", 0)))
             key = _unb64(ev["kv"]["key"]).decode("utf-8", "replace")[len(self.prefix) :]
             parts = key.split("/")
             self.events += 1
@@ -235,6 +237,7 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
             out["kill_real_gone_s"] = await _times(watchers, lambda r: not r.has(dead.id), t0, dl)
             log(f"kill -9 {dead.id}: gone {out['kill_real_gone_s']}")
         out["sim_totals"] = dict(sims.totals())
+        out["real_store_log"] = {r.id: r.store_log() for r in reals}
         out["lag"] = lag.summary()
         return out
     finally:
@@ -279,6 +282,12 @@ async def _steady(
 ) -> None:
     """Measure a steady window: store writes, watch events, ping bytes, CPU, etcd."""
     loop = asyncio.get_running_loop()
+    # Steady means the start-up burst (every node's first load publish) was delivered:
+    # wait until a watch has seen the store's current revision.
+    rev = await loop.run_in_executor(None, etcdstats.revision, endpoints[0])
+    t = time.monotonic()
+    caught_up = await _until(lambda: observer.revision >= rev, min(deadline, t + 60))
+    out["watch_caught_up_s"] = None if caught_up is None else round(caught_up, 2)
     window = max(1.0, min(opts.window, deadline - time.monotonic() - 2 * opts.ttl - 30))
     e0 = await loop.run_in_executor(None, etcdstats.sample, endpoints, etcd_pids)
     puts0, kinds0 = Counter(observer.puts), Counter(observer.kinds)

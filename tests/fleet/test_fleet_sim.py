@@ -74,4 +74,5 @@ def test_store_writes_per_node_stay_under_one_per_second(figures: Any) -> None:
     once a second (counted by key on a watch), and load changes still flow (pings)."""
     w = figures["steady"]["writes_per_node_s"]
     assert max(w["sim_max"], *w["real"].values()) <= 1.0, w
+    assert figures["steady"]["revisions_per_node_s"] <= 1.0, figures["steady"]  # etcd's count
     assert figures["sim_totals"]["replies"] > 0
