@@ -180,10 +180,15 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
         observer.start()
         lag.start()
         t = time.monotonic()
-        await add_many(sims, 0, n_sim, deadline)
+        sims.start()  # keep-alives from the first registration on (a slow start outlasts TTL)
+        try:
+            await add_many(sims, 0, n_sim, deadline)
+        except (StoreError, TimeoutError) as e:
+            out["error"] = f"simulated nodes could not register: {e}"
+            out["at_failure"] = await _diagnose(reals, sims, observer, endpoints, etcd_pids)
+            return out
         out["sim_start_s"] = round(time.monotonic() - t, 2)
         log(f"{n_sim} simulated nodes registered in {out['sim_start_s']} s")
-        sims.start()
         t = time.monotonic()
         for r in reals:
             await asyncio.get_running_loop().run_in_executor(None, r.start)
@@ -200,6 +205,7 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
         log(f"real nodes converged: {conv} (rows, up: {out['converge_rows']})")
         if any(v is None for v in conv.values()):
             out["error"] = "the real nodes did not converge in time"
+            out["at_failure"] = await _diagnose(reals, sims, observer, endpoints, etcd_pids)
             return out
         await _steady(opts, reals, sims, observer, endpoints, etcd_pids, out, deadline)
         log(f"steady window done: {out['steady']['summary']}")
@@ -260,6 +266,32 @@ def _store_pace(nodes: int) -> Callable[[], float]:
     except ImportError:  # a daemon that publishes every change (every load_publish_ms)
         return lambda: 0.1
     return lambda: float(store_load_pace(nodes - 1))
+
+
+async def _diagnose(
+    reals: list[RealNode],
+    sims: SimFleet,
+    observer: Observer,
+    endpoints: list[str],
+    etcd_pids: list[int],
+) -> dict[str, Any]:
+    """What a run that did not converge can still say: etcd's totals, what the watch and
+    the simulated nodes saw, the real pingers' store log."""
+    loop = asyncio.get_running_loop()
+    e = await loop.run_in_executor(None, etcdstats.sample, endpoints, etcd_pids)
+    return {
+        "etcd_cpu_seconds": [round(c, 1) for c in e.cpu],
+        "etcd_rss_mb": [round(x / 2**20, 1) for x in e.rss],
+        "etcd_events_sent_total": e.counter("etcd_debugging_mvcc_events_total"),
+        "etcd_revision": e.revision,
+        "etcd_watchers": e.counter("etcd_debugging_mvcc_watcher_total"),
+        "observer_events": observer.events,
+        "observer_revision": observer.revision,
+        "sim_totals": dict(sims.totals()),
+        "real_rows": {r.id: r.count() for r in reals},
+        "real_cpu_seconds": {r.id: round(r.cpu(), 1) for r in reals},
+        "real_store_log": {r.id: r.store_log() for r in reals},
+    }
 
 
 async def _drive_loads(reals: list[RealNode]) -> None:

@@ -38,6 +38,7 @@ TICK = 0.05  # seconds between scheduler passes (probes, keep-alives)
 # microseconds: 300 peers all within a few µs of each other would swap places in the
 # RTT order on every answer, which no real fleet does); each node adds 0-10 % of it.
 REGION_RTT_MS = (2.0, 8.0, 20.0, 35.0, 50.0, 70.0, 90.0, 120.0, 160.0, 220.0)
+REGISTER_ATTEMPTS = 5  # a simulated node's registration, tried this often at most
 UDP_OVERHEAD = 28  # IPv4 + UDP header bytes per datagram (on the wire, not counted by recv)
 
 
@@ -142,6 +143,7 @@ class SimFleet:
     sent: int = 0
     bad: int = 0
     store_errors: int = 0
+    register_retries: int = 0
     keepalives: int = 0
     publishes: int = 0
     watch_events: int = 0
@@ -187,9 +189,18 @@ class SimFleet:
             store.http.close()
             store.http = self.http
         else:
-            async with self.sem:
-                await store.open_session()
-                await store.register()
+            for attempt in range(REGISTER_ATTEMPTS):  # the daemon retries too (backoff)
+                try:
+                    async with self.sem:
+                        if not store.lease:
+                            await store.open_session()
+                        await store.register()
+                    break
+                except StoreError:
+                    self.register_retries += 1
+                    if attempt + 1 == REGISTER_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(0.5 * 2**attempt)
         store.healthy = True
         n.last_keepalive = time.monotonic()  # the lease was granted just now
         self.nodes[nid] = n
@@ -334,6 +345,7 @@ class SimFleet:
             "sent": self.sent,
             "bad": self.bad,
             "store_errors": self.store_errors,
+            "register_retries": self.register_retries,
             "keepalives": self.keepalives,
             "publishes": self.publishes,
             "watch_events": self.watch_events,
