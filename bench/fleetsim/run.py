@@ -262,7 +262,7 @@ async def scenario(opts: Options, endpoints: list[str], etcd_pids: list[int]) ->
 def _store_pace(nodes: int) -> Callable[[], float]:
     """Seconds between a node's store load publishes, as the real daemon paces them."""
     try:
-        from pinger.daemon import store_load_pace  # type: ignore[attr-defined]
+        from pinger.daemon import store_load_pace
     except ImportError:  # a daemon that publishes every change (every load_publish_ms)
         return lambda: 0.1
     return lambda: float(store_load_pace(nodes - 1))
