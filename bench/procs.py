@@ -147,11 +147,13 @@ class Managed:
         fd = out.fileno()
         buf = b""
         deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select(): the caller may hold more than 1024 fds
+        poller.register(fd, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StartError(f"{self.name}: no {prefix!r} line on stdout in {timeout}s")
-            ready, _, _ = select.select([fd], [], [], min(left, 0.2))
+            ready = poller.poll(min(left, 0.2) * 1000)
             if not ready:
                 if not self.alive():
                     raise StartError(f"{self.name} exited (rc={self._rc()}); see {self.log_path}")

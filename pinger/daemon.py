@@ -46,6 +46,24 @@ from shm.writer import TableWriter
 log = logging.getLogger("edgeproxy.pinger")
 STORE_RETRY_MAX = 5.0  # seconds between attempts to start a store session, at most
 STOP_TIMEOUT = 5.0  # seconds a clean stop may spend closing the store
+# Load publishes to the store are paced. Loads travel on every ping (each peer hears
+# them every interval); the store's copy only seeds a node that has not exchanged a ping
+# yet. Every store write is delivered to every node's watch: a publish per change (every
+# load_publish_ms) measured 3.8 writes/s per busy node, and N nodes publishing every P
+# seconds cost etcd N^2/P events/s (bench/fleet_sim.py). So at most one publish every
+# STORE_LOAD_EVERY seconds, and slower in a large fleet: the load records of all peers
+# together bring each node at most STORE_LOAD_EVENTS events per second. (20 per node
+# was too many: 300 watchers x 21 events/s through etcd's JSON gateway lagged a join's
+# event by 6 s on this shared 2-core machine; none held a watch but the 2 real nodes:
+# 25 ms, bench/results/fleet-sim-20261204-1252.md.)
+STORE_LOAD_EVERY = 5.0
+STORE_LOAD_EVENTS = 2.0
+RTT_DEADBAND_US = 100  # a peer's RTT in the table moves past its jitter, or this (µs)
+
+
+def store_load_pace(peers: int) -> float:
+    """Seconds between two load publishes to the store in a fleet of `peers` other nodes."""
+    return max(STORE_LOAD_EVERY, peers / STORE_LOAD_EVENTS)
 
 
 STATUS_DIR = "/dev/shm"
@@ -110,6 +128,9 @@ class Daemon:
         self.inflight: InflightSegment | None = None
         self.proto: MeshProtocol | None = None
         self._publishing = False
+        self._next_publish = 0.0  # monotonic: no store load publish before this
+        self._view: ClusterView | None = None  # the last view applied
+        self.written_rtt: dict[str, int] = {}  # peer -> the RTT (µs) last written for it
         self._stop = asyncio.Event()
 
     # --- table --------------------------------------------------------------------------
@@ -161,7 +182,7 @@ class Daemon:
             self._set_rtt(nid, rtt, 0, 0, 0.0, fixed is not None)
             return
         s = p.est.snapshot()
-        rtt = s.rtt_us if fixed is None else round(fixed * 1000)
+        rtt = self._steady_rtt(nid, s.rtt_us, s.jitter_us) if fixed is None else round(fixed * 1000)
         # last_heard is monotonic in the mesh; the table wants wall seconds
         heard = self.wall() - (self.mono() - s.last_heard) if s.last_heard else 0.0
         # Not decided yet (fewer than up_after answers in a row since this pinger started)
@@ -174,6 +195,25 @@ class Daemon:
             and self.mono() - s.last_heard <= recent
         )
         self._set_rtt(nid, rtt, s.jitter_us, s.loss_permille, heard, up)
+
+    def _steady_rtt(self, nid: str, rtt: int, jitter: int) -> int:
+        """The RTT (µs) to write for `nid`: the one written last, unless `rtt` left its
+        deadband (the peer's jitter, at least RTT_DEADBAND_US).
+
+        A node whose RTT passes another's reorders the table's per-app walk (the writer
+        re-sorts those apps' summaries: O(nodes log nodes)); peers close to each other swap
+        on every answer from measurement noise alone. With 300 peers 88 % of RTT writes
+        did, most of the pinger's CPU (bench/fleet_sim.py). The smoothed RTT (gain 1/8)
+        strays by its jitter (RFC 3550: about the samples' own spread) only on a real
+        change, so the table stays within the noise of the measurement; loss, jitter, up
+        and last_heard are written every time.
+        """
+        old = self.written_rtt.get(nid, -1)
+        band = max(RTT_DEADBAND_US, jitter)
+        if old >= 0 and rtt >= 0 and abs(rtt - old) <= band:
+            return old
+        self.written_rtt[nid] = rtt
+        return rtt
 
     def _set_rtt(self, nid: str, rtt: int, jit: int, loss: int, heard: float, up: bool) -> None:
         # KeyError: a peer the table does not hold (yet): the next view adds it
@@ -221,7 +261,21 @@ class Daemon:
 
     # --- the store view -----------------------------------------------------------------
     def apply_view(self, view: ClusterView) -> None:
-        """Make the table and the mesh follow one whole store view."""
+        """Make the table and the mesh follow one whole store view.
+
+        A view whose nodes and instances are those of the last one (the common change: a
+        peer's load publish) only applies the load records that changed: rebuilding rows
+        and peers from the whole view is O(fleet) per store event (7.5 ms per view at 300
+        nodes, the pinger's largest cost in bench/fleet_sim.py).
+        """
+        last, self._view = self._view, view
+        if last is not None and view.nodes == last.nodes and view.instances == last.instances:
+            for iid, rec in view.loads.items():
+                if last.loads.get(iid) is not rec:  # records are kept until replaced
+                    self.remote_load(rec.node, rec.instance, rec.load, rec.time, rec.boot_epoch)
+            self.views_applied += 1
+            self.last_view = self.wall()
+            return
         cfg = self.config
         nodes = [self_row(cfg, self.epoch)]
         peers: dict[str, Addr] = {}
@@ -250,6 +304,8 @@ class Daemon:
         for rec in view.loads.values():
             self.remote_load(rec.node, rec.instance, rec.load, rec.time, rec.boot_epoch)
         self.mesh.set_peers(peers, self.mono())
+        for nid in [n for n in self.written_rtt if n not in peers]:
+            del self.written_rtt[nid]
         if self.proto is not None:
             self.proto.rearm()
         self.views_applied += 1
@@ -334,7 +390,13 @@ class Daemon:
                 self.unpublished[iid] = load
         self.mesh.local_loads = dict(self.local_loads) if self.local_loads else None
         self.mesh.local_loads_at = now  # every value in it is the one read at `now`
-        if self.store is not None and self.unpublished and not self._publishing:
+        if (
+            self.store is not None
+            and self.unpublished
+            and not self._publishing
+            and self.mono() >= self._next_publish
+        ):
+            self._next_publish = self.mono() + store_load_pace(len(self.mesh.peers))
             self._publishing = True
             batch, self.unpublished = self.unpublished, {}
             asyncio.get_running_loop().create_task(self._publish(batch, now))
