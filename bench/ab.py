@@ -27,8 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import result_file
 from bench.procs import StartError
-from bench.targets import BENCH_DIR, HOST, EdgeProxy, HAProxy, Target, Upstream
+from bench.targets import HOST, EdgeProxy, HAProxy, Target, Upstream
 from bench.wrk_compare import SIZES, cpu_model, run_wrk
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs < 1 or not 1 <= args.duration <= 30:
         p.error("--pairs >= 1 and 1 <= --duration <= 30")
     when = dt.datetime.now(dt.UTC)
-    out = args.output or BENCH_DIR / "results" / f"ab-{when:%Y%m%d-%H%M}.md"
+    out = args.output or result_file.path_for("ab", when)
     rows: dict[str, dict[str, list[float]]] = {s: {} for s in SIZES}
     errors = {s: 0 for s in SIZES}  # wrk errors (a non-2xx answer counts): the pair is void
     uptime_before = _uptime()
@@ -160,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {max(vals):.3f} |"
             )
     text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    result_file.write(text, out)
     return 0
 
 

@@ -38,6 +38,7 @@ import h2.connection
 import h2.events
 import h2.settings
 
+from bench import result_file
 from bench.h2_window import MAX_WINDOW, MODES, Relay, build, vm_hwm_kib
 from bench.targets import BENCH_DIR
 from bench.wrk_compare import cpu_model, uptime
@@ -226,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  got {r.got} of {size} bytes", flush=True)
                 runs.append(r)
     text = report(runs, args, cmd, (load_before, uptime()))
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
-    out = args.out or BENCH_DIR / "results" / f"h2-backhaul-window-{stamp}.md"
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    result_file.write(text, args.out or result_file.path_for("h2-backhaul-window"))
     return 0
 
 

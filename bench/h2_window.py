@@ -41,6 +41,7 @@ import h2.config
 import h2.connection
 import h2.events
 
+from bench import result_file
 from bench.targets import BENCH_DIR
 from bench.wrk_compare import cpu_model, uptime
 
@@ -277,11 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  the instance read {r.echoed} of {r.sent} bytes", flush=True)
                 runs.append(r)
     text = report(runs, args, cmd, (load_before, uptime()))
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
-    out = args.out or BENCH_DIR / "results" / f"h2-window-{stamp}.md"
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    result_file.write(text, args.out or result_file.path_for("h2-window"))
     return 0
 
 
