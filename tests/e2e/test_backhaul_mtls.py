@@ -263,7 +263,13 @@ def _via_n2(fleet: Fleet, instance: str) -> int:
 
 
 def test_the_edge_reaches_the_node_it_means(fleet: Fleet) -> None:
-    """Through n2, the instance on n3 answers over mutual TLS (baseline of the next test)."""
+    """Through n2, the instance on n3 answers over mutual TLS (baseline of the next test):
+    with n2's pool empty first, so the request opens a connection and its handshake is
+    counted (a pooled one, still open from a request under 1 s ago, would need none)."""
+    wait_for(
+        "n2's pooled connections closed",
+        lambda: fleet.n2.metric('edgeproxy_upstream_idle_connections{worker="0"}') == 0 or None,
+    )
     before = _handshakes(fleet.n2, "connect", "full") + _handshakes(fleet.n2, "connect", "resumed")
     assert _via_n2(fleet, "hello-n3") == 200
     wait_for(
