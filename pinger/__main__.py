@@ -2,6 +2,6 @@
 
 import sys
 
-from pinger.daemon import cli
+from pinger.run import cli
 
 sys.exit(cli())

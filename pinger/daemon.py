@@ -8,7 +8,6 @@ never blanks the table: on a store outage the last known rows stay.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -16,9 +15,8 @@ import logging
 import os
 import random
 import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from pinger.mesh import Addr, Mesh, MeshProtocol
@@ -26,19 +24,16 @@ from pinger.ping_state import LOSS_WINDOW, PeerState
 from pinger.store import open_store
 from pinger.store.base import Store
 from pinger.store.records import ClusterView, InstanceRecord, NodeRecord
-from proxy.config import Config, ConfigError, parse_address
-from proxy.config import load as load_config
+from proxy.config import Config, parse_address
 from proxy.config_table import (
     app_rows,
     inflight_name,
     instance_rows,
     self_row,
     static_rows,
-    table_layout,
-    table_name,
 )
 from shm.codec import STORE_CONNECTING, STORE_DOWN, STORE_NONE, STORE_OK, InstanceRow, NodeRow
-from shm.errors import ShmError, WriterBusyError
+from shm.errors import ShmError
 from shm.inflight import InflightSegment
 from shm.sync import Wanted, reconcile
 from shm.writer import TableWriter
@@ -554,62 +549,3 @@ class Daemon:
             "views": self.views_applied,
             "table_errors": self.table_errors,
         }
-
-
-def _print_ready(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def new_epoch(writer: TableWriter) -> int:
-    """This life's boot epoch: wall milliseconds, above anything the table held before."""
-    before = max((r.boot_epoch for r in writer.nodes().values()), default=0)
-    return max(int(time.time() * 1000), before + 1)
-
-
-def main(config_path: str, loss_window: int | None = None) -> int:
-    """`edgeproxy pinger -c FILE`: run the pinger in the foreground; the exit status.
-
-    The loss window is `[pinger] loss_window`; `loss_window` (the --loss-window flag)
-    overrides it.
-    """
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s pinger %(levelname)s %(message)s"
-    )
-    try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        print(f"edgeproxy pinger: {e}", file=sys.stderr)
-        return 2
-    if config.table.writer != "pinger":
-        log.warning("[table] writer = %r: the master also writes this table", config.table.writer)
-    try:
-        writer = TableWriter.open(table_layout(config.table), table_name(config.table))
-    except WriterBusyError as e:
-        print(f"edgeproxy pinger: {e}; is another pinger running?", file=sys.stderr)
-        return 1
-    except (ShmError, OSError) as e:
-        print(f"edgeproxy pinger: table {config.table.name!r}: {e}", file=sys.stderr)
-        return 1
-    try:
-        window = config.pinger.loss_window if loss_window is None else loss_window
-        daemon = Daemon(config, writer, epoch=new_epoch(writer), loss_window=window)
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(daemon.run(_print_ready))
-    finally:
-        writer.close()
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pinger", description="the edgeproxy pinger")
-    ap.add_argument("-c", "--config", required=True, help="node config (TOML)")
-    ap.add_argument(
-        "--loss-window",
-        type=int,
-        default=None,
-        help="probes the loss share covers (overrides [pinger] loss_window)",
-    )
-    args = ap.parse_args(argv)
-    return main(args.config, args.loss_window)

@@ -96,7 +96,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_pinger(args: argparse.Namespace) -> int:
-    from pinger.daemon import main as pinger_main
+    from pinger.run import main as pinger_main
 
     return pinger_main(args.config)
 
